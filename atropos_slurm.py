@@ -1,0 +1,2116 @@
+"""atropos-slurm: find the LLM inference servers of a Slurm job and spread OpenAI requests over them.
+
+An Atropos-style RL job on Slurm trains on its first ``NUM_TRAINING_NODES`` nodes and runs
+OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, on ports
+9000, 9001, ... (``gpus_per_node // INFER_TP`` of them per node).  This module
+
+* discovers those servers from ``SLURM_JOB_NODELIST`` (``discover_servers``),
+* dispatches async chat/completion requests over them, round-robin, capped, with health
+  tracking and bounded retries (``ServerManager``, drop-in for Atropos' class of that name),
+* watches the servers of one inference node and logs their health to Weights & Biases or
+  JSON lines (``run_watcher``, ``inference_watcher.py``).
+
+Standard library only (``wandb`` is optional and imported lazily): copying this file onto a
+cluster is a supported install.  Sections follow the data: errors, hostlists, discovery,
+config, HTTP, server, manager, stub server, watcher, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("atropos_slurm")
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+class AtroposSlurmError(Exception):
+    """Root of every error this module raises on purpose."""
+
+
+class ConfigError(AtroposSlurmError, ValueError):
+    """The user's configuration is wrong: an environment variable, a flag or a config field."""
+
+
+class HostlistError(ConfigError):
+    """A Slurm hostlist is malformed (or scontrol rejected it)."""
+
+
+class ServerError(AtroposSlurmError):
+    """A remote server failed or misbehaved; ``url`` names it."""
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(f"{url}: {message}" if url else message)
+        self.url = url
+
+
+class ServerConnectionError(ServerError):
+    """The server could not be reached, or closed or reset the connection."""
+
+
+class ServerTimeoutError(ServerError):
+    """The server did not answer within the configured timeout."""
+
+
+class ProtocolError(ServerError):
+    """The server's bytes are not valid HTTP/1.x or SSE, or exceed a size limit."""
+
+
+class ResponseTooLargeError(ProtocolError):
+    """A response body is larger than the client accepts (``MAX_BODY_BYTES``)."""
+
+
+class APIStatusError(ServerError):
+    """The server answered with a non-2xx status; carries the status and the server's message."""
+
+    def __init__(self, status: int, message: str, url: str = "", retry_after: Optional[float] = None):
+        super().__init__(f"HTTP {status}: {message}", url)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class NoHealthyServerError(ServerError):
+    """No server became healthy before the deadline; the message lists each one's last failure."""
+
+
+# =============================================================================================
+# Hostlists: Slurm's bracket grammar, expanded in pure Python (no I/O)
+# =============================================================================================
+
+HOSTLIST_SEPARATORS = ", \t\n"
+MAX_RANGE_NAMES = 65536  # Slurm's MAX_RANGE: n[1-65537] is rejected
+MAX_HOSTLIST_NAMES = 1 << 20  # bound on a whole expansion, so a typo cannot eat the memory
+_HOSTNAME_CHARS = re.compile(r"[A-Za-z0-9._-]+\Z")
+_RANGE_PART = re.compile(r"(\d+)(?:-(\d+))?\Z")
+
+
+def expand_hostlist(text: str) -> List[str]:
+    """Expand a Slurm hostlist exactly as ``scontrol show hostnames`` does.
+
+    Separators are comma, space, tab and newline; ``prefix[1-3,7,09-11]`` ranges zero-pad to the
+    width of their low bound; several bracket groups expand as a cartesian product in Slurm's
+    own order; duplicates and order are kept.  A suffix after ``]`` (``n[1-2]-ib``, Slurm
+    23.02.5+) is accepted.  Invalid input raises ``HostlistError`` quoting the bad part, where
+    scontrol would print garbage (``node[1-`` gives ``node]``).
+    """
+    if not isinstance(text, str):
+        raise HostlistError(f"hostlist must be a string, not {type(text).__name__}")
+    names: List[str] = []
+    for token in _split_hostlist(text):
+        names.extend(_expand_token(token))
+        if len(names) > MAX_HOSTLIST_NAMES:
+            raise HostlistError(f"hostlist {text!r} expands to more than {MAX_HOSTLIST_NAMES} names")
+    if not names:
+        raise HostlistError(f"hostlist {text!r} is empty")
+    return names
+
+
+def _split_hostlist(text: str) -> List[str]:
+    """Split at top-level separators; separators inside brackets belong to the ranges."""
+    tokens, start, depth = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            if depth:
+                raise HostlistError(f"nested '[' in hostlist {text!r} at {text[start:i + 1]!r}")
+            depth = 1
+        elif ch == "]":
+            if not depth:
+                raise HostlistError(f"']' without '[' in hostlist {text!r} at {text[start:i + 1]!r}")
+            depth = 0
+        elif ch in HOSTLIST_SEPARATORS and not depth:
+            tokens.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise HostlistError(f"unclosed '[' in hostlist {text!r} at {text[start:]!r}")
+    tokens.append(text[start:])
+    return [t for t in tokens if t]
+
+
+def _expand_token(token: str) -> List[str]:
+    """Expand one ``a[1-2]b[3-4]c`` token.
+
+    Slurm's loop order (measured with scontrol 22.05): the last bracket group varies fastest,
+    the one before it slowest, then the earlier groups from right to left:
+    ``a[1-2]b[3-4]c[5-6]`` gives a1b3c5 a1b3c6 a2b3c5 a2b3c6 a1b4c5 ...
+    """
+    pieces = re.split(r"\[([^\]]*)\]", token)  # literal, group, literal, group, ..., literal
+    literals, groups = pieces[0::2], [_expand_ranges(g, token) for g in pieces[1::2]]
+    for literal in literals:
+        if literal and not _HOSTNAME_CHARS.match(literal):
+            raise HostlistError(f"invalid character in host name {token!r}")
+    if token.startswith("-"):
+        raise HostlistError(f"host name {token!r} starts with '-'")
+    if not groups:
+        return [token]
+    total = 1
+    for values in groups:
+        total *= len(values)
+    if total > MAX_HOSTLIST_NAMES:
+        raise HostlistError(f"{token!r} expands to {total} names, more than {MAX_HOSTLIST_NAMES}")
+    order = list(range(len(groups) - 2, -1, -1)) + [len(groups) - 1]
+    names = []
+    for combo in itertools.product(*(groups[i] for i in order)):
+        picked = [""] * len(groups)
+        for value, i in zip(combo, order):
+            picked[i] = value
+        names.append("".join(lit + val for lit, val in zip(literals, picked)) + literals[-1])
+    return names
+
+
+def _expand_ranges(spec: str, token: str) -> List[str]:
+    """``1-3,7,09-11`` -> zero-padded strings; each range at most ``MAX_RANGE_NAMES`` long."""
+    values: List[str] = []
+    for part in spec.split(","):
+        m = _RANGE_PART.match(part)
+        if not m:
+            raise HostlistError(f"invalid range {part!r} in {token!r} (digits and 'a-b' only)")
+        low = int(m.group(1))
+        high = int(m.group(2)) if m.group(2) is not None else low
+        if low > high:
+            raise HostlistError(f"reversed range {part!r} in {token!r}")
+        if high - low + 1 > MAX_RANGE_NAMES:
+            raise HostlistError(f"range {part!r} in {token!r} has more than {MAX_RANGE_NAMES} names")
+        width = len(m.group(1))
+        values.extend(f"{n:0{width}d}" for n in range(low, high + 1))
+    return values
+
+
+# =============================================================================================
+# Discovery: SLURM_JOB_NODELIST + NUM_TRAINING_NODES + INFER_TP -> server URLs
+# =============================================================================================
+
+DEFAULT_GPUS_PER_NODE = 8
+DEFAULT_BASE_PORT = 9000
+SCONTROL_TIMEOUT = 10.0  # a SLURM_CONF naming a missing file makes scontrol retry for 60 s
+HOSTLIST_BACKENDS = ("auto", "scontrol", "python")
+ENV_HOSTLIST_BACKEND = "ATROPOS_SLURM_HOSTLIST"
+ENV_GPUS_PER_NODE = "ATROPOS_SLURM_GPUS_PER_NODE"
+ENV_BASE_PORT = "ATROPOS_SLURM_BASE_PORT"
+
+
+class ScontrolUnavailable(Exception):
+    """scontrol is missing or cannot run here (no slurm.conf, timeout): internal, for fallback."""
+
+
+def scontrol_hostnames(text: str, scontrol: str = "scontrol", timeout: float = SCONTROL_TIMEOUT) -> List[str]:
+    """Expand ``text`` with ``scontrol show hostnames``, through an argument list, never a shell.
+
+    scontrol exits 0 on invalid input, so anything on stderr, or an empty stdout for a
+    non-empty list, is a failure; scontrol's own message is surfaced.  Every name it prints is
+    checked too, because some malformed lists come back as garbage on stdout.
+    """
+    text = text.strip()
+    if text.startswith("-"):
+        raise HostlistError(f"hostlist {text!r} starts with '-'")
+    try:
+        proc = subprocess.run(
+            [scontrol, "show", "hostnames", "--", text],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        )
+    except FileNotFoundError as e:
+        raise ScontrolUnavailable(f"{scontrol} not found") from e
+    except subprocess.TimeoutExpired as e:
+        raise ScontrolUnavailable(f"{scontrol} did not answer within {timeout:g} s") from e
+    except OSError as e:
+        raise ScontrolUnavailable(f"{scontrol} cannot run: {e}") from e
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    stderr = " ".join(lines)
+    if proc.returncode != 0:
+        raise ScontrolUnavailable(f"{scontrol} exited {proc.returncode}: {lines[-1] if lines else 'no message'}")
+    names = proc.stdout.split()
+    if stderr or not names:
+        raise HostlistError(f"scontrol rejected hostlist {text!r}: {stderr or 'no host names printed'}")
+    for name in names:
+        if not _HOSTNAME_CHARS.match(name) or name.startswith("-"):
+            raise HostlistError(f"scontrol expanded hostlist {text!r} to an invalid name {name!r}")
+    return names
+
+
+def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]:
+    """Expand a hostlist with the chosen backend; return the names and the backend used.
+
+    ``auto`` uses scontrol when it is on PATH and works, and falls back to the Python expander
+    (saying so in a log line) when it is missing or cannot run, e.g. without a slurm.conf.
+    """
+    if backend not in HOSTLIST_BACKENDS:
+        raise ConfigError(f"hostlist backend {backend!r} is not one of {', '.join(HOSTLIST_BACKENDS)}")
+    if backend == "python":
+        return expand_hostlist(text), "python"
+    if not text.strip():
+        raise HostlistError(f"hostlist {text!r} is empty")
+    try:
+        return scontrol_hostnames(text), "scontrol"
+    except ScontrolUnavailable as e:
+        if backend == "scontrol":
+            raise ConfigError(f"hostlist backend 'scontrol' was requested but {e}") from None
+        log.warning("scontrol unavailable (%s); expanding the hostlist in Python", e)
+        return expand_hostlist(text), "python"
+
+
+def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
+    """Parse an integer setting; the error names the variable and its value."""
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}={raw!r} is not an integer")
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = str(raw).strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ConfigError(f"{name}={raw!r} is not an integer")
+        value = int(text)
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be at most {maximum}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerAddress:
+    """One discovered inference server: ``node_index`` counts inference nodes from 0."""
+
+    host: str
+    port: int
+    node_index: int
+    local_index: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """What discovery found: every node, the split, and the servers with their URLs."""
+
+    nodes: Tuple[str, ...]
+    training_nodes: Tuple[str, ...]
+    inference_nodes: Tuple[str, ...]
+    servers_per_node: int
+    tp: int
+    gpus_per_node: int
+    base_port: int
+    backend: str
+    servers: Tuple[ServerAddress, ...]
+
+    @property
+    def urls(self) -> List[str]:
+        return [s.url for s in self.servers]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "nodes": list(self.nodes),
+            "training_nodes": list(self.training_nodes),
+            "inference_nodes": list(self.inference_nodes),
+            "servers_per_node": self.servers_per_node,
+            "tp": self.tp,
+            "gpus_per_node": self.gpus_per_node,
+            "base_port": self.base_port,
+            "hostlist_backend": self.backend,
+            "ports": [self.base_port + i for i in range(self.servers_per_node)],
+            "servers": [dict(dataclasses.asdict(s), url=s.url) for s in self.servers],
+            "urls": self.urls,
+        }
+
+
+def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
+                  env: Optional[Dict[str, str]] = None) -> Tuple[int, int, int, int]:
+    """Validate TP, GPUs per node and base port; return ``(tp, gpus, base_port, servers_per_node)``.
+
+    Shared by discovery and the watcher so both agree on which ports a node serves.
+    """
+    env = os.environ if env is None else env
+    gpus = _int_setting(ENV_GPUS_PER_NODE if gpus_per_node is None else "--gpus-per-node",
+                        env.get(ENV_GPUS_PER_NODE, DEFAULT_GPUS_PER_NODE) if gpus_per_node is None else gpus_per_node,
+                        minimum=1, maximum=4096)
+    tp_name = "INFER_TP" if tp is None else "--tp"
+    tp = _int_setting(tp_name, env.get("INFER_TP", 1) if tp is None else tp, minimum=1)
+    if tp > gpus:
+        raise ConfigError(f"{tp_name}={tp} is larger than the {gpus} GPUs per node")
+    if gpus % tp:
+        log.warning("%s=%d does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
+                    tp_name, tp, gpus, gpus // tp, gpus % tp)
+    per_node = gpus // tp
+    port_name = ENV_BASE_PORT if base_port is None else "--base-port"
+    port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
+                        minimum=1, maximum=65536 - per_node)
+    return tp, gpus, port, per_node
+
+
+def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = None, tp: Any = None,
+                     gpus_per_node: Any = None, base_port: Any = None, backend: Optional[str] = None,
+                     env: Optional[Dict[str, str]] = None) -> Discovery:
+    """Turn the job's nodelist into inference server addresses, as the seed describes.
+
+    Each argument left as None comes from the environment: ``SLURM_JOB_NODELIST`` (then
+    ``SLURM_NODELIST``), ``NUM_TRAINING_NODES`` (required), ``INFER_TP`` (default 1),
+    ``ATROPOS_SLURM_GPUS_PER_NODE`` (8), ``ATROPOS_SLURM_BASE_PORT`` (9000) and
+    ``ATROPOS_SLURM_HOSTLIST`` (auto).  The first ``NUM_TRAINING_NODES`` nodes are skipped; each
+    remaining node gets ``gpus_per_node // tp`` servers on ports ``base_port + i``.
+    """
+    env = os.environ if env is None else env
+    if nodelist is None:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ConfigError("SLURM_JOB_NODELIST is not set (not inside a Slurm job? pass --nodelist)")
+    if backend is None:
+        backend = env.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
+        if backend not in HOSTLIST_BACKENDS:
+            raise ConfigError(f"{ENV_HOSTLIST_BACKEND}={backend!r} is not one of {', '.join(HOSTLIST_BACKENDS)}")
+    tp, gpus, port, per_node = server_layout(tp, gpus_per_node, base_port, env)
+    if num_training_nodes is None:
+        if "NUM_TRAINING_NODES" not in env:
+            raise ConfigError("NUM_TRAINING_NODES is not set (how many leading nodes train, e.g. 1)")
+        ntrain = _int_setting("NUM_TRAINING_NODES", env["NUM_TRAINING_NODES"], minimum=0)
+    else:
+        ntrain = _int_setting("--num-training-nodes", num_training_nodes, minimum=0)
+    nodes, used = resolve_hostnames(nodelist, backend)
+    if ntrain >= len(nodes):
+        raise ConfigError(f"NUM_TRAINING_NODES={ntrain} leaves no inference node among the "
+                          f"{len(nodes)} node(s) of {nodelist!r}")
+    inference = nodes[ntrain:]
+    servers = tuple(ServerAddress(host, port + i, k, i) for k, host in enumerate(inference) for i in range(per_node))
+    return Discovery(tuple(nodes), tuple(nodes[:ntrain]), tuple(inference), per_node, tp, gpus, port, used, servers)
+
+
+# =============================================================================================
+# Config: Atropos' ServerBaseline / APIServerConfig, validated, and the per-server expansion
+# =============================================================================================
+
+SERVER_TYPES = ("openai", "trl", "sglang", "vllm")
+
+
+@dataclasses.dataclass
+class ServerBaseline:
+    """Settings shared by every server (Atropos' field names and defaults).
+
+    ``timeout`` bounds one whole HTTP request; ``num_max_requests_at_once`` and
+    ``num_requests_for_eval`` cap the requests in flight per server for ``split="train"`` and
+    ``split="eval"``.  ``connect_timeout``, ``health_path`` and ``health_timeout`` are ours.
+    """
+
+    timeout: float = 1200
+    num_max_requests_at_once: int = 512
+    num_requests_for_eval: int = 64
+    model_name: str = "default"
+    rolling_buffer_length: int = 1000
+    server_type: str = "openai"
+    tokenizer_name: str = "none"
+    connect_timeout: float = 10.0
+    health_path: str = "/health"
+    health_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "connect_timeout", "health_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name}={value!r} must be a positive number of seconds")
+        for name in ("num_max_requests_at_once", "num_requests_for_eval", "rolling_buffer_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.server_type not in SERVER_TYPES:
+            raise ConfigError(f"server_type={self.server_type!r} is not one of {', '.join(SERVER_TYPES)}")
+        if not isinstance(self.health_path, str) or not self.health_path.startswith("/"):
+            raise ConfigError(f"health_path={self.health_path!r} must start with '/'")
+
+
+@dataclasses.dataclass
+class APIServerConfig(ServerBaseline):
+    """One server: the baseline plus its ``base_url`` (``http://host:9000/v1``) and API key.
+
+    The key is left out of ``repr`` so that logs and tracebacks never show it.
+    """
+
+    api_key: str = dataclasses.field(default="", repr=False)
+    base_url: str = ""
+    n_kwarg_is_ignored: bool = False
+    health_check: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base_url:
+            parse_base_url(self.base_url)
+
+
+def parse_base_url(url: str) -> Tuple[str, str, int, str]:
+    """``http://h:9000/v1`` -> (scheme, host, port, path prefix without trailing '/')."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"base_url={url!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"base_url={url!r} must look like http://host:port/v1")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"base_url={url!r} must not carry a query or fragment")
+    port = port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def configs_for_urls(template: ServerBaseline, urls: Iterable[str]) -> List[APIServerConfig]:
+    """One ``APIServerConfig`` per URL, each a copy of ``template`` with only ``base_url`` changed.
+
+    ``template`` is a ``ServerBaseline`` or an ``APIServerConfig`` (whose API key is kept;
+    Atropos forced it to "x").
+    """
+    fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(template)}
+    fields.pop("base_url", None)
+    return [APIServerConfig(**fields, base_url=url) for url in urls]
+
+
+# =============================================================================================
+# HTTP/1.1 protocol logic: pure functions over bytes, no I/O (after h11 and http.client)
+# =============================================================================================
+
+MAX_HEADER_BYTES = 64 * 1024  # status line + headers; also the longest chunk-size line
+MAX_HEADER_COUNT = 100
+MAX_SSE_LINE_BYTES = 1024 * 1024
+MAX_BODY_BYTES = 256 * 1024 * 1024  # a body or a whole stream; n=64 with logprobs fits easily
+MAX_RETRY_AFTER = 120.0  # openai-python's limit: asked to wait longer, we give up instead
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
+_CONTENT_LENGTH = re.compile(rb"\d{1,18}\Z")
+
+
+@dataclasses.dataclass
+class ResponseHead:
+    """A parsed status line and header block."""
+
+    status: int
+    reason: str
+    headers: Dict[str, str]
+    keep_alive: bool
+    content_length: Optional[int]
+    chunked: bool
+
+    @property
+    def has_body(self) -> bool:
+        return not (self.status in (204, 304) or 100 <= self.status < 200)
+
+
+def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> bytes:
+    """Serialize one HTTP/1.1 request; header values must not contain line breaks."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers:
+        if "\r" in value or "\n" in value:
+            raise ConfigError(f"header {name} contains a line break")
+        lines.append(f"{name}: {value}")
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def parse_response_head(block: bytes) -> ResponseHead:
+    """Parse ``status line CRLF headers`` (without the final blank line)."""
+    if len(block) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes")
+    lines = block.split(b"\r\n")
+    m = _STATUS_LINE.match(lines[0])
+    if not m:
+        raise ProtocolError(f"invalid HTTP status line {lines[0][:80]!r}")
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise ProtocolError(f"more than {MAX_HEADER_COUNT} response headers")
+    headers: Dict[str, str] = {}
+    lengths = set()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name:
+            raise ProtocolError(f"invalid header line {line[:80]!r}")
+        key, text = name.decode("latin-1").lower(), value.strip().decode("latin-1")
+        if key == "content-length":
+            if not _CONTENT_LENGTH.match(value.strip()):
+                raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
+            lengths.add(int(text))
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    if len(lengths) > 1:
+        raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    http11 = m.group(1) == b"1"
+    keep_alive = ("close" not in connection) if http11 else ("keep-alive" in connection)
+    chunked = headers.get("transfer-encoding", "").lower().rsplit(",", 1)[-1].strip() == "chunked"
+    length = None if chunked or not lengths else lengths.pop()
+    return ResponseHead(int(m.group(2)), (m.group(3) or b"").decode("latin-1"), headers,
+                        keep_alive and (chunked or length is not None), length, chunked)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """``1a;ext=1\\r\\n`` -> 26."""
+    size = line.split(b";", 1)[0].strip()
+    if not size or len(size) > 15 or not re.fullmatch(rb"[0-9A-Fa-f]+", size):
+        raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
+    return int(size, 16)
+
+
+def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    raw = headers.get("retry-after-ms")
+    if raw is not None:
+        try:
+            return max(0.0, float(raw) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def error_message(body: bytes, limit: int = 500) -> str:
+    """The server's own words from an error body: OpenAI, vLLM, FastAPI and plain-text shapes."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:limit] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("msg")
+            if msg:
+                return str(msg)[:limit]
+        elif isinstance(err, str):
+            return err[:limit]
+        if "detail" in data:
+            return str(data["detail"])[:limit]
+    return text[:limit]
+
+
+class SSEParser:
+    """Server-sent events: feed bytes, get the ``data`` of each complete event.
+
+    Lines end in LF or CRLF; ``data:`` lines of one event are joined with newlines; comments
+    (``:keep-alive``) and other fields are ignored.  A line over ``MAX_SSE_LINE_BYTES`` is an
+    error rather than unbounded buffering.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: List[str] = []
+
+    def feed(self, chunk: bytes) -> List[str]:
+        self._buffer += chunk
+        events = []
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_SSE_LINE_BYTES:
+            raise ProtocolError(f"server-sent event line longer than {MAX_SSE_LINE_BYTES} bytes")
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append((value[1:] if value.startswith(b" ") else value).decode("utf-8", "replace"))
+        return events
+
+    def close(self) -> List[str]:
+        """End of stream: an event without its final blank line still counts."""
+        events = self.feed(b"\n\n") if self._buffer or self._data else []
+        return events
+
+
+# =============================================================================================
+# HTTP I/O: asyncio streams, a keep-alive pool per server, and urllib for simple sync calls
+# =============================================================================================
+
+
+class _Deadline:
+    """Cancel the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
+
+    ``asyncio.timeout()`` exists only from Python 3.11, and ``asyncio.wait_for()`` costs a
+    task per call; this costs one timer handle.
+    """
+
+    __slots__ = ("_seconds", "_message", "_url", "_task", "_handle", "expired")
+
+    def __init__(self, seconds: float, message: str, url: str = ""):
+        self._seconds, self._message, self._url = seconds, message, url
+        self.expired = False
+
+    def __enter__(self) -> "_Deadline":
+        self._task = asyncio.current_task()
+        self._handle = asyncio.get_running_loop().call_later(max(0.0, self._seconds), self._expire)
+        return self
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._handle.cancel()
+        if self.expired and exc_type is asyncio.CancelledError:
+            uncancel = getattr(self._task, "uncancel", None)  # 3.11+: was it also cancelled by others?
+            if uncancel is not None and uncancel() > 0:
+                return False
+            raise ServerTimeoutError(self._message, self._url) from None
+        return False
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    def usable(self) -> bool:
+        return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to one server.
+
+    The pool never opens more connections than requests in flight, and the manager caps those
+    per server, so the server's concurrency cap also caps its connections.  uvicorn (vLLM,
+    SGLang) closes idle connections after 5 s: a reused connection that turns out closed before
+    any response byte arrives is retried once on a fresh one, invisibly to the caller.
+    """
+
+    def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float,
+                 max_body_bytes: int = MAX_BODY_BYTES, url: str = ""):
+        self.host, self.port, self.url = host, port, url
+        self.connect_timeout = connect_timeout
+        self.max_body_bytes = max_body_bytes
+        self._ssl = ssl.create_default_context() if scheme == "https" else None
+        self._idle: List[_Connection] = []
+        self.opened = 0  # connections opened so far, for stats and tests
+
+    async def _connect(self) -> _Connection:
+        try:
+            with _Deadline(self.connect_timeout, f"connect timed out after {self.connect_timeout:g} s", self.url):
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl, limit=MAX_HEADER_BYTES)
+        except OSError as e:
+            raise ServerConnectionError(f"cannot connect: {e.strerror or e}", self.url) from None
+        self.opened += 1
+        return _Connection(reader, writer)
+
+    def _take_idle(self) -> Optional[_Connection]:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable():
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: _Connection, reusable: bool) -> None:
+        if reusable and conn.usable():
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def send(self, request: bytes) -> Tuple[_Connection, ResponseHead]:
+        """Write ``request`` and read the response head; the caller reads the body and releases."""
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return conn, await self._exchange(conn, request)
+            except _NothingReceived:
+                conn.close()  # closed while idle: resend once on a fresh connection
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self._connect()
+        try:
+            return conn, await self._exchange(conn, request)
+        except _NothingReceived as e:
+            conn.close()
+            raise ServerConnectionError(f"connection closed before any response byte ({e})", self.url) from None
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _exchange(self, conn: _Connection, request: bytes) -> ResponseHead:
+        try:
+            conn.writer.write(request)
+            await conn.writer.drain()
+            while True:
+                block = await conn.reader.readuntil(b"\r\n\r\n")
+                head = parse_response_head(block[:-4])
+                if not 100 <= head.status < 200:
+                    return head
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                raise _NothingReceived("EOF") from None
+            conn.close()
+            raise ServerConnectionError(f"connection closed in the response head after {len(e.partial)} bytes",
+                                        self.url) from None
+        except asyncio.LimitOverrunError:
+            conn.close()
+            raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes", self.url) from None
+        except ProtocolError as e:
+            conn.close()
+            raise ProtocolError(str(e), self.url) from None
+        except (ConnectionError, OSError) as e:
+            raise _NothingReceived(type(e).__name__) from None
+
+    async def read_body(self, conn: _Connection, head: ResponseHead) -> bytes:
+        """The whole body of ``head``'s response; the connection goes back to the pool after."""
+        if head.content_length is None or head.chunked or not head.has_body:
+            return b"".join([part async for part in self.iter_body(conn, head)])
+        try:  # the common case, without an async generator
+            self._check_size(head.content_length)
+            data = await conn.reader.readexactly(head.content_length)
+        except asyncio.IncompleteReadError:
+            conn.close()
+            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
+        except (ConnectionError, OSError) as e:
+            conn.close()
+            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
+        except BaseException:
+            conn.close()
+            raise
+        self.release(conn, head.keep_alive)
+        return data
+
+    async def iter_body(self, conn: _Connection, head: ResponseHead) -> AsyncIterator[bytes]:
+        """Yield the body in pieces as they arrive (chunked, Content-Length or until EOF).
+
+        The connection is released to the pool when the body ends cleanly and closed otherwise,
+        including when the consumer stops early.
+        """
+        reader, total, clean = conn.reader, 0, False
+        try:
+            if not head.has_body:
+                pass
+            elif head.chunked:
+                while True:
+                    size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+                    if size == 0:
+                        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                            pass
+                        break
+                    total += size
+                    self._check_size(total)
+                    data = await reader.readexactly(size + 2)
+                    if data[-2:] != b"\r\n":
+                        raise ProtocolError("chunk not terminated by CRLF", self.url)
+                    yield data[:-2]
+            elif head.content_length is not None:
+                self._check_size(head.content_length)
+                remaining = head.content_length
+                while remaining:
+                    data = await reader.read(min(remaining, 1 << 20))
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", remaining)
+                    remaining -= len(data)
+                    yield data
+            else:
+                while True:
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        break
+                    total += len(data)
+                    self._check_size(total)
+                    yield data
+            clean = True
+        except asyncio.IncompleteReadError:
+            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
+        except asyncio.LimitOverrunError:
+            raise ProtocolError("chunk size line too long", self.url) from None
+        except ProtocolError as e:
+            raise ProtocolError(str(e), self.url) from None
+        except (ConnectionError, OSError) as e:
+            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
+        finally:
+            self.release(conn, clean and head.keep_alive)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_body_bytes:
+            raise ResponseTooLargeError(f"response body larger than {self.max_body_bytes} bytes", self.url)
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+class _NothingReceived(Exception):
+    """The connection ended before any response byte: safe to resend on a fresh connection."""
+
+
+def http_get_json(url: str, timeout: float) -> Any:
+    """GET ``url`` and decode JSON, for simple synchronous calls (the trainer API)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(MAX_HEADER_BYTES * 16)
+    except urllib.error.HTTPError as e:
+        raise APIStatusError(e.code, error_message(e.read(4096)), url) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.timeout) or isinstance(e, socket.timeout):
+            raise ServerTimeoutError(f"no answer within {timeout:g} s", url) from None
+        raise ServerConnectionError(f"cannot reach: {reason}", url) from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ProtocolError(f"not JSON: {body[:80]!r}", url) from None
+
+
+# =============================================================================================
+# Server: one OpenAI-compatible endpoint, its responses and streams
+# =============================================================================================
+
+
+class AttrDict(dict):
+    """A JSON object readable both ways: ``resp.choices[0].message.content`` and ``resp["usage"]``."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A deep copy made of plain dicts and lists."""
+        return json.loads(json.dumps(self))
+
+
+class APIResponse(AttrDict):
+    """A decoded response body; ``raw`` keeps the bytes as the server sent them."""
+
+    __slots__ = ("raw",)
+
+
+def decode_response(body: bytes, url: str = "") -> APIResponse:
+    try:
+        data = json.loads(body, object_hook=AttrDict)
+    except ValueError:
+        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"response body is not a JSON object: {body[:80]!r}", url)
+    response = APIResponse(data)
+    response.raw = body
+    return response
+
+
+class EventStream:
+    """The events of a ``stream=True`` response, as ``AttrDict`` chunks, ending at ``[DONE]``.
+
+    Use ``async for chunk in stream`` (or ``async with stream``).  It holds its server slot and
+    connection until the last event, an error, or ``aclose()``; the whole stream is bounded by
+    the config's ``timeout``.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], conn: _Connection, deadline: float, url: str, on_close=None):
+        self._body, self._conn, self._deadline, self.url = body, conn, deadline, url
+        self._parser, self._pending = SSEParser(), deque()
+        self._on_close, self._closed, self._started = on_close, False, False
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> AttrDict:
+        try:
+            while not self._pending:
+                if self._closed:
+                    raise StopAsyncIteration
+                timeout = self._deadline - time.monotonic()
+                with _Deadline(timeout, "stream timed out", self.url):
+                    try:
+                        self._started = True
+                        chunk = await self._body.__anext__()
+                    except StopAsyncIteration:
+                        self._pending.extend(self._parser.close())
+                        await self.aclose()
+                        break
+                self._pending.extend(self._parser.feed(chunk))
+            if not self._pending:
+                raise StopAsyncIteration
+            data = self._pending.popleft()
+            if data.strip() == "[DONE]":
+                self._pending.clear()
+                await self.aclose()
+                raise StopAsyncIteration
+            try:
+                return json.loads(data, object_hook=AttrDict)
+            except ValueError:
+                raise ProtocolError(f"stream event is not JSON: {data[:80]!r}", self.url) from None
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._body.aclose()
+            if not self._started:  # an unstarted generator runs no finally: close by hand
+                self._conn.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    async def __aenter__(self) -> "EventStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+class OpenAIServer:
+    """One OpenAI-compatible server: HTTP calls, a health check, and the state the manager keeps.
+
+    Calls here make exactly one HTTP request and raise on any failure; retries, caps and
+    health tracking live in ``ServerManager``.
+    """
+
+    def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES):
+        if not config.base_url:
+            raise ConfigError("APIServerConfig.base_url is empty")
+        scheme, host, port, prefix = parse_base_url(config.base_url)
+        self.config = config
+        self.url = config.base_url
+        self._prefix = prefix
+        default_port = 443 if scheme == "https" else 80
+        self._host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
+        self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
+                                    max_body_bytes=max_body_bytes, url=self.url)
+        self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
+        if config.api_key:
+            self._headers.append(("Authorization", f"Bearer {config.api_key}"))
+        # State kept by the ServerManager.
+        self.healthy = True
+        self.last_error = ""
+        self.in_flight = {"train": 0, "eval": 0}
+        self.done = self.failed = self.retried = 0
+        self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else f"down ({self.last_error})"
+        return f"<OpenAIServer {self.url} {state} in_flight={sum(self.in_flight.values())} done={self.done}>"
+
+    def request_body(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The OpenAI body: the caller's keys, ``model`` from the config unless given."""
+        body = {k: v for k, v in kwargs.items() if k != "split"}
+        body.setdefault("model", self.config.model_name)
+        return body
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        return await self.post("/chat/completions", self.request_body(kwargs))
+
+    async def completion(self, **kwargs: Any) -> Any:
+        return await self.post("/completions", self.request_body(kwargs))
+
+    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None) -> Any:
+        """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        request = build_request("POST", self._prefix + path, self._host_header, self._headers, payload)
+        deadline = time.monotonic() + self.config.timeout
+        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url):
+            conn, head = await self._pool.send(request)
+            if head.status >= 300 or not body.get("stream"):
+                data = await self._pool.read_body(conn, head)
+                if head.status >= 300:
+                    raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
+                return decode_response(data, self.url)
+        return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
+
+    async def check_health(self, path: Optional[str] = None, timeout: Optional[float] = None) -> int:
+        """GET the health path on a fresh connection; return the status (raise if unreachable)."""
+        return await probe_http(self.url, path or self.config.health_path, timeout or self.config.health_timeout)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+async def probe_http(base_url: str, path: str, timeout: float) -> int:
+    """GET ``path`` at the root of ``base_url``'s server on a fresh connection; return the status.
+
+    Bounded by ``timeout`` as a whole, so a server that accepts and never answers cannot hang
+    the caller.  Used by the manager's health probes, ``wait`` and the watcher.
+    """
+    scheme, host, port, _ = parse_base_url(base_url)
+    pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
+    host_header = (f"[{host}]" if ":" in host else host) + f":{port}"
+    request = build_request("GET", path, host_header, [("Connection", "close")])
+    try:
+        with _Deadline(timeout, f"health check {path} timed out after {timeout:g} s", base_url):
+            conn, head = await pool.send(request)
+            await pool.read_body(conn, head)
+    finally:
+        pool.close()
+    return head.status
+
+
+# =============================================================================================
+# Manager: round-robin over healthy servers with free slots, bounded retries, health probes
+# =============================================================================================
+
+SPLITS = ("train", "eval")
+LOCAL_DEFAULT_URLS = [f"http://localhost:{port}/v1" for port in range(9004, 9008)]  # Atropos' local default
+
+
+def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
+    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed."""
+    merged = APIResponse(parts[0])
+    choices = []
+    for part in parts:
+        for choice in part.get("choices") or []:
+            choices.append(AttrDict(choice, index=len(choices)))
+    merged["choices"] = choices
+    usages = [p.get("usage") for p in parts if isinstance(p.get("usage"), dict)]
+    if usages:
+        usage = AttrDict(usages[0])
+        for key, value in usages[0].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                usage[key] = sum(u.get(key) or 0 for u in usages)
+        merged["usage"] = usage
+    merged.raw = b"[" + b",".join(p.raw for p in parts) + b"]"
+    return merged
+
+
+class ServerManager:
+    """Spread OpenAI requests over many servers; drop-in for Atropos' ``ServerManager``.
+
+    * ``configs``: a ``ServerBaseline`` or a list of ``APIServerConfig``.  With ``slurm=True``
+      the servers are discovered from the job (``discover_servers``) and the first config is
+      the template for all of them.
+    * Each request goes to the next healthy server, round-robin, that has a free slot for its
+      ``split`` (``num_max_requests_at_once`` for "train", ``num_requests_for_eval`` for
+      "eval").  When all are full it waits, without polling, for the first slot to free.
+    * Connection errors, timeouts, 408, 429 and 5xx are retried with capped exponential backoff
+      and jitter, on another server when one is healthy, honouring ``Retry-After``: at most
+      ``max_retries + 1`` HTTP requests per call.  Other 4xx are raised at once.
+    * A connection error, timeout or 5xx marks the server down at once; a background probe of
+      its health path brings it back.  With no server healthy, a request waits at most
+      ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
+    * ``n > max_n_completions`` is split over several requests and merged.
+    """
+
+    def __init__(self, configs: Any, server_class: type = OpenAIServer, slurm: bool = False,
+                 testing: bool = False, max_n_completions: int = 8, *, max_retries: int = 2,
+                 retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
+                 no_server_timeout: float = 60.0, health_probe_interval: float = 5.0):
+        if testing:
+            raise ConfigError("testing=True (Atropos' mock harness) is not supported; run the stub server "
+                              "(python -m atropos_slurm stub-server) instead")
+        if isinstance(configs, ServerBaseline):
+            configs = [configs]
+        configs = list(configs)
+        if not configs or not all(isinstance(c, ServerBaseline) for c in configs):
+            raise ConfigError("configs must be a ServerBaseline or a non-empty list of APIServerConfig")
+        if slurm:
+            discovery = discover_servers()
+            log.info("discovered %d inference servers on %s", len(discovery.servers), ",".join(discovery.inference_nodes))
+            configs = configs_for_urls(configs[0], discovery.urls)
+        elif not isinstance(configs[0], APIServerConfig):
+            configs = configs_for_urls(configs[0], LOCAL_DEFAULT_URLS)
+        for name, value, minimum in (("max_n_completions", max_n_completions, 1), ("max_retries", max_retries, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+        for name, value in (("retry_backoff", retry_backoff), ("retry_backoff_max", retry_backoff_max),
+                            ("no_server_timeout", no_server_timeout), ("health_probe_interval", health_probe_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0")
+        self.configs = configs
+        self.servers = [server_class(c) for c in configs]
+        self.max_n_completions = max_n_completions
+        self.max_retries = max_retries
+        self.retry_backoff, self.retry_backoff_max = retry_backoff, retry_backoff_max
+        self.no_server_timeout = no_server_timeout
+        self.health_probe_interval = health_probe_interval
+        self._next = 0
+        self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
+        self._probes: Dict[int, asyncio.Task] = {}
+
+    def __repr__(self) -> str:
+        healthy = sum(s.healthy for s in self.servers)
+        return f"<ServerManager {healthy}/{len(self.servers)} healthy: " + ", ".join(map(repr, self.servers)) + ">"
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        """POST ``/chat/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
+        return await self._generate("/chat/completions", kwargs)
+
+    async def completion(self, **kwargs: Any) -> Any:
+        """POST ``/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
+        return await self._generate("/completions", kwargs)
+
+    def stats(self) -> List[Dict[str, Any]]:
+        """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
+        rows = []
+        for s in self.servers:
+            lat = sorted(s.latencies)
+            rows.append({
+                "url": s.url, "healthy": s.healthy, "in_flight": sum(s.in_flight.values()),
+                "done": s.done, "failed": s.failed, "retried": s.retried,
+                "p50": lat[len(lat) // 2] if lat else None,
+                "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+                "last_error": s.last_error,
+            })
+        return rows
+
+    async def close(self) -> None:
+        """Stop the health probes and close every pooled connection."""
+        probes = list(self._probes.values())
+        self._probes.clear()
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+        for server in self.servers:
+            server.close()
+
+    async def __aenter__(self) -> "ServerManager":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- n splitting --------------------------------------------------------------------------
+
+    async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
+        n = kwargs.get("n", 1)
+        per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
+        if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
+            return await self._request(path, kwargs)
+        sizes = [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
+        tasks = [asyncio.ensure_future(self._request(path, dict(kwargs, n=k))) for k in sizes]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return merge_responses(parts)
+
+    # -- one call: slots, retries -------------------------------------------------------------
+
+    async def _request(self, path: str, kwargs: Dict[str, Any]) -> Any:
+        split = kwargs.get("split", "train")
+        if split not in SPLITS:
+            raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
+        avoid: Optional[OpenAIServer] = None
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            server = await self._acquire(split, avoid)
+            started = time.monotonic()
+            streaming = False
+            try:
+                result = await server.post(path, server.request_body(kwargs),
+                                           on_stream_close=lambda s=server: self._release(s, split))
+                streaming = isinstance(result, EventStream)
+            except ServerError as error:
+                server.failed += 1
+                wait = self._after_failure(server, error, attempt)
+                if wait is None or attempt == attempts:
+                    error.attempts = attempt
+                    if attempt > 1:
+                        error.args = (f"{error.args[0]} (attempt {attempt} of at most {attempts})",)
+                    raise
+                server.retried += 1
+                avoid = server
+            else:
+                server.done += 1
+                server.latencies.append(time.monotonic() - started)
+                return result
+            finally:
+                if not streaming:
+                    self._release(server, split)
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _after_failure(self, server: OpenAIServer, error: ServerError, attempt: int) -> Optional[float]:
+        """Record a failure; return the delay before a retry, or None if it must not be retried."""
+        server.last_error = str(error)
+        retry_after = None
+        if isinstance(error, APIStatusError):
+            if error.status >= 500:
+                self._mark_down(server)
+            elif error.status not in (408, 429):
+                return None
+            retry_after = error.retry_after
+            if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+                return None
+        elif isinstance(error, ResponseTooLargeError):
+            return None
+        else:  # connection error, timeout, protocol error
+            self._mark_down(server)
+        backoff = min(self.retry_backoff * 2 ** min(attempt - 1, 16), self.retry_backoff_max)
+        return max(backoff * random.uniform(0.75, 1), retry_after or 0.0)  # jitter keeps retries apart
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def _cap(self, server: OpenAIServer, split: str) -> int:
+        return server.config.num_max_requests_at_once if split == "train" else server.config.num_requests_for_eval
+
+    def _pick(self, split: str, avoid: Optional[OpenAIServer]) -> Optional[OpenAIServer]:
+        """Next healthy server with a free slot, round-robin; ``avoid`` only as a last resort."""
+        count, fallback = len(self.servers), None
+        for k in range(count):
+            index = (self._next + k) % count
+            server = self.servers[index]
+            if server.healthy and server.in_flight[split] < self._cap(server, split):
+                if server is avoid:
+                    fallback = fallback or (index, server)
+                    continue
+                self._next = index + 1
+                return server
+        if fallback:
+            self._next = fallback[0] + 1
+            return fallback[1]
+        return None
+
+    async def _acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
+        """Take a slot: at once if one is free, else wait in line for the first one freed."""
+        all_down_since: Optional[float] = None
+        while True:
+            if not self._waiters[split]:
+                server = self._pick(split, avoid)
+                if server is not None:
+                    server.in_flight[split] += 1
+                    return server
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[split].append(waiter)
+            try:
+                if any(s.healthy for s in self.servers):
+                    all_down_since = None
+                    server = await waiter
+                else:
+                    all_down_since = all_down_since or time.monotonic()
+                    self._probe_all_down()
+                    remaining = all_down_since + self.no_server_timeout - time.monotonic()
+                    try:
+                        with _Deadline(remaining, "no healthy server"):
+                            server = await waiter
+                    except ServerTimeoutError:
+                        raise NoHealthyServerError(self._no_server_message()) from None
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._release(waiter.result(), split)  # handed a slot just as we were cancelled
+                else:
+                    waiter.cancel()
+                    try:
+                        self._waiters[split].remove(waiter)
+                    except ValueError:
+                        pass
+                raise
+            if server is not None:
+                return server  # the releaser already counted our slot
+
+    def _release(self, server: OpenAIServer, split: str) -> None:
+        server.in_flight[split] -= 1
+        self._dispatch(split)
+
+    def _dispatch(self, split: str) -> None:
+        """Hand free slots to waiters, first come first served."""
+        waiters = self._waiters[split]
+        while waiters:
+            if waiters[0].done():
+                waiters.popleft()
+                continue
+            server = self._pick(split, None)
+            if server is None:
+                return
+            server.in_flight[split] += 1
+            waiters.popleft().set_result(server)
+
+    def _no_server_message(self) -> str:
+        lines = "; ".join(f"{s.url}: {s.last_error or 'down'}" for s in self.servers)
+        return f"no healthy server after {self.no_server_timeout:g} s ({lines})"
+
+    # -- health -------------------------------------------------------------------------------
+
+    def _mark_down(self, server: OpenAIServer) -> None:
+        if not server.config.health_check or not server.healthy:
+            return
+        server.healthy = False
+        log.warning("server %s marked down: %s", server.url, server.last_error)
+        self._start_probe(server)
+        if not any(s.healthy for s in self.servers):
+            for split in SPLITS:  # let waiters re-check: with none healthy, their deadline starts
+                while self._waiters[split]:
+                    waiter = self._waiters[split].popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    def _probe_all_down(self) -> None:
+        for server in self.servers:
+            if not server.healthy:
+                self._start_probe(server)
+
+    def _start_probe(self, server: OpenAIServer) -> None:
+        key = id(server)
+        if key not in self._probes or self._probes[key].done():
+            self._probes[key] = asyncio.ensure_future(self._probe_until_healthy(server))
+
+    async def _probe_until_healthy(self, server: OpenAIServer) -> None:
+        """Probe a down server's health path with backoff until it answers 2xx, then bring it back.
+
+        A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
+        """
+        delay = min(0.1, self.health_probe_interval)
+        while not server.healthy:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.health_probe_interval)
+            try:
+                status = await server.check_health()
+                if status == 404:
+                    status = await server.check_health(server._prefix + "/models")
+            except ServerError as e:
+                server.last_error = f"health probe: {e}"
+                continue
+            if 200 <= status < 300:
+                server.healthy = True
+                log.warning("server %s is healthy again", server.url)
+                for split in SPLITS:
+                    self._dispatch(split)
+            else:
+                server.last_error = f"health probe: HTTP {status}"
+
+
+# =============================================================================================
+# Stub server: a small OpenAI-compatible server for smoke tests, the demo and the benchmarks
+# =============================================================================================
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.([01])\Z")
+
+
+class StubServer:
+    """An OpenAI-compatible server that answers at once (or after ``latency``) without a model.
+
+    Routes: ``GET /health``, ``/health_generate`` (SGLang's; 404 with ``health_generate=False``,
+    as vLLM), ``/v1/models``, ``/stub/stats``; ``POST /v1/chat/completions`` and
+    ``/v1/completions`` with ``n``, ``max_tokens`` and ``stream`` (+ ``include_usage``).
+    Failure knobs: ``fail_rate`` answers that share of completions with ``fail_status``;
+    ``die_after`` drops every connection and stops after that many completions, like a crash.
+    Idle keep-alive connections are closed after ``keep_alive_timeout`` s, as uvicorn does.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0, fail_rate: float = 0.0,
+                 fail_status: int = 500, die_after: Optional[int] = None, keep_alive_timeout: float = 5.0,
+                 model: str = "stub", health_generate: bool = True, seed: Optional[int] = None):
+        self.host, self.port = host, port
+        self.latency, self.fail_rate, self.fail_status = latency, fail_rate, fail_status
+        self.die_after, self.keep_alive_timeout = die_after, keep_alive_timeout
+        self.model, self.health_generate = model, health_generate
+        self.name = ""
+        self._random = random.Random(seed)
+        self.received = self.completed = self.in_flight = self.max_in_flight = 0
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: Dict[asyncio.StreamWriter, asyncio.Task] = {}
+        self.died: Optional[asyncio.Event] = None  # made in start(), inside the running loop
+
+    async def start(self) -> "StubServer":
+        self.died = asyncio.Event()
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.name = f"{socket.gethostname()}:{self.port}"
+        return self
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            handlers = list(self._connections.values())
+            for writer in list(self._connections):
+                writer.transport.abort()
+            current = asyncio.current_task()
+            await asyncio.gather(*(t for t in handlers if t is not current), return_exceptions=True)
+            await server.wait_closed()
+
+    def stats(self) -> Dict[str, Any]:
+        return {"name": self.name, "port": self.port, "received": self.received, "completed": self.completed,
+                "in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections[writer] = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                idle = loop.call_later(self.keep_alive_timeout, writer.transport.close)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                finally:
+                    idle.cancel()
+                lines = head[:-4].split(b"\r\n")
+                m = _REQUEST_LINE.match(lines[0])
+                if not m:
+                    writer.write(self._response(400, {"error": "bad request line"}, close=True))
+                    break
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+                close = headers.get(b"connection", b"").lower() == b"close" or m.group(3) == b"0"
+                if not await self._answer(m.group(1), m.group(2).decode("latin-1"), body, writer, close):
+                    break
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._connections.pop(writer, None)
+            writer.close()
+
+    async def _answer(self, method: bytes, path: str, body: bytes, writer: asyncio.StreamWriter, close: bool) -> bool:
+        """Write one response; False when the connection must end without one (a crash)."""
+        path = path.split("?", 1)[0]
+        routes_get = {"/health": None, "/v1/models": {"object": "list", "data": [{"id": self.model, "object": "model"}]},
+                      "/stub/stats": None}
+        if self.health_generate:
+            routes_get["/health_generate"] = None
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            if method != b"POST":
+                writer.write(self._response(405, {"detail": "Method Not Allowed"}, close))
+                return True
+            return await self._complete(path, body, writer, close)
+        if path not in routes_get:
+            writer.write(self._response(404, {"detail": "Not Found"}, close))
+        elif method != b"GET":
+            writer.write(self._response(405, {"detail": "Method Not Allowed"}, close))
+        elif path == "/stub/stats":
+            writer.write(self._response(200, self.stats(), close))
+        else:
+            writer.write(self._response(200, routes_get[path], close))
+        return True
+
+    async def _complete(self, path: str, body: bytes, writer: asyncio.StreamWriter, close: bool) -> bool:
+        self.received += 1
+        if self.die_after is not None and self.received > self.die_after:
+            log.warning("stub server %s: dying after %d completions (die_after)", self.name, self.die_after)
+            self.died.set()
+            asyncio.ensure_future(self.stop())
+            return False
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if self.fail_rate and self._random.random() < self.fail_rate:
+                writer.write(self._response(self.fail_status, {"error": {"message": "stub failure (fail_rate)",
+                                                                         "code": self.fail_status}}, close))
+                return True
+            try:
+                request = json.loads(body)
+                chat = path.endswith("/chat/completions")
+                n, max_tokens = int(request.get("n", 1)), int(request.get("max_tokens", 16))
+                if chat and not isinstance(request.get("messages"), list):
+                    raise ValueError("'messages' must be a list")
+                if not chat and "prompt" not in request:
+                    raise ValueError("'prompt' is required")
+                if n < 1 or max_tokens < 1:
+                    raise ValueError("n and max_tokens must be at least 1")
+            except (ValueError, TypeError, AttributeError) as e:
+                writer.write(self._response(400, {"error": {"message": f"invalid request: {e}", "code": 400}}, close))
+                return True
+            self.completed += 1
+            text = f"stub reply from {self.name}"
+            usage = {"prompt_tokens": 8, "completion_tokens": n * max_tokens, "total_tokens": 8 + n * max_tokens}
+            kind = "chat.completion" if chat else "text_completion"
+            ident = f"{'chatcmpl' if chat else 'cmpl'}-stub-{self.completed}"
+            if request.get("stream"):
+                writer.write(self._stream(ident, kind, chat, n, text, usage, request, close))
+                return True
+            choices = [{"index": i, "finish_reason": "length", "logprobs": None,
+                        **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+                       for i in range(n)]
+            writer.write(self._response(200, {"id": ident, "object": kind, "created": int(time.time()),
+                                              "model": request.get("model", self.model), "choices": choices,
+                                              "usage": usage, "system_fingerprint": f"stub-{self.name}"}, close))
+            return True
+        finally:
+            self.in_flight -= 1
+
+    def _stream(self, ident, kind, chat, n, text, usage, request, close) -> bytes:
+        base = {"id": ident, "object": kind + ".chunk" if chat else kind, "created": int(time.time()),
+                "model": request.get("model", self.model)}
+        events = []
+        for i in range(n):
+            for delta, finish in (((text[:5]), None), (text[5:], "length")):
+                piece = {"delta": {"role": "assistant", "content": delta}} if chat else {"text": delta}
+                events.append(dict(base, choices=[dict(piece, index=i, finish_reason=finish)]))
+        if (request.get("stream_options") or {}).get("include_usage"):
+            events.append(dict(base, choices=[], usage=usage))
+        datas = [json.dumps(e, separators=(",", ":")).encode() for e in events] + [b"[DONE]"]
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(d) + 8, b"data: " + d + b"\n\n") for d in datas)
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n"
+        return (head + ("connection: close\r\n" if close else "") + "\r\n").encode() + chunks + b"0\r\n\r\n"
+
+    def _response(self, status: int, payload: Any, close: bool) -> bytes:
+        body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\ncontent-length: {len(body)}\r\n"
+        if payload is not None:
+            head += "content-type: application/json\r\n"
+        if close:
+            head += "connection: close\r\n"
+        return (head + "\r\n").encode() + body
+
+
+# =============================================================================================
+# Watcher: one per inference node; server health to Weights & Biases or JSON lines
+# =============================================================================================
+
+WATCHER_HEALTH_PATH = "/health_generate"  # the seed's; vLLM answers 404 there, so we fall back
+WATCHER_FALLBACK_PATH = "/health"
+
+
+@dataclasses.dataclass
+class WatcherOptions:
+    """Everything the watcher needs; built and validated from the CLI flags."""
+
+    api_addr: str
+    node_num: int
+    ports: List[int]
+    host: str = "localhost"
+    interval: float = 60.0
+    health_path: str = WATCHER_HEALTH_PATH
+    probe_timeout: float = 5.0
+    once: bool = False
+    use_wandb: bool = True
+    legacy_metric_names: bool = False
+    layout: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def metric(self, index: int) -> str:
+        """``server/server_health_{node}_{i}``; the seed's misspelt ``server_heath`` on request."""
+        word = "server_heath" if self.legacy_metric_names else "server_health"
+        return f"server/{word}_{self.node_num}_{index}"
+
+
+class HealthProber:
+    """Probe many servers' health paths concurrently, each bounded by the probe timeout.
+
+    A server answering 404 on its path (vLLM has no ``/health_generate``; llama.cpp no
+    ``/health``) is probed on ``fallback_path`` from then on, and that is said once.
+    ``errors`` keeps the last failure per server, for messages.
+    """
+
+    def __init__(self, urls: Sequence[str], path: str, timeout: float, fallback_path: str):
+        self.urls = list(urls)
+        self.paths = [path] * len(self.urls)
+        self.errors = [""] * len(self.urls)
+        self.timeout, self.fallback_path = timeout, fallback_path
+
+    async def probe(self) -> List[bool]:
+        return list(await asyncio.gather(*(self._probe_one(i) for i in range(len(self.urls)))))
+
+    async def _probe_one(self, i: int) -> bool:
+        try:
+            status = await probe_http(self.urls[i], self.paths[i], self.timeout)
+            if status == 404 and self.paths[i] != self.fallback_path:
+                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
+                self.paths[i] = self.fallback_path
+                status = await probe_http(self.urls[i], self.paths[i], self.timeout)
+        except ServerError as e:
+            self.errors[i] = str(e)
+            return False
+        self.errors[i] = "" if 200 <= status < 300 else f"{self.urls[i]}: {self.paths[i]} answered HTTP {status}"
+        return not self.errors[i]
+
+
+class TrainerAPI:
+    """The trainer's ``run-api``: ``/wandb_info`` (project, group) and ``/status`` (current_step).
+
+    Unreachable or garbage answers are logged once per outage and reported as None, so the
+    watcher keeps probing and logging locally while the trainer is away.
+    """
+
+    def __init__(self, api_addr: str, timeout: float):
+        self.api_addr, self.timeout = api_addr.rstrip("/"), timeout
+        self._failing = False
+
+    def _get(self, path: str) -> Optional[Dict[str, Any]]:
+        try:
+            data = http_get_json(self.api_addr + path, self.timeout)
+            if not isinstance(data, dict):
+                raise ProtocolError(f"expected a JSON object, got {str(data)[:60]!r}", self.api_addr + path)
+        except ServerError as e:
+            if not self._failing:
+                log.warning("trainer API unavailable: %s (will keep trying)", e)
+            self._failing = True
+            return None
+        if self._failing:
+            log.warning("trainer API at %s is back", self.api_addr)
+        self._failing = False
+        return data
+
+    def wandb_info(self) -> Optional[Tuple[str, Optional[str]]]:
+        """(project, group) once a trainer has registered, else None."""
+        data = self._get("/wandb_info")
+        if data is None or not isinstance(data.get("project"), str) or not data["project"]:
+            return None
+        group = data.get("group")
+        return data["project"], group if isinstance(group, str) and group else None
+
+    def current_step(self) -> Optional[int]:
+        data = self._get("/status")
+        step = None if data is None else data.get("current_step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+class WandbSink:
+    """Log records to a W&B run in the trainer's project, grouped per job, one run per node.
+
+    W&B's own step only increases, so it is left to W&B; the trainer's step is logged as the
+    metric ``trainer_step`` and set as the x-axis of the ``server/*`` metrics, so a trainer that
+    restarts with a smaller step never makes W&B drop a row.  Errors from wandb are logged and
+    the watcher goes on.
+    """
+
+    def __init__(self, wandb_module: Any, options: WatcherOptions):
+        self.wandb, self.options, self.run = wandb_module, options, None
+
+    def start(self, project: str, group: Optional[str]) -> None:
+        name = f"inf_node_{self.options.node_num}"
+        self.run = self.wandb.init(project=project, group=group, name=name, job_type="inference_watcher",
+                                   config=self.options.layout, reinit=True)
+        self.run.define_metric("trainer_step")
+        self.run.define_metric("server/*", step_metric="trainer_step")
+        log.warning("logging to W&B project %r group %r as run %s", project, group, name)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k.startswith("server/") or k in ("trainer_step", "round")})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def import_wandb() -> Any:
+    """wandb if installed, else None (the watcher then writes JSON lines)."""
+    try:
+        import wandb  # optional extra: pip install atropos-slurm[wandb]
+    except ImportError:
+        return None
+    return wandb
+
+
+async def watch(options: WatcherOptions, stop: asyncio.Event, out=None) -> bool:
+    """Run the watcher loop until ``stop`` is set (or one round with ``once``).
+
+    Every round reads the trainer's step, probes all local servers concurrently and logs one
+    record: 1/0 per server, the number healthy, the step.  Returns whether the last round saw
+    every server healthy.
+    """
+    out = out or sys.stdout
+    urls = [ServerAddress(options.host, port, options.node_num, i).url for i, port in enumerate(options.ports)]
+    prober = HealthProber(urls, options.health_path, options.probe_timeout, WATCHER_FALLBACK_PATH)
+    api = TrainerAPI(options.api_addr, options.probe_timeout)
+    loop = asyncio.get_running_loop()
+    wandb_module = import_wandb() if options.use_wandb else None
+    sink = WandbSink(wandb_module, options) if wandb_module is not None else None
+    if options.use_wandb and sink is None:
+        log.warning("wandb is not installed: writing the health records to stdout as JSON lines")
+    elif sink is None:
+        log.warning("--no-wandb: writing the health records to stdout as JSON lines")
+    all_healthy, round_number, last_step = False, 0, None
+    try:
+        while True:
+            round_number += 1
+            step = await loop.run_in_executor(None, api.current_step)
+            last_step = step if step is not None else last_step
+            health = await prober.probe()
+            all_healthy = all(health)
+            record: Dict[str, Any] = {options.metric(i): int(ok) for i, ok in enumerate(health)}
+            record[f"server/healthy_servers_{options.node_num}"] = sum(health)
+            record.update(trainer_step=last_step if last_step is not None else 0, round=round_number)
+            if sink is not None and sink.run is None:
+                info = await loop.run_in_executor(None, api.wandb_info)
+                if info is None:
+                    log.warning("round %d: %d/%d servers healthy; waiting for the trainer to register a W&B "
+                                "project at %s", round_number, sum(health), len(health), options.api_addr)
+                else:
+                    try:
+                        sink.start(*info)
+                    except Exception as e:  # wandb raises many kinds; the watcher must go on
+                        log.error("wandb.init failed: %s (will retry next round)", e)
+            if sink is not None and sink.run is not None:
+                try:
+                    sink.log(record)
+                except Exception as e:
+                    log.error("wandb.log failed: %s (the watcher goes on)", e)
+            if sink is None:
+                out.write(json.dumps(dict(record, node_num=options.node_num, time=round(time.time(), 3))) + "\n")
+                out.flush()
+            if options.once or stop.is_set():
+                return all_healthy
+            try:
+                with _Deadline(options.interval, "interval"):
+                    await stop.wait()
+                return all_healthy
+            except ServerTimeoutError:
+                pass
+    finally:
+        if sink is not None:
+            try:
+                sink.finish()
+            except Exception as e:
+                log.error("wandb.finish failed: %s", e)
+
+
+def run_watcher(options: WatcherOptions) -> int:
+    """Run ``watch`` with SIGTERM/SIGINT finishing the W&B run; exit 0 (``--once``: 1 if unhealthy)."""
+
+    async def main() -> bool:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await watch(options, stop)
+
+    healthy = asyncio.run(main())
+    return 0 if healthy or not options.once else 1
+
+
+# =============================================================================================
+# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | demo
+# =============================================================================================
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log to whatever ``sys.stderr`` is now (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors become ``ConfigError`` so that ``main`` reports them like every other error."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("discovery (each flag overrides its environment variable)")
+    group.add_argument("--nodelist", help="Slurm hostlist (default: $SLURM_JOB_NODELIST, then $SLURM_NODELIST)")
+    group.add_argument("--num-training-nodes", metavar="N", help="leading nodes that train (default: $NUM_TRAINING_NODES)")
+    group.add_argument("--tp", metavar="N", help="tensor-parallel size of each server (default: $INFER_TP or 1)")
+    group.add_argument("--gpus-per-node", metavar="N", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    group.add_argument("--base-port", metavar="P", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
+    group.add_argument("--hostlist-backend", choices=HOSTLIST_BACKENDS,
+                       help=f"how to expand the nodelist (default: ${ENV_HOSTLIST_BACKEND} or auto)")
+
+
+def _discover(args: argparse.Namespace) -> Discovery:
+    return discover_servers(args.nodelist, args.num_training_nodes, args.tp, args.gpus_per_node, args.base_port,
+                            args.hostlist_backend)
+
+
+def _positive_float(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name}={value:g} must be positive")
+    return value
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    found = _discover(args)
+    print(json.dumps(found.to_json(), indent=2) if args.format == "json" else "\n".join(found.urls))
+    return 0
+
+
+def cmd_hostnames(args: argparse.Namespace) -> int:
+    names, _ = resolve_hostnames(args.hostlist, args.hostlist_backend or "python")
+    print("\n".join(names))
+    return 0
+
+
+async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
+                           health_path: str, probe_timeout: float, out=None) -> List[str]:
+    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
+
+    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
+    """
+    out = out or sys.stderr
+    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
+    started, shown = time.monotonic(), None
+    while True:
+        health = await prober.probe()
+        count, elapsed = sum(health), time.monotonic() - started
+        if count != shown:
+            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
+            shown = count
+        if count >= min_healthy:
+            return []
+        if elapsed + interval > timeout:
+            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
+        await asyncio.sleep(interval)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    found = _discover(args)
+    urls = found.urls
+    need = len(urls) if args.min_healthy is None else _int_setting("--min-healthy", args.min_healthy,
+                                                                     minimum=1, maximum=len(urls))
+    down = asyncio.run(wait_for_servers(urls, min_healthy=need, timeout=_positive_float("--timeout", args.timeout),
+                                        interval=_positive_float("--interval", args.interval),
+                                        health_path=args.health_path,
+                                        probe_timeout=_positive_float("--probe-timeout", args.probe_timeout)))
+    if down:
+        print(f"wait: fewer than {need} of {len(urls)} servers healthy after {args.timeout:g} s; down: "
+              + "; ".join(down), file=sys.stderr)
+        return 1
+    print(f"wait: ready ({need} of {len(urls)} required)", file=sys.stderr)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    tp, gpus, base, per_node = server_layout(args.tp, args.gpus_per_node, args.base_port)
+    parse_base_url(args.api_addr)
+    if not args.api_addr.startswith(("http://", "https://")):
+        raise ConfigError(f"--api_addr={args.api_addr!r} must start with http:// or https://")
+    node_num = _int_setting("--node_num", args.node_num, minimum=0)
+    if not args.health_path.startswith("/"):
+        raise ConfigError(f"--health-path={args.health_path!r} must start with '/'")
+    ports = [base + i for i in range(per_node)]
+    options = WatcherOptions(
+        api_addr=args.api_addr, node_num=node_num, ports=ports, host=args.host,
+        interval=_positive_float("--interval", args.interval), health_path=args.health_path,
+        probe_timeout=_positive_float("--probe-timeout", args.probe_timeout), once=args.once,
+        use_wandb=not args.no_wandb, legacy_metric_names=args.legacy_metric_names,
+        layout={"node_num": node_num, "host": args.host or socket.gethostname(), "tp": tp, "gpus_per_node": gpus,
+                "base_port": base, "ports": ports, "health_path": args.health_path, "api_addr": args.api_addr,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
+    )
+    log.warning("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
+                args.api_addr)
+    return run_watcher(options)
+
+
+def cmd_stub_server(args: argparse.Namespace) -> int:
+    count = _int_setting("--count", args.count, minimum=1, maximum=64)
+    port = _int_setting("--port", args.port, minimum=0, maximum=65535 - count + 1)
+
+    async def main() -> int:
+        stubs = [StubServer(args.host, port + i if port else 0, latency=args.latency, fail_rate=args.fail_rate,
+                            fail_status=args.fail_status, die_after=args.die_after,
+                            keep_alive_timeout=args.keep_alive_timeout, model=args.model,
+                            health_generate=not args.no_health_generate) for i in range(count)]
+        try:
+            for stub in stubs:
+                await stub.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {args.host}:{port}: {e.strerror or e}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waits = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(s.died.wait()) for s in stubs]
+        print(f"stub-server: listening on {args.host} port(s) {', '.join(str(s.port) for s in stubs)}",
+              file=sys.stderr, flush=True)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        for stub in stubs:
+            await stub.stop()
+        return 1 if any(s.died.is_set() for s in stubs) else 0
+
+    return asyncio.run(main())
+
+
+def _free_port_block(count: int, host: str = "127.0.0.1", preferred: int = DEFAULT_BASE_PORT) -> int:
+    """A base port with ``count`` consecutive free ports: ``preferred`` if possible."""
+    candidates = [preferred] + [random.randrange(20000, 60000) for _ in range(50)]
+    for base in candidates:
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise ConfigError(f"no {count} consecutive free ports found on {host}")
+
+
+async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dict[str, Any]]:
+    """Start stub servers, discover them the Slurm way, load them, kill one half way, show a table."""
+    out = out or sys.stdout
+    base = _free_port_block(servers)
+    stubs = [await StubServer("127.0.0.1", base + i, latency=0.002).start() for i in range(servers)]
+    found = discover_servers(nodelist="localhost", num_training_nodes=0, tp=1, gpus_per_node=servers,
+                             base_port=base, backend="python")
+    print(f"demo: {servers} stub servers; discovered {found.urls[0]} .. {found.urls[-1]}", file=out)
+    template = ServerBaseline(timeout=10, num_max_requests_at_once=32, model_name="stub")
+    manager = ServerManager(configs_for_urls(template, found.urls), retry_backoff=0.02, health_probe_interval=0.5)
+    victim, finished, failed = stubs[servers // 2], 0, 0
+
+    async def one(i: int) -> None:
+        nonlocal finished, failed
+        try:
+            await manager.chat_completion(messages=[{"role": "user", "content": f"request {i}"}], max_tokens=8)
+        except AtroposSlurmError:
+            failed += 1
+        finished += 1
+        if finished == requests // 2:
+            print(f"\ndemo: stopping {victim.name} half way", file=out)
+            asyncio.ensure_future(victim.stop())
+
+    started = time.monotonic()
+    tasks = [asyncio.ensure_future(one(i)) for i in range(requests)]
+    while not all(t.done() for t in tasks):
+        await asyncio.sleep(0.2)
+        print(f"\rdemo: {finished}/{requests} done, {failed} failed, {time.monotonic() - started:.1f} s",
+              end="", file=out, flush=True)
+    elapsed = time.monotonic() - started
+    rows = manager.stats()
+    print(f"\ndemo: {requests} requests in {elapsed:.2f} s ({requests / elapsed:.0f}/s), {failed} lost\n", file=out)
+    print(f"{'server':<28} {'requests':>8} {'errors':>6} {'p50 ms':>7} {'healthy':>7}", file=out)
+    for row in rows:
+        p50 = f"{row['p50'] * 1000:.1f}" if row["p50"] is not None else "-"
+        print(f"{row['url']:<28} {row['done']:>8} {row['failed']:>6} {p50:>7} {str(row['healthy']):>7}", file=out)
+    await manager.close()
+    for stub in stubs:
+        await stub.stop()
+    if failed:
+        raise AtroposSlurmError(f"demo lost {failed} requests")
+    return rows
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    asyncio.run(run_demo(_int_setting("--requests", args.requests, minimum=8)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="atropos-slurm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    commands.required = True
+
+    p = commands.add_parser("discover", help="print the inference server URLs of this Slurm job")
+    _add_discovery_flags(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_discover)
+
+    p = commands.add_parser("hostnames", help="expand a hostlist like 'scontrol show hostnames'")
+    p.add_argument("hostlist")
+    p.add_argument("--hostlist-backend", choices=HOSTLIST_BACKENDS, help="default: python")
+    p.set_defaults(func=cmd_hostnames)
+
+    p = commands.add_parser("wait", help="block until the discovered servers are healthy")
+    _add_discovery_flags(p)
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (600)")
+    p.add_argument("--min-healthy", metavar="N", help="succeed once N servers are healthy (default: all)")
+    p.add_argument("--health-path", default="/health", help="GET path probed on each server (/health)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between rounds (2)")
+    p.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per probe (5)")
+    p.set_defaults(func=cmd_wait)
+
+    p = commands.add_parser("watch", help="log this node's server health to W&B (or JSON lines)")
+    add_watcher_flags(p)
+    p.set_defaults(func=cmd_watch)
+
+    p = commands.add_parser("stub-server", help="serve a fake OpenAI API (no GPU) for smoke tests")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", default="9000", help="port of the first server (9000; 0 = any free port)")
+    p.add_argument("--count", default="1", help="serve this many consecutive ports (1)")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before each completion answer")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of completions answered with --fail-status")
+    p.add_argument("--fail-status", type=int, default=500)
+    p.add_argument("--die-after", type=int, help="drop all connections and exit 1 after N completions")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="close idle connections after S s (5)")
+    p.add_argument("--model", default="stub")
+    p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
+    p.set_defaults(func=cmd_stub_server)
+
+    p = commands.add_parser("demo", help="8 stub servers, discovery, load, failover: no Slurm needed")
+    p.add_argument("--requests", default="4000")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
+    """The watcher's flags, shared by ``watch`` and ``inference_watcher.py``."""
+    parser.add_argument("--api_addr", "--api-addr", required=True, help="trainer API, e.g. http://trainer:8000")
+    parser.add_argument("--tp", help="tensor-parallel size of the servers (default: $INFER_TP or 1)")
+    parser.add_argument("--node_num", "--node-num", required=True, help="index of this inference node (0, 1, ...)")
+    parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    parser.add_argument("--base-port", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
+    parser.add_argument("--host", default="localhost", help="where this node's servers listen (localhost)")
+    parser.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (60)")
+    parser.add_argument("--health-path", default=WATCHER_HEALTH_PATH,
+                        help=f"probed path ({WATCHER_HEALTH_PATH}; on 404, {WATCHER_FALLBACK_PATH})")
+    parser.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per probe and API call (5)")
+    parser.add_argument("--once", action="store_true", help="one round, then exit 0 if all servers are healthy, else 1")
+    parser.add_argument("--no-wandb", action="store_true", help="JSON lines on stdout even if wandb is installed")
+    parser.add_argument("--legacy-metric-names", action="store_true",
+                        help="log server/server_heath_* (the seed's spelling) instead of server_health")
+
+
+def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """Run one command; the one place where errors become exit codes (2 = bad input or failure)."""
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("atropos-slurm: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    parser = parser or build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except AtroposSlurmError as e:
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Watch this inference node's servers and log their health to W&B (or JSON lines).
+
+    python inference_watcher.py --api_addr http://TRAINER:8000 --tp 2 --node_num 0
+
+A thin entry point: the logic is ``atropos_slurm.cmd_watch``.  Keep this file next to
+``atropos_slurm.py`` when vendoring the two onto a cluster.
+"""
+
+import sys
+
+import atropos_slurm
+
+
+def main(argv=None) -> int:
+    parser = atropos_slurm._ArgumentParser(prog="inference_watcher.py", description=__doc__.split("\n\n")[0])
+    atropos_slurm.add_watcher_flags(parser)
+    parser.set_defaults(func=atropos_slurm.cmd_watch)
+    return atropos_slurm.main(argv, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
