@@ -229,8 +229,8 @@ def scontrol_hostnames(text: str, scontrol: str = "scontrol", timeout: float = S
     if text.startswith("-"):
         raise HostlistError(f"hostlist {text!r} starts with '-'")
     try:
-        proc = subprocess.run(
-            [scontrol, "show", "hostnames", "--", text],
+        proc = subprocess.run(  # scontrol keeps a newline inside a name: 'a\nb[1-2]' gives a b1 a b2
+            [scontrol, "show", "hostnames", "--", text.replace("\n", ",")],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
         )
     except FileNotFoundError as e:

@@ -1,0 +1,575 @@
+"""Tests of hostlists, discovery, config objects, packaging and the CLI.
+
+Run: ``python -m pytest -q`` (all suites) or ``python -m unittest test_atropos_slurm``.
+The differential test runs the real ``scontrol`` from Debian's slurm-client; without it the
+test is skipped locally, and fails when ``ATROPOS_TEST_REQUIRE`` names ``scontrol`` (CI).
+"""
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import atropos_slurm as a  # noqa: E402
+from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
+
+
+def require(feature: str, available: bool, how: str) -> None:
+    """Skip when ``feature`` is missing, unless ``ATROPOS_TEST_REQUIRE`` lists it: then fail."""
+    if available:
+        return
+    required = {f.strip() for f in os.environ.get("ATROPOS_TEST_REQUIRE", "").split(",")}
+    message = f"{feature} is not available here; {how}"
+    if feature in required or "all" in required:
+        raise AssertionError(message + f" (required by ATROPOS_TEST_REQUIRE)")
+    raise unittest.SkipTest(message)
+
+
+def run_cli(*argv, env=None):
+    """Run ``main`` in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.dict(os.environ, env or {}, clear=env is not None):
+        code = a.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_module(*argv, env=None, cwd=None, timeout=60):
+    """Run ``python -m atropos_slurm`` as a subprocess."""
+    full_env = dict(os.environ if env is None else env, PYTHONPATH=HERE)
+    return subprocess.run([sys.executable, "-m", "atropos_slurm", *argv], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or HERE, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostlists
+# ----------------------------------------------------------------------------------------------
+
+VALID_HOSTLISTS = [
+    ("node1", ["node1"]),
+    ("node[01-03],gpu-a[1-2]", ["node01", "node02", "node03", "gpu-a1", "gpu-a2"]),
+    ("n[1-3,5,7-8]", ["n1", "n2", "n3", "n5", "n7", "n8"]),
+    ("n[01-3]", ["n01", "n02", "n03"]),
+    ("n[09-11]", ["n09", "n10", "n11"]),
+    ("n[9-11]", ["n9", "n10", "n11"]),
+    ("n[00-02]", ["n00", "n01", "n02"]),
+    ("n[1-2],n[1-2]", ["n1", "n2", "n1", "n2"]),
+    ("a b", ["a", "b"]),
+    ("a\tb\nc", ["a", "b", "c"]),
+    ("a,,b,", ["a", "b"]),
+    ("  n1  ", ["n1"]),
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+    ("a[1-2]b[3-4]c[5-6]", ["a1b3c5", "a1b3c6", "a2b3c5", "a2b3c6", "a1b4c5", "a1b4c6", "a2b4c5", "a2b4c6"]),
+    ("n[1-2][3-4]", ["n13", "n14", "n23", "n24"]),
+    ("[1-2]", ["1", "2"]),
+    ("1[1-2]", ["11", "12"]),
+    ("n[1-3,2-4]", ["n1", "n2", "n3", "n2", "n3", "n4"]),
+    ("n[1-2]-ib", ["n1-ib", "n2-ib"]),  # suffix after ']': Slurm >= 23.02.5
+    ("rack[1-2]-n[1-2].ib", ["rack1-n1.ib", "rack1-n2.ib", "rack2-n1.ib", "rack2-n2.ib"]),
+    ("gpu-node-7.cluster.local", ["gpu-node-7.cluster.local"]),
+]
+
+INVALID_HOSTLISTS = [
+    ("", "empty"),
+    (" ,\t", "empty"),
+    ("node[3-1]", "reversed range '3-1'"),
+    ("node[1-", "unclosed '['"),
+    ("node[1-2", "unclosed '['"),
+    ("n[1", "unclosed '['"),
+    ("n]1[", "']' without '['"),
+    ("n[[1-2]]", "nested '['"),
+    ("x[a-b]", "invalid range 'a-b'"),
+    ("n[1-65537]", "more than 65536"),
+    ("n[1-100000]", "more than 65536"),
+    ("n[]", "invalid range ''"),
+    ("n[1,]", "invalid range ''"),
+    ("n[ 1-3]", "invalid range ' 1-3'"),
+    ("n[+1-3]", "invalid range '+1-3'"),
+    ("n[-1]", "invalid range '-1'"),
+    ("-n1", "starts with '-'"),
+    ("n1;touch X", "invalid character"),
+    ("$(touch X)", "invalid character"),
+    ("`touch X`", "invalid character"),
+]
+
+
+class HostlistTable(unittest.TestCase):
+    def test_valid(self):
+        for text, expected in VALID_HOSTLISTS:
+            with self.subTest(text=text):
+                self.assertEqual(a.expand_hostlist(text), expected)
+
+    def test_invalid_quotes_the_bad_part(self):
+        for text, fragment in INVALID_HOSTLISTS:
+            with self.subTest(text=text):
+                with self.assertRaises(a.HostlistError) as ctx:
+                    a.expand_hostlist(text)
+                self.assertIn(fragment, str(ctx.exception))
+                self.assertNotIn("\n", str(ctx.exception))
+
+    def test_range_cap_is_inclusive(self):
+        self.assertEqual(len(a.expand_hostlist("n[1-65536]")), 65536)
+        self.assertEqual(a.expand_hostlist("n[0-65535]")[-1], "n65535")
+
+    def test_cartesian_product_is_bounded(self):
+        with self.assertRaises(a.HostlistError):
+            a.expand_hostlist("a[1-1000]b[1-1000]c[1-2]")
+
+    def test_not_a_string(self):
+        with self.assertRaises(a.HostlistError):
+            a.expand_hostlist(None)
+
+
+def random_valid_hostlist(rng: random.Random) -> str:
+    """A hostlist in the grammar scontrol 22.05 accepts (no suffix after the last ']')."""
+    def literal(allow_empty=True):
+        alphabet = "abcxyz-.0123456789"
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
+        return text.lstrip("-")
+
+    def ranges():
+        parts = []
+        for _ in range(rng.randint(1, 3)):
+            width = rng.randint(1, 4)
+            low = rng.randint(0, 10 ** min(width, 3) - 1)
+            low_text = str(low).zfill(width)
+            if rng.random() < 0.4:
+                parts.append(low_text)
+            else:
+                parts.append(f"{low_text}-{low + rng.randint(0, 12)}")
+        return ",".join(parts)
+
+    tokens = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.random()
+        if kind < 0.25:
+            token = literal(allow_empty=False) or "h"
+        elif kind < 0.8:
+            token = f"{literal() or 'n'}[{ranges()}]"
+        else:
+            groups = rng.randint(2, 3)
+            token = (literal() or "r") + "".join(f"[{ranges()}]" + (literal() if g < groups - 1 else "")
+                                                 for g in range(groups))
+        if len(a.expand_hostlist(token)) > 400:
+            token = "big"
+        tokens.append(token)
+        if rng.random() < 0.15:
+            tokens.append(token)  # duplicates are kept
+    separators = [",", " ", "\t", ", "]  # not newline: scontrol keeps it inside names (see below)
+    return "".join(t + rng.choice(separators) for t in tokens[:-1]) + tokens[-1]
+
+
+class DifferentialAgainstScontrol(unittest.TestCase):
+    """Our expander against the real ``scontrol show hostnames`` (Debian slurm-client)."""
+
+    @classmethod
+    def setUpClass(cls):
+        require("scontrol", shutil.which("scontrol") is not None,
+                "install Debian's slurm-client (apt-get install slurm-client) to run the differential test")
+        cls.tmp = tempfile.mkdtemp()
+        cls.conf = os.path.join(cls.tmp, "slurm.conf")
+        with open(cls.conf, "w") as f:
+            f.write("ClusterName=x\nSlurmctldHost=localhost\n")  # enough for show hostnames, no controller
+        cls.env = mock.patch.dict(os.environ, {"SLURM_CONF": cls.conf})
+        cls.env.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.env.stop()
+        shutil.rmtree(cls.tmp)
+
+    def scontrol(self, text):
+        proc = subprocess.run(["scontrol", "show", "hostnames", "--", text], capture_output=True, text=True,
+                              timeout=30)
+        return proc.stdout.split(), proc.stderr.strip()
+
+    def test_thousands_of_generated_lists_agree(self):
+        rng = random.Random(20261128)
+        lists = [random_valid_hostlist(rng) for _ in range(3000)]
+        mismatches = []
+        # 20 lists per scontrol call (a top-level comma concatenates expansions), then
+        # the first 200 one by one so list boundaries are exercised too.
+        for i in range(0, len(lists), 20):
+            batch = ",".join(lists[i:i + 20])
+            ours = a.expand_hostlist(batch)
+            theirs, err = self.scontrol(batch)
+            if ours != theirs or err:
+                mismatches.append((batch, err))
+        for text in lists[:200]:
+            theirs, err = self.scontrol(text)
+            if a.expand_hostlist(text) != theirs or err:
+                mismatches.append((text, err))
+        self.assertEqual(mismatches, [])
+
+    def test_table_agrees_where_slurm_22_05_accepts(self):
+        for text, expected in VALID_HOSTLISTS:
+            if "]" in text and not text.rstrip().endswith("]") and "-ib" in text or ".ib" in text:
+                continue  # suffix after ']': only Slurm >= 23.02.5 (Debian 12 ships 22.05)
+            with self.subTest(text=text):
+                self.assertEqual(self.scontrol(text)[0], expected)
+
+    def test_invalid_lists_fail_in_scontrol_backend_too(self):
+        for text, _ in INVALID_HOSTLISTS:
+            if not text.strip(" ,\t") or text in ("n[ 1-3]", "n[+1-3]"):
+                continue  # scontrol's strtoul takes ' 1' and '+1' (width 2: n01 n02 n03); we refuse them
+            with self.subTest(text=text):
+                with self.assertRaises(a.HostlistError):
+                    a.scontrol_hostnames(text)
+
+    def test_newline_separates_in_both_backends(self):
+        # Raw scontrol keeps a newline inside a name ('a\nb[1-2]' prints a b1 a b2); the
+        # backend turns newlines into commas so both backends read the list the same way.
+        self.assertEqual(self.scontrol("a\nb[1-2]")[0], ["a", "b1", "a", "b2"])
+        self.assertEqual(a.scontrol_hostnames("a\nb[1-2]"), ["a", "b1", "b2"])
+        self.assertEqual(a.expand_hostlist("a\nb[1-2]"), ["a", "b1", "b2"])
+
+    def test_scontrol_garbage_is_caught(self):
+        # scontrol prints "node]" for "node[1-" and exits 0; we must not return that.
+        self.assertEqual(self.scontrol("node[1-")[0], ["node]"])
+        with self.assertRaises(a.HostlistError) as ctx:
+            a.scontrol_hostnames("node[1-")
+        self.assertIn("'node]'", str(ctx.exception))
+
+    def test_scontrol_message_is_surfaced(self):
+        with self.assertRaises(a.HostlistError) as ctx:
+            a.scontrol_hostnames("node[3-1]")
+        self.assertIn("Invalid range", str(ctx.exception))
+
+    def test_auto_backend_uses_scontrol(self):
+        names, backend = a.resolve_hostnames("n[1-3]", "auto")
+        self.assertEqual((names, backend), (["n1", "n2", "n3"], "scontrol"))
+
+    def test_shell_hostile_input_is_inert(self):
+        marker = os.path.join(self.tmp, "pwned")
+        for text in (f"n1;touch {marker}", f"$(touch {marker})", f"`touch {marker}`", f"n1&&touch {marker}",
+                     f"n1|touch {marker}"):
+            for backend in ("scontrol", "python"):
+                with self.subTest(text=text, backend=backend):
+                    with self.assertRaises(a.HostlistError):
+                        a.discover_servers(text, 0, backend=backend, env={})
+            code, out, err = run_cli("discover", "--nodelist", text, "--num-training-nodes", "0",
+                                     "--hostlist-backend", "scontrol", env={"SLURM_CONF": self.conf,
+                                                                            "PATH": os.environ["PATH"]})
+            self.assertEqual(code, 2, err)
+            self.assertEqual(out, "")
+        self.assertFalse(os.path.exists(marker))
+
+    def test_option_injection_is_refused(self):
+        with self.assertRaises(a.HostlistError):
+            a.scontrol_hostnames("-h")
+
+
+class ScontrolUnavailable(unittest.TestCase):
+    def test_missing_scontrol_falls_back_with_a_log_line(self):
+        with mock.patch.dict(os.environ, {"PATH": "/nonexistent"}), self.assertLogs("atropos_slurm", "WARNING") as logs:
+            names, backend = a.resolve_hostnames("n[1-2]", "auto")
+        self.assertEqual((names, backend), (["n1", "n2"], "python"))
+        self.assertIn("expanding the hostlist in Python", logs.output[0])
+
+    def test_forced_scontrol_missing_is_an_error(self):
+        with mock.patch.dict(os.environ, {"PATH": "/nonexistent"}):
+            with self.assertRaises(a.ConfigError) as ctx:
+                a.resolve_hostnames("n[1-2]", "scontrol")
+        self.assertIn("not found", str(ctx.exception))
+
+    def test_scontrol_without_config_falls_back(self):
+        require("scontrol", shutil.which("scontrol") is not None, "install slurm-client")
+        with tempfile.TemporaryDirectory() as tmp:
+            # No slurm.conf anywhere: scontrol tries DNS SRV, then exits 1.
+            env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+            env["SLURM_CONF"] = os.path.join(tmp, "empty.conf")
+            open(env["SLURM_CONF"], "w").close()  # empty: "ClusterName needs to be specified", exit 1
+            with mock.patch.dict(os.environ, env, clear=True), self.assertLogs("atropos_slurm", "WARNING"):
+                names, backend = a.resolve_hostnames("n[1-2]", "auto")
+        self.assertEqual((names, backend), (["n1", "n2"], "python"))
+
+    def test_hanging_scontrol_is_bounded(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            fake = os.path.join(tmp, "scontrol")
+            with open(fake, "w") as f:
+                f.write("#!/bin/sh\nsleep 30\n")
+            os.chmod(fake, 0o755)
+            with self.assertRaises(a.ScontrolUnavailable) as ctx:
+                a.scontrol_hostnames("n1", scontrol=fake, timeout=0.5)
+        self.assertIn("did not answer", str(ctx.exception))
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+
+class Discovery(unittest.TestCase):
+    def env(self, **values):
+        base = {"SLURM_JOB_NODELIST": "gpu[01-03]", "NUM_TRAINING_NODES": "1", a.ENV_HOSTLIST_BACKEND: "python"}
+        base.update(values)
+        return {k: v for k, v in base.items() if v is not None}
+
+    def test_seed_defaults(self):
+        found = a.discover_servers(env=self.env())
+        self.assertEqual(found.inference_nodes, ("gpu02", "gpu03"))
+        self.assertEqual(found.servers_per_node, 8)
+        self.assertEqual(found.urls[:2], ["http://gpu02:9000/v1", "http://gpu02:9001/v1"])
+        self.assertEqual(found.urls[-1], "http://gpu03:9007/v1")
+        self.assertEqual(len(found.urls), 16)
+
+    def test_variable_matrix(self):
+        for nodes, ntrain, tp, gpus, base in [(2, 1, 1, 8, 9000), (3, 1, 2, 8, 9000), (4, 2, 4, 8, 9100),
+                                              (5, 0, 8, 8, 9000), (3, 1, 1, 4, 20000), (2, 1, 3, 8, 9000)]:
+            env = self.env(SLURM_JOB_NODELIST=f"n[1-{nodes}]", NUM_TRAINING_NODES=str(ntrain), INFER_TP=str(tp),
+                           **{a.ENV_GPUS_PER_NODE: str(gpus), a.ENV_BASE_PORT: str(base)})
+            with self.subTest(nodes=nodes, ntrain=ntrain, tp=tp, gpus=gpus, base=base):
+                found = a.discover_servers(env=env)
+                per = gpus // tp
+                expected = [f"http://n{k}:{base + i}/v1" for k in range(ntrain + 1, nodes + 1) for i in range(per)]
+                self.assertEqual(found.urls, expected)
+                self.assertEqual([s.node_index for s in found.servers][-1], nodes - ntrain - 1)
+
+    def test_slurm_nodelist_fallback(self):
+        env = self.env(SLURM_JOB_NODELIST=None, SLURM_NODELIST="x[1-2]")
+        self.assertEqual(a.discover_servers(env=env).inference_nodes, ("x2",))
+
+    def test_arguments_override_environment(self):
+        found = a.discover_servers("h[1-2]", 0, 4, 8, 9500, "python", env=self.env())
+        self.assertEqual(found.urls, [f"http://h{k}:{p}/v1" for k in (1, 2) for p in (9500, 9501)])
+
+    def test_tp_not_dividing_warns(self):
+        with self.assertLogs("atropos_slurm", "WARNING") as logs:
+            found = a.discover_servers(env=self.env(INFER_TP="3"))
+        self.assertEqual(found.servers_per_node, 2)
+        self.assertIn("does not divide", logs.output[0])
+
+    def test_bad_values_are_one_line_errors_naming_the_variable(self):
+        cases = [
+            (dict(SLURM_JOB_NODELIST=None), "SLURM_JOB_NODELIST is not set"),
+            (dict(NUM_TRAINING_NODES=None), "NUM_TRAINING_NODES is not set"),
+            (dict(NUM_TRAINING_NODES="one"), "NUM_TRAINING_NODES='one' is not an integer"),
+            (dict(NUM_TRAINING_NODES="-1"), "NUM_TRAINING_NODES='-1' must be at least 0"),
+            (dict(NUM_TRAINING_NODES="3"), "NUM_TRAINING_NODES=3 leaves no inference node"),
+            (dict(NUM_TRAINING_NODES="7"), "NUM_TRAINING_NODES=7 leaves no inference node"),
+            (dict(INFER_TP="2.0"), "INFER_TP='2.0' is not an integer"),
+            (dict(INFER_TP="0"), "INFER_TP='0' must be at least 1"),
+            (dict(INFER_TP="-2"), "INFER_TP='-2' must be at least 1"),
+            (dict(INFER_TP=""), "INFER_TP='' is not an integer"),
+            (dict(INFER_TP="16"), "INFER_TP=16 is larger than the 8 GPUs per node"),
+            ({a.ENV_GPUS_PER_NODE: "0"}, "ATROPOS_SLURM_GPUS_PER_NODE='0' must be at least 1"),
+            ({a.ENV_GPUS_PER_NODE: "eight"}, "ATROPOS_SLURM_GPUS_PER_NODE='eight' is not an integer"),
+            ({a.ENV_BASE_PORT: "65530"}, "ATROPOS_SLURM_BASE_PORT='65530' must be at most 65528"),
+            ({a.ENV_BASE_PORT: "0"}, "ATROPOS_SLURM_BASE_PORT='0' must be at least 1"),
+            ({a.ENV_HOSTLIST_BACKEND: "slurm"}, "ATROPOS_SLURM_HOSTLIST='slurm' is not one of"),
+            (dict(SLURM_JOB_NODELIST="gpu[3-1]"), "reversed range '3-1'"),
+        ]
+        for values, message in cases:
+            with self.subTest(values=values):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    a.discover_servers(env=self.env(**values))
+                self.assertIn(message, str(ctx.exception))
+                self.assertNotIn("\n", str(ctx.exception))
+
+    def test_json_shape(self):
+        data = a.discover_servers(env=self.env(INFER_TP="4")).to_json()
+        self.assertEqual(data["training_nodes"], ["gpu01"])
+        self.assertEqual(data["ports"], [9000, 9001])
+        self.assertEqual(data["servers"][0], {"host": "gpu02", "port": 9000, "node_index": 0, "local_index": 0,
+                                              "url": "http://gpu02:9000/v1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Config objects
+# ----------------------------------------------------------------------------------------------
+
+class Configs(unittest.TestCase):
+    def test_atropos_defaults(self):
+        base = ServerBaseline()
+        self.assertEqual((base.timeout, base.num_max_requests_at_once, base.num_requests_for_eval, base.model_name,
+                          base.rolling_buffer_length, base.server_type, base.tokenizer_name),
+                         (1200, 512, 64, "default", 1000, "openai", "none"))
+        cfg = APIServerConfig()
+        self.assertEqual((cfg.api_key, cfg.base_url, cfg.n_kwarg_is_ignored, cfg.health_check), ("", "", False, True))
+
+    def test_validation(self):
+        for kwargs, message in [(dict(timeout=-1), "timeout=-1"), (dict(timeout=0), "timeout=0"),
+                                (dict(num_max_requests_at_once=0), "num_max_requests_at_once=0"),
+                                (dict(num_requests_for_eval=-3), "num_requests_for_eval=-3"),
+                                (dict(num_max_requests_at_once=True), "num_max_requests_at_once=True"),
+                                (dict(server_type="tgi"), "server_type='tgi'"),
+                                (dict(health_path="health"), "health_path='health'")]:
+            with self.subTest(kwargs=kwargs):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    ServerBaseline(**kwargs)
+                self.assertIn(message, str(ctx.exception))
+        for url in ("ftp://h/v1", "h:9000", "http://:9000/v1", "http://h:99999/v1", "http://h:9000/v1?x=1"):
+            with self.subTest(url=url):
+                with self.assertRaises(a.ConfigError):
+                    APIServerConfig(base_url=url)
+
+    def test_api_key_hidden_from_repr(self):
+        cfg = APIServerConfig(base_url="http://h:9000/v1", api_key="sk-secret-123")
+        self.assertNotIn("sk-secret-123", repr(cfg))
+        server = a.OpenAIServer(cfg)
+        self.assertNotIn("sk-secret-123", repr(server))
+        manager = ServerManager([cfg])
+        self.assertNotIn("sk-secret-123", repr(manager))
+
+    def test_configs_for_urls_from_baseline(self):
+        urls = ["http://a:9000/v1", "http://a:9001/v1"]
+        configs = a.configs_for_urls(ServerBaseline(timeout=30, num_max_requests_at_once=7), urls)
+        self.assertEqual([c.base_url for c in configs], urls)
+        self.assertTrue(all(isinstance(c, APIServerConfig) and c.timeout == 30 and c.num_max_requests_at_once == 7
+                            for c in configs))
+
+    def test_configs_for_urls_keeps_the_template_key(self):
+        template = APIServerConfig(base_url="http://dummy", api_key="k1", model_name="m", health_path="/ping")
+        (config,) = a.configs_for_urls(template, ["http://b:9000/v1"])
+        self.assertEqual((config.base_url, config.api_key, config.model_name, config.health_path),
+                         ("http://b:9000/v1", "k1", "m", "/ping"))
+        self.assertEqual(template.base_url, "http://dummy")
+
+    def test_manager_slurm_uses_discovery_and_the_first_config_as_template(self):
+        env = {"SLURM_JOB_NODELIST": "t1,i[1-2]", "NUM_TRAINING_NODES": "1", "INFER_TP": "4",
+               a.ENV_HOSTLIST_BACKEND: "python"}
+        with mock.patch.dict(os.environ, env):
+            manager = ServerManager(configs=[APIServerConfig(base_url="http://dummy", api_key="x", timeout=5),
+                                             APIServerConfig(base_url="http://other")], slurm=True)
+        self.assertEqual([s.url for s in manager.servers],
+                         ["http://i1:9000/v1", "http://i1:9001/v1", "http://i2:9000/v1", "http://i2:9001/v1"])
+        self.assertTrue(all(s.config.timeout == 5 for s in manager.servers))
+
+    def test_manager_slurm_with_bad_environment_is_a_config_error(self):
+        with mock.patch.dict(os.environ, {"SLURM_JOB_NODELIST": "n[1-2]", "INFER_TP": "2"}, clear=True):
+            with self.assertRaises(a.ConfigError) as ctx:
+                ServerManager(configs=ServerBaseline(), slurm=True)
+        self.assertIn("NUM_TRAINING_NODES is not set", str(ctx.exception))
+
+    def test_manager_local_default_is_atropos(self):
+        manager = ServerManager(configs=ServerBaseline())
+        self.assertEqual([s.url for s in manager.servers], [f"http://localhost:{p}/v1" for p in range(9004, 9008)])
+
+    def test_manager_rejects_testing_mode_and_bad_configs(self):
+        with self.assertRaises(a.ConfigError):
+            ServerManager(configs=ServerBaseline(), testing=True)
+        with self.assertRaises(a.ConfigError):
+            ServerManager(configs=[])
+        with self.assertRaises(a.ConfigError):
+            ServerManager(configs=[APIServerConfig(base_url="http://h/v1")], max_n_completions=0)
+
+    def test_error_hierarchy_splits_blame(self):
+        self.assertTrue(issubclass(a.HostlistError, a.ConfigError))
+        for cls in (a.ServerConnectionError, a.ServerTimeoutError, a.ProtocolError, a.APIStatusError,
+                    a.NoHealthyServerError, a.ResponseTooLargeError):
+            self.assertTrue(issubclass(cls, a.ServerError))
+            self.assertFalse(issubclass(cls, a.ConfigError))
+        self.assertTrue(issubclass(a.ServerError, a.AtroposSlurmError))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+class CLI(unittest.TestCase):
+    ENV = {"SLURM_JOB_NODELIST": "t1,inf[1-2]", "NUM_TRAINING_NODES": "1", "INFER_TP": "2",
+           a.ENV_HOSTLIST_BACKEND: "python"}
+
+    def test_discover_text(self):
+        code, out, err = run_cli("discover", env=self.ENV)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.split(), [f"http://inf{k}:{9000 + i}/v1" for k in (1, 2) for i in range(4)])
+
+    def test_discover_flags_override(self):
+        code, out, _ = run_cli("discover", "--nodelist", "a[1-3]", "--num-training-nodes", "2", "--tp", "8",
+                               "--gpus-per-node", "16", "--base-port", "8100", "--hostlist-backend", "python",
+                               env=self.ENV)
+        self.assertEqual((code, out.split()), (0, ["http://a3:8100/v1", "http://a3:8101/v1"]))
+
+    def test_discover_json(self):
+        code, out, _ = run_cli("discover", "--format", "json", env=self.ENV)
+        data = json.loads(out)
+        self.assertEqual(code, 0)
+        self.assertEqual(data["inference_nodes"], ["inf1", "inf2"])
+        self.assertEqual(data["ports"], [9000, 9001, 9002, 9003])
+        self.assertEqual(len(data["urls"]), 8)
+
+    def test_hostnames(self):
+        code, out, _ = run_cli("hostnames", "n[01-02],x", env={})
+        self.assertEqual((code, out.split()), (0, ["n01", "n02", "x"]))
+
+    def test_errors_are_one_line_exit_2(self):
+        for argv, env, fragment in [
+            (["discover"], {}, "SLURM_JOB_NODELIST is not set"),
+            (["discover"], dict(self.ENV, INFER_TP="x"), "INFER_TP='x' is not an integer"),
+            (["discover", "--tp", "0"], self.ENV, "--tp='0' must be at least 1"),
+            (["discover", "--num-training-nodes", "3"], self.ENV, "leaves no inference node"),
+            (["discover", "--format", "yaml"], self.ENV, "invalid choice"),
+            (["hostnames", "n[1-"], {}, "unclosed '['"),
+            (["frobnicate"], {}, "invalid choice"),
+            ([], {}, "required"),
+        ]:
+            with self.subTest(argv=argv):
+                code, out, err = run_cli(*argv, env=env)
+                self.assertEqual(code, 2)
+                self.assertEqual(out, "")
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(fragment, err)
+                self.assertTrue(err.startswith("atropos-slurm: error: "), err)
+
+    def test_subprocess_discover_and_error(self):
+        env = dict(os.environ, **self.ENV)
+        proc = run_module("discover", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(proc.stdout.split()), 8)
+        env["NUM_TRAINING_NODES"] = "oops"
+        proc = run_module("discover", env=env)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stderr.strip(), "atropos-slurm: error: NUM_TRAINING_NODES='oops' is not an integer")
+        self.assertNotIn("Traceback", proc.stderr)
+
+    def test_import_loads_no_third_party_module(self):
+        code = ("import sys; before = set(sys.modules); import atropos_slurm; "
+                "std = set(getattr(sys, 'stdlib_module_names', ())); "
+                "extra = {m.split('.')[0] for m in set(sys.modules) - before} - std - {'atropos_slurm'}; "
+                "print(sorted(extra))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=30)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        if sys.version_info >= (3, 10):
+            self.assertEqual(proc.stdout.strip(), "[]")
+
+
+class Packaging(unittest.TestCase):
+    """``pip install .`` into a fresh venv gives working console scripts."""
+
+    def test_pip_install_in_fresh_venv(self):
+        if os.environ.get("ATROPOS_TEST_SKIP_PACKAGING"):
+            raise unittest.SkipTest("ATROPOS_TEST_SKIP_PACKAGING is set")
+        with tempfile.TemporaryDirectory() as tmp:
+            venv = os.path.join(tmp, "venv")
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+            pip = os.path.join(venv, "bin", "pip")
+            src = os.path.join(tmp, "src")
+            shutil.copytree(HERE, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build",
+                                                                     "wandb", "bench", "tests"))
+            proc = subprocess.run([pip, "install", "-q", src], capture_output=True, text=True, timeout=300)
+            self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+            env = dict(os.environ, SLURM_JOB_NODELIST="a,b[1-2]", NUM_TRAINING_NODES="1", INFER_TP="4",
+                       **{a.ENV_HOSTLIST_BACKEND: "python"})
+            env.pop("PYTHONPATH", None)
+            proc = subprocess.run([os.path.join(venv, "bin", "atropos-slurm"), "discover"], capture_output=True,
+                                  text=True, env=env, cwd=tmp, timeout=60)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(proc.stdout.split(), [f"http://b{k}:{9000 + i}/v1" for k in (1, 2) for i in (0, 1)])
+            proc = subprocess.run([os.path.join(venv, "bin", "inference-node-wandb-watcher"), "--help"],
+                                  capture_output=True, text=True, env=env, cwd=tmp, timeout=60)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("--api_addr", proc.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
