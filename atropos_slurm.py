@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import email.utils
 import itertools
 import json
 import logging
@@ -584,8 +585,7 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
     except ValueError:
         pass
     try:
-        from email.utils import parsedate_to_datetime
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
@@ -692,7 +692,10 @@ class _Connection:
         return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception())
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except RuntimeError:  # its event loop is closed (an earlier asyncio.run): the GC closes the socket
+            pass
 
 
 class ConnectionPool:
@@ -701,7 +704,11 @@ class ConnectionPool:
     The pool never opens more connections than requests in flight, and the manager caps those
     per server, so the server's concurrency cap also caps its connections.  uvicorn (vLLM,
     SGLang) closes idle connections after 5 s: a reused connection that turns out closed before
-    any response byte arrives is retried once on a fresh one, invisibly to the caller.
+    any response byte arrives raises ``StaleConnectionError``, and the manager resends it at once
+    to the same server on a fresh connection.  The pool does not resend by itself: the server
+    may have read the request before dropping it, and ``max_retries`` bounds every HTTP request
+    a call makes.
+    Idle connections of an earlier event loop (one ``asyncio.run`` per step) are discarded.
     """
 
     def __init__(self, scheme: str, host: str, port: int, *, connect_timeout: float,
@@ -711,6 +718,7 @@ class ConnectionPool:
         self.max_body_bytes = max_body_bytes
         self._ssl = ssl.create_default_context() if scheme == "https" else None
         self._idle: List[_Connection] = []
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
 
     async def _connect(self) -> _Connection:
@@ -721,9 +729,12 @@ class ConnectionPool:
         except OSError as e:
             raise ServerConnectionError(f"cannot connect: {e.strerror or e}", self.url) from None
         self.opened += 1
+        self._loop = asyncio.get_running_loop()
         return _Connection(reader, writer)
 
     def _take_idle(self) -> Optional[_Connection]:
+        if self._idle and self._loop is not asyncio.get_running_loop():
+            self.close()  # opened in an earlier event loop: unusable in this one
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
@@ -742,22 +753,15 @@ class ConnectionPool:
         return len(self._idle)
 
     async def send(self, request: bytes) -> Tuple[_Connection, ResponseHead]:
-        """Write ``request`` and read the response head; the caller reads the body and releases."""
+        """Write ``request`` once and read the response head; the caller reads the body and releases."""
         conn = self._take_idle()
-        if conn is not None:
-            try:
-                return conn, await self._exchange(conn, request)
-            except _NothingReceived:
-                conn.close()  # closed while idle: resend once on a fresh connection
-            except BaseException:
-                conn.close()
-                raise
-        conn = await self._connect()
+        error = StaleConnectionError if conn is not None else ServerConnectionError
+        conn = conn or await self._connect()
         try:
             return conn, await self._exchange(conn, request)
         except _NothingReceived as e:
             conn.close()
-            raise ServerConnectionError(f"connection closed before any response byte ({e})", self.url) from None
+            raise error(f"connection closed before any response byte ({e})", self.url) from None
         except BaseException:
             conn.close()
             raise
@@ -851,6 +855,8 @@ class ConnectionPool:
         except asyncio.LimitOverrunError:
             raise ProtocolError("chunk size line too long", self.url) from None
         except ProtocolError as e:
+            if e.url:  # ours, already named (and ResponseTooLargeError must keep its type: not retried)
+                raise
             raise ProtocolError(str(e), self.url) from None
         except (ConnectionError, OSError) as e:
             raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
@@ -868,14 +874,23 @@ class ConnectionPool:
 
 
 class _NothingReceived(Exception):
-    """The connection ended before any response byte: safe to resend on a fresh connection."""
+    """The connection ended before any response byte (internal to ``ConnectionPool``)."""
+
+
+class StaleConnectionError(ServerConnectionError):
+    """A reused keep-alive connection ended before any response byte, most likely closed by
+    the server while idle: worth resending at once, and no sign that the server is down."""
+
+
+# Clusters set http_proxy for pip and W&B; the trainer API is on the job's own network.
+_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def http_get_json(url: str, timeout: float) -> Any:
-    """GET ``url`` and decode JSON, for simple synchronous calls (the trainer API)."""
+    """GET ``url`` and decode JSON, for simple synchronous calls (the trainer API), never via a proxy."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _DIRECT_OPENER.open(request, timeout=timeout) as response:
             body = response.read(MAX_HEADER_BYTES * 16)
     except urllib.error.HTTPError as e:
         raise APIStatusError(e.code, error_message(e.read(4096)), url) from None
@@ -1119,7 +1134,8 @@ class ServerManager:
       "eval").  When all are full it waits, without polling, for the first slot to free.
     * Connection errors, timeouts, 408, 429 and 5xx are retried with capped exponential backoff
       and jitter, on another server when one is healthy, honouring ``Retry-After``: at most
-      ``max_retries + 1`` HTTP requests per call.  Other 4xx are raised at once.
+      ``max_retries + 1`` HTTP requests per call.  Other 4xx are raised at once.  A pooled
+      connection found closed before any response byte is resent at once to the same server.
     * A connection error, timeout or 5xx marks the server down at once; a background probe of
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
@@ -1161,6 +1177,7 @@ class ServerManager:
         self._next = 0
         self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
         self._probes: Dict[int, asyncio.Task] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def __repr__(self) -> str:
         healthy = sum(s.healthy for s in self.servers)
@@ -1209,6 +1226,10 @@ class ServerManager:
     # -- n splitting --------------------------------------------------------------------------
 
     async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
+            self._loop = loop
+            self._probe_all_down()
         n = kwargs.get("n", 1)
         per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
         if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
@@ -1231,9 +1252,11 @@ class ServerManager:
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
         avoid: Optional[OpenAIServer] = None
+        resend_to: Optional[OpenAIServer] = None
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
-            server = await self._acquire(split, avoid)
+            server = resend_to or await self._acquire(split, avoid)
+            resend_to = None
             started = time.monotonic()
             streaming = False
             try:
@@ -1249,15 +1272,18 @@ class ServerManager:
                         error.args = (f"{error.args[0]} (attempt {attempt} of at most {attempts})",)
                     raise
                 server.retried += 1
+                if isinstance(error, StaleConnectionError):
+                    resend_to = server  # in the same slot, on a fresh connection: refused if it crashed
                 avoid = server
             else:
                 server.done += 1
                 server.latencies.append(time.monotonic() - started)
                 return result
             finally:
-                if not streaming:
+                if not streaming and resend_to is None:
                     self._release(server, split)
-            await asyncio.sleep(wait)
+            if resend_to is None:
+                await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     def _after_failure(self, server: OpenAIServer, error: ServerError, attempt: int) -> Optional[float]:
@@ -1274,6 +1300,8 @@ class ServerManager:
                 return None
         elif isinstance(error, ResponseTooLargeError):
             return None
+        elif isinstance(error, StaleConnectionError):
+            return 0.0  # likely closed while idle: _request resends to the same server at once
         else:  # connection error, timeout, protocol error
             self._mark_down(server)
         backoff = min(self.retry_backoff * 2 ** min(attempt - 1, 16), self.retry_backoff_max)
@@ -1656,19 +1684,22 @@ class HealthProber:
 class TrainerAPI:
     """The trainer's ``run-api``: ``/wandb_info`` (project, group) and ``/status`` (current_step).
 
-    Unreachable or garbage answers are logged once per outage and reported as None, so the
-    watcher keeps probing and logging locally while the trainer is away.
+    Unreachable or garbage answers (anything but the schema, so that a wrong-typed field is
+    not taken for recovery) are logged once per outage and reported as None, so the watcher
+    keeps probing and logging locally while the trainer is away.
     """
 
     def __init__(self, api_addr: str, timeout: float):
         self.api_addr, self.timeout = api_addr.rstrip("/"), timeout
         self._failing = False
 
-    def _get(self, path: str) -> Optional[Dict[str, Any]]:
+    def _get(self, path: str, fields: Dict[str, Tuple[type, ...]]) -> Optional[Dict[str, Any]]:
+        """The JSON object at ``path`` if each of ``fields`` has one of its types, else None."""
         try:
             data = http_get_json(self.api_addr + path, self.timeout)
-            if not isinstance(data, dict):
-                raise ProtocolError(f"expected a JSON object, got {str(data)[:60]!r}", self.api_addr + path)
+            valid = isinstance(data, dict) and all(k in data and type(data[k]) in types for k, types in fields.items())
+            if not valid:
+                raise ProtocolError(f"unexpected answer {json.dumps(data)[:80]}", self.api_addr + path)
         except ServerError as e:
             if not self._failing:
                 log.warning("trainer API unavailable: %s (will keep trying)", e)
@@ -1679,18 +1710,20 @@ class TrainerAPI:
         self._failing = False
         return data
 
-    def wandb_info(self) -> Optional[Tuple[str, Optional[str]]]:
-        """(project, group) once a trainer has registered, else None."""
-        data = self._get("/wandb_info")
-        if data is None or not isinstance(data.get("project"), str) or not data["project"]:
+    def wandb_info(self) -> Optional[Tuple[Optional[str], Optional[str]]]:
+        """(project, group) once a trainer has registered (both are null before), else None.
+
+        A trainer may register an empty project: that is still a registration, so it becomes
+        None (wandb's default project) rather than keeping the watcher waiting forever.
+        """
+        data = self._get("/wandb_info", {"project": (str, type(None)), "group": (str, type(None))})
+        if data is None or (data["project"] is None and data["group"] is None):
             return None
-        group = data.get("group")
-        return data["project"], group if isinstance(group, str) and group else None
+        return data["project"] or None, data["group"] or None
 
     def current_step(self) -> Optional[int]:
-        data = self._get("/status")
-        step = None if data is None else data.get("current_step")
-        return step if isinstance(step, int) and not isinstance(step, bool) else None
+        data = self._get("/status", {"current_step": (int,)})
+        return None if data is None else data["current_step"]
 
 
 class WandbSink:
@@ -1705,10 +1738,14 @@ class WandbSink:
     def __init__(self, wandb_module: Any, options: WatcherOptions):
         self.wandb, self.options, self.run = wandb_module, options, None
 
-    def start(self, project: str, group: Optional[str]) -> None:
+    def start(self, project: Optional[str], group: Optional[str]) -> None:
         name = f"inf_node_{self.options.node_num}"
+        # Slurm ends a step by signalling all its processes, wandb's service too, which then dies
+        # without writing what it buffered (15 s by default; an offline run's only copy): have it
+        # write every round.  Versions without this (private) setting ignore the variable.
+        os.environ.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", f"{self.options.interval:g}")
         self.run = self.wandb.init(project=project, group=group, name=name, job_type="inference_watcher",
-                                   config=self.options.layout, reinit=True)
+                                   config=self.options.layout)
         self.run.define_metric("trainer_step")
         self.run.define_metric("server/*", step_metric="trainer_step")
         log.warning("logging to W&B project %r group %r as run %s", project, group, name)
@@ -1876,6 +1913,8 @@ async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: fl
     prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
     started, shown = time.monotonic(), None
     while True:
+        # A server that accepts and never answers must not stretch the wait past --timeout.
+        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
         health = await prober.probe()
         count, elapsed = sum(health), time.monotonic() - started
         if count != shown:
@@ -1907,9 +1946,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     tp, gpus, base, per_node = server_layout(args.tp, args.gpus_per_node, args.base_port)
-    parse_base_url(args.api_addr)
-    if not args.api_addr.startswith(("http://", "https://")):
-        raise ConfigError(f"--api_addr={args.api_addr!r} must start with http:// or https://")
+    try:
+        parse_base_url(args.api_addr)
+    except ConfigError:  # its message speaks of base_url and /v1: name this flag instead
+        raise ConfigError(f"--api_addr={args.api_addr!r} must look like http://trainer:8000") from None
     node_num = _int_setting("--node_num", args.node_num, minimum=0)
     if not args.health_path.startswith("/"):
         raise ConfigError(f"--health-path={args.health_path!r} must start with '/'")
