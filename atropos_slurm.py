@@ -496,8 +496,11 @@ MAX_HEADER_COUNT = 100
 MAX_SSE_LINE_BYTES = 1024 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a body or a whole stream; n=64 with logprobs fits easily
 MAX_RETRY_AFTER = 120.0  # openai-python's limit: asked to wait longer, we give up instead
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
-_CONTENT_LENGTH = re.compile(rb"\d{1,18}\Z")
+# Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
+# one decode per head instead of two per header line.
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
+_BYTES_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would also take \xa0, \x85, ...
 
 
 @dataclasses.dataclass
@@ -532,32 +535,37 @@ def parse_response_head(block: bytes) -> ResponseHead:
     """Parse ``status line CRLF headers`` (without the final blank line)."""
     if len(block) > MAX_HEADER_BYTES:
         raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes")
-    lines = block.split(b"\r\n")
+    lines = block.decode("latin-1").split("\r\n")
     m = _STATUS_LINE.match(lines[0])
     if not m:
-        raise ProtocolError(f"invalid HTTP status line {lines[0][:80]!r}")
+        raise ProtocolError(f"invalid HTTP status line {lines[0][:80].encode('latin-1')!r}")
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise ProtocolError(f"more than {MAX_HEADER_COUNT} response headers")
     headers: Dict[str, str] = {}
     lengths = set()
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
-            raise ProtocolError(f"invalid header line {line[:80]!r}")
-        key, text = name.decode("latin-1").lower(), value.strip().decode("latin-1")
+        name, sep, value = line.partition(":")
+        if not sep or not name or " " in name or name != name.strip(_BYTES_WHITESPACE):
+            raise ProtocolError(f"invalid header line {line[:80].encode('latin-1')!r}")
+        key, text = name.lower(), value.strip(_BYTES_WHITESPACE)
         if key == "content-length":
-            if not _CONTENT_LENGTH.match(value.strip()):
+            if not _CONTENT_LENGTH.match(text):
                 raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
             lengths.add(int(text))
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     if len(lengths) > 1:
         raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
-    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    http11 = m.group(1) == b"1"
-    keep_alive = ("close" not in connection) if http11 else ("keep-alive" in connection)
-    chunked = headers.get("transfer-encoding", "").lower().rsplit(",", 1)[-1].strip() == "chunked"
+    http11 = m.group(1) == "1"
+    connection = headers.get("connection")
+    if connection is None:  # the common case: HTTP/1.1 keeps the connection, 1.0 does not
+        keep_alive = http11
+    else:
+        tokens = {t.strip().lower() for t in connection.split(",")}
+        keep_alive = ("close" not in tokens) if http11 else ("keep-alive" in tokens)
+    encoding = headers.get("transfer-encoding")
+    chunked = encoding is not None and encoding.lower().rsplit(",", 1)[-1].strip() == "chunked"
     length = None if chunked or not lengths else lengths.pop()
-    return ResponseHead(int(m.group(2)), (m.group(3) or b"").decode("latin-1"), headers,
+    return ResponseHead(int(m.group(2)), m.group(3) or "", headers,
                         keep_alive and (chunked or length is not None), length, chunked)
 
 
@@ -654,18 +662,21 @@ class _Deadline:
     """Cancel the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
 
     ``asyncio.timeout()`` exists only from Python 3.11, and ``asyncio.wait_for()`` costs a
-    task per call; this costs one timer handle.
+    task per call; this costs one timer handle, or less with ``timers`` (see ``_DeadlineQueue``).
     """
 
-    __slots__ = ("_seconds", "_message", "_url", "_task", "_handle", "expired")
+    __slots__ = ("_seconds", "_message", "_url", "_timers", "_task", "_handle", "expired")
 
-    def __init__(self, seconds: float, message: str, url: str = ""):
-        self._seconds, self._message, self._url = seconds, message, url
+    def __init__(self, seconds: float, message: str, url: str = "", timers: Optional["_DeadlineQueue"] = None):
+        self._seconds, self._message, self._url, self._timers = seconds, message, url, timers
         self.expired = False
 
     def __enter__(self) -> "_Deadline":
         self._task = asyncio.current_task()
-        self._handle = asyncio.get_running_loop().call_later(max(0.0, self._seconds), self._expire)
+        if self._timers is not None:
+            self._handle = self._timers.call_later(self._seconds, self._expire)
+        else:
+            self._handle = asyncio.get_running_loop().call_later(max(0.0, self._seconds), self._expire)
         return self
 
     def _expire(self) -> None:
@@ -680,6 +691,72 @@ class _Deadline:
                 return False
             raise ServerTimeoutError(self._message, self._url) from None
         return False
+
+
+class _DeadlineQueue:
+    """One timer handle for many deadlines of one length on one event loop (``_Deadline(timers=)``).
+
+    Deadlines of equal length expire in the order they were set, so they wait in a FIFO and one
+    asyncio timer, armed for the oldest pending one, serves them all: per request an append and
+    a flag instead of a push into (and a cancel in) asyncio's timer heap: about a tenth of
+    the client's CPU per request (bench/).  Ended entries leave from the front as they end, and are swept
+    out when a long request at the front holds back more than half of the queue.
+    """
+
+    __slots__ = ("loop", "seconds", "_entries", "_live", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float):
+        self.loop, self.seconds = loop, seconds
+        self._entries: deque = deque()
+        self._live = 0
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def call_later(self, seconds: float, callback) -> "_QueuedTimer":
+        """Like ``loop.call_later``, for this queue's ``seconds`` only."""
+        if seconds != self.seconds:
+            raise ValueError(f"this queue holds {self.seconds:g} s deadlines, not {seconds:g} s")
+        entry = _QueuedTimer(self, self.loop.time() + seconds, callback)
+        self._entries.append(entry)
+        self._live += 1
+        if self._timer is None:
+            self._timer = self.loop.call_at(entry.when, self._fire)
+        return entry
+
+    def _ended(self) -> None:
+        self._live -= 1
+        entries = self._entries
+        while entries and entries[0].callback is None:
+            entries.popleft()
+        if len(entries) > 64 and self._live * 2 < len(entries):
+            self._entries = deque(e for e in entries if e.callback is not None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        entries, now = self._entries, self.loop.time()
+        while entries:
+            entry = entries[0]
+            if entry.callback is not None and entry.when > now:
+                self._timer = self.loop.call_at(entry.when, self._fire)
+                return
+            entries.popleft()
+            if entry.callback is not None:
+                callback, entry.callback = entry.callback, None
+                self._live -= 1
+                callback()
+
+
+class _QueuedTimer:
+    """A ``_DeadlineQueue`` entry; ``cancel()`` as on an asyncio timer handle."""
+
+    __slots__ = ("queue", "when", "callback")
+
+    def __init__(self, queue: _DeadlineQueue, when: float, callback) -> None:
+        self.queue, self.when, self.callback = queue, when, callback
+
+    def cancel(self) -> None:
+        if self.callback is not None:
+            self.callback = None
+            self.queue._ended()
 
 
 class _Connection:
@@ -752,16 +829,22 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def send(self, request: bytes) -> Tuple[_Connection, ResponseHead]:
-        """Write ``request`` once and read the response head; the caller reads the body and releases."""
-        conn = self._take_idle()
-        error = StaleConnectionError if conn is not None else ServerConnectionError
+    async def send(self, request: bytes, fresh: bool = False) -> Tuple[_Connection, ResponseHead]:
+        """Write ``request`` once and read the response head; the caller reads the body and releases.
+
+        ``fresh`` skips the idle connections: a resend after a stale one must not meet another.
+        """
+        conn = None if fresh else self._take_idle()
+        stale = conn is not None
         conn = conn or await self._connect()
         try:
             return conn, await self._exchange(conn, request)
         except _NothingReceived as e:
             conn.close()
-            raise error(f"connection closed before any response byte ({e})", self.url) from None
+            if not stale:
+                raise ServerConnectionError(f"connection closed before any response byte ({e})", self.url) from None
+            self.close()  # its idle siblings were likely closed too (idle timeout, or the server died)
+            raise StaleConnectionError(f"pooled connection closed before any response byte ({e})", self.url) from None
         except BaseException:
             conn.close()
             raise
@@ -932,9 +1015,22 @@ class APIResponse(AttrDict):
     __slots__ = ("raw",)
 
 
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=) makes one per call
+_ATTR_DECODER = json.JSONDecoder(object_hook=AttrDict)  # as json.loads(..., object_hook=) does per call
+
+
+def _loads_attr(data: Any) -> Any:
+    """``json.loads(data, object_hook=AttrDict)`` with a decoder made once (the same input rules)."""
+    if not isinstance(data, str):
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    elif data.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    return _ATTR_DECODER.decode(data)
+
+
 def decode_response(body: bytes, url: str = "") -> APIResponse:
     try:
-        data = json.loads(body, object_hook=AttrDict)
+        data = _loads_attr(body)
     except ValueError:
         raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
     if not isinstance(data, dict):
@@ -983,7 +1079,7 @@ class EventStream:
                 await self.aclose()
                 raise StopAsyncIteration
             try:
-                return json.loads(data, object_hook=AttrDict)
+                return _loads_attr(data)
             except ValueError:
                 raise ProtocolError(f"stream event is not JSON: {data[:80]!r}", self.url) from None
         except StopAsyncIteration:
@@ -1032,6 +1128,8 @@ class OpenAIServer:
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
+        self._post_heads: Dict[str, bytes] = {}  # path -> request line and headers (fixed per server)
+        self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         # State kept by the ServerManager.
         self.healthy = True
         self.last_error = ""
@@ -1055,13 +1153,21 @@ class OpenAIServer:
     async def completion(self, **kwargs: Any) -> Any:
         return await self.post("/completions", self.request_body(kwargs))
 
-    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None) -> Any:
+    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False) -> Any:
         """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        request = build_request("POST", self._prefix + path, self._host_header, self._headers, payload)
+        payload = _JSON_ENCODER.encode(body).encode()
+        start = self._post_heads.get(path)
+        if start is None:  # build_request's bytes up to Content-Length, made once per path
+            start = build_request("POST", self._prefix + path, self._host_header, self._headers)
+            start = self._post_heads[path] = start[:-len(b"Content-Length: 0\r\n\r\n")]
+        request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
         deadline = time.monotonic() + self.config.timeout
-        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url):
-            conn, head = await self._pool.send(request)
+        timers, loop = self._timers, asyncio.get_running_loop()
+        if timers is None or timers.loop is not loop or timers.seconds != self.config.timeout:
+            timers = self._timers = _DeadlineQueue(loop, self.config.timeout)
+        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url,
+                       timers):
+            conn, head = await self._pool.send(request, fresh)
             if head.status >= 300 or not body.get("stream"):
                 data = await self._pool.read_body(conn, head)
                 if head.status >= 300:
@@ -1255,13 +1361,14 @@ class ServerManager:
         resend_to: Optional[OpenAIServer] = None
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
+            fresh = resend_to is not None  # resending after a stale pooled connection
             server = resend_to or await self._acquire(split, avoid)
             resend_to = None
             started = time.monotonic()
             streaming = False
             try:
                 result = await server.post(path, server.request_body(kwargs),
-                                           on_stream_close=lambda s=server: self._release(s, split))
+                                           on_stream_close=lambda s=server: self._release(s, split), fresh=fresh)
                 streaming = isinstance(result, EventStream)
             except ServerError as error:
                 server.failed += 1
