@@ -86,6 +86,14 @@ class ResponseTooLargeError(ProtocolError):
     """A response body is larger than the client accepts (``MAX_BODY_BYTES``)."""
 
 
+class GenerationAbortedError(ServerError):
+    """The server answered 200 but aborted the generation (``finish_reason: "abort"``).
+
+    vLLM does this on ``/abort_requests`` and ``/pause`` (before a weight update) and while
+    shutting down; the partial text must not pass for a finished rollout, so it is retried.
+    """
+
+
 class APIStatusError(ServerError):
     """The server answered with a non-2xx status; carries the status and the server's message."""
 
@@ -496,6 +504,7 @@ MAX_HEADER_COUNT = 100
 MAX_SSE_LINE_BYTES = 1024 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a body or a whole stream; n=64 with logprobs fits easily
 MAX_RETRY_AFTER = 120.0  # openai-python's limit: asked to wait longer, we give up instead
+POOL_IDLE_SECONDS = 4.0  # uvicorn (vLLM, SGLang) closes idle connections after 5 s: drop ours first
 # Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
 # one decode per head instead of two per header line.
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
@@ -760,10 +769,11 @@ class _QueuedTimer:
 
 
 class _Connection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("reader", "writer", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.idle_since = 0.0
 
     def usable(self) -> bool:
         return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception())
@@ -813,7 +823,11 @@ class ConnectionPool:
         if self._idle and self._loop is not asyncio.get_running_loop():
             self.close()  # opened in an earlier event loop: unusable in this one
         while self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.pop()  # the newest: if it idled too long, so did all the others
+            if time.monotonic() - conn.idle_since > POOL_IDLE_SECONDS:
+                conn.close()
+                self.close()
+                return None
             if conn.usable():
                 return conn
             conn.close()
@@ -821,6 +835,7 @@ class ConnectionPool:
 
     def release(self, conn: _Connection, reusable: bool) -> None:
         if reusable and conn.usable():
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
@@ -1040,6 +1055,15 @@ def decode_response(body: bytes, url: str = "") -> APIResponse:
     return response
 
 
+def check_not_aborted(response: Any, url: str) -> Any:
+    """Raise ``GenerationAbortedError`` if any choice of a response (or chunk) was aborted."""
+    for choice in response.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason") == "abort":
+            raise GenerationAbortedError(f"the server aborted choice {choice.get('index')} (finish_reason 'abort')",
+                                         url)
+    return response
+
+
 class EventStream:
     """The events of a ``stream=True`` response, as ``AttrDict`` chunks, ending at ``[DONE]``.
 
@@ -1076,12 +1100,17 @@ class EventStream:
             data = self._pending.popleft()
             if data.strip() == "[DONE]":
                 self._pending.clear()
+                with _Deadline(self._deadline - time.monotonic(), "stream timed out", self.url):
+                    async for _ in self._body:  # read the body's end, so the connection is reused
+                        pass
                 await self.aclose()
                 raise StopAsyncIteration
             try:
-                return _loads_attr(data)
+                chunk = _loads_attr(data)
             except ValueError:
                 raise ProtocolError(f"stream event is not JSON: {data[:80]!r}", self.url) from None
+            check_not_aborted(chunk, self.url)
+            return chunk
         except StopAsyncIteration:
             raise
         except BaseException:
@@ -1172,7 +1201,7 @@ class OpenAIServer:
                 data = await self._pool.read_body(conn, head)
                 if head.status >= 300:
                     raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
-                return decode_response(data, self.url)
+                return check_not_aborted(decode_response(data, self.url), self.url)
         return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
 
     async def check_health(self, path: Optional[str] = None, timeout: Optional[float] = None) -> int:
@@ -1409,6 +1438,8 @@ class ServerManager:
             return None
         elif isinstance(error, StaleConnectionError):
             return 0.0  # likely closed while idle: _request resends to the same server at once
+        elif isinstance(error, GenerationAbortedError):
+            pass  # a paused server (weight update) still answers its health check: back off, retry
         else:  # connection error, timeout, protocol error
             self._mark_down(server)
         backoff = min(self.retry_backoff * 2 ** min(attempt - 1, 16), self.retry_backoff_max)
