@@ -19,20 +19,11 @@ from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
-
-
-def require(feature: str, available: bool, how: str) -> None:
-    """Skip when ``feature`` is missing, unless ``ATROPOS_TEST_REQUIRE`` lists it: then fail."""
-    if available:
-        return
-    required = {f.strip() for f in os.environ.get("ATROPOS_TEST_REQUIRE", "").split(",")}
-    message = f"{feature} is not available here; {how}"
-    if feature in required or "all" in required:
-        raise AssertionError(message + f" (required by ATROPOS_TEST_REQUIRE)")
-    raise unittest.SkipTest(message)
+from support import require  # noqa: E402
 
 
 def run_cli(*argv, env=None):

@@ -29,6 +29,8 @@ import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from support import require  # noqa: E402
 REPO = os.path.dirname(HERE)
 LAB = os.path.join(HERE, "slurm_lab")
 JOB_SCRIPT = os.path.join(REPO, "sbatch", "atropos-rl.sbatch")
@@ -64,17 +66,6 @@ def _missing_requirements():
 
 SKIP_REASON = _missing_requirements()
 HOW_TO_RUN = "run as root with the slurm packages installed: sudo python -m pytest tests/test_e2e_slurm.py"
-
-
-def require(feature, available, how):
-    """Skip when ``feature`` is missing, unless ``ATROPOS_TEST_REQUIRE`` lists it (or ``all``): then fail."""
-    if available:
-        return
-    required = {f.strip() for f in os.environ.get("ATROPOS_TEST_REQUIRE", "").split(",")}
-    message = f"{feature} is not available here; {how}"
-    if feature in required or "all" in required:
-        raise AssertionError(message + " (required by ATROPOS_TEST_REQUIRE)")
-    raise unittest.SkipTest(message)
 
 
 def _run(argv, timeout, **kwargs):

@@ -9,7 +9,7 @@ Set the servers up first (about 2.5 minutes the first time, 30-50 s once install
 The servers are found through the ATROPOS_VLLM_* environment variables that
 ``setup.sh serve`` writes to ``$VLLM_RUN_DIR/env.sh`` (default /tmp/atropos-vllm-run); when
 they are not set, that file is read.  Without a reachable vLLM every test is skipped, with the
-reason naming the set-up command; with ``ATROPOS_VLLM_REQUIRED=1`` (CI) they fail instead.
+reason naming the set-up command; with ``ATROPOS_TEST_REQUIRE=vllm`` (or ``all``, as in CI) they fail instead.
 ``ATROPOS_VLLM_EXTRA_SERVERS=0`` skips the tests that start servers of their own (quick runs).
 
 Server A requires the API key; server B closes idle keep-alive connections after 2 s.
@@ -35,6 +35,8 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import require  # noqa: E402
 
 import atropos_slurm  # noqa: E402
 from atropos_slurm import (  # noqa: E402
@@ -133,9 +135,7 @@ def vllm_settings():
     values, problem = _FOUND
     if problem:
         message = f"{problem}; set the servers up with: {SETUP_COMMAND}"
-        if os.environ.get("ATROPOS_VLLM_REQUIRED") == "1":
-            raise AssertionError(message + " (ATROPOS_VLLM_REQUIRED=1)")
-        raise unittest.SkipTest(message)
+        require("vllm", False, message)
     return values
 
 

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import require  # noqa: E402
 
 import atropos_slurm  # noqa: E402
 
@@ -469,17 +471,6 @@ class WatcherTestCase(unittest.TestCase):
 
     def assertNoTraceback(self, proc: WatcherProcess) -> None:
         self.assertFalse([line for line in proc.err if "Traceback" in line], proc.dump())
-
-
-def require(feature: str, available: bool, how: str) -> None:
-    """Skip when ``feature`` is missing, unless ``ATROPOS_TEST_REQUIRE`` lists it: then fail."""
-    if available:
-        return
-    required = {f.strip() for f in os.environ.get("ATROPOS_TEST_REQUIRE", "").split(",")}
-    message = f"{feature} is not available here; {how}"
-    if feature in required or "all" in required:
-        raise AssertionError(message + " (required by ATROPOS_TEST_REQUIRE)")
-    raise unittest.SkipTest(message)
 
 
 def collapse(values: Sequence[Any]) -> List[Any]:
