@@ -260,7 +260,7 @@ class DifferentialAgainstScontrol(unittest.TestCase):
             a.scontrol_hostnames("-h")
 
 
-class ScontrolUnavailable(unittest.TestCase):
+class ScontrolMissing(unittest.TestCase):
     def test_missing_scontrol_falls_back_with_a_log_line(self):
         with mock.patch.dict(os.environ, {"PATH": "/nonexistent"}), self.assertLogs("atropos_slurm", "WARNING") as logs:
             names, backend = a.resolve_hostnames("n[1-2]", "auto")
