@@ -27,7 +27,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import ssl

@@ -404,7 +404,7 @@ def median_of(runs, key):
 
 def build_report(cells, clients, missing, args, meta) -> str:
     out = []
-    out.append(f"# Dispatch benchmark results\n")
+    out.append("# Dispatch benchmark results\n")
     out.append(f"- date: {meta['date']}")
     out.append(f"- machine: {meta['nproc']} cores (`nproc`), {meta['cpu']}, Linux {meta['kernel']}, "
                f"Python {meta['python']}")

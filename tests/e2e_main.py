@@ -168,7 +168,7 @@ async def main():
     failures = []
 
     async def phase(name, count):
-        nonlocal sent, returned
+        nonlocal sent
         t0 = time.monotonic()
 
         async def one(i):

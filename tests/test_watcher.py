@@ -457,6 +457,17 @@ class WatcherTestCase(unittest.TestCase):
         self.addCleanup(loop.close)
         return loop
 
+    def two_stubs(self):
+        """Two stub servers on consecutive free ports: (the first port, their StubLoop)."""
+        socks = self.ports(2)
+        base = socks[0].getsockname()[1]
+        for sock in socks:
+            sock.close()
+        stubs = self.stubs()
+        stubs.start(base)
+        stubs.start(base + 1)
+        return base, stubs
+
     def ports(self, count: int) -> List[socket.socket]:
         socks = reserve_ports(count)
         for sock in socks:
@@ -638,13 +649,7 @@ class WandbEndToEndTest(WatcherTestCase):
 
     def test_once_via_python_m_atropos_slurm_watch(self):
         """The console-script form; ``--once`` still finishes the run with its one row."""
-        socks = self.ports(2)
-        base = socks[0].getsockname()[1]
-        for sock in socks:
-            sock.close()
-        stubs = self.stubs()
-        stubs.start(base)
-        stubs.start(base + 1)
+        base, stubs = self.two_stubs()
         api = self.api()
         api.register("atropos-test", None, step=12)
         proc = self.watcher(self.args(api.url, 1, 8, 4, base, "--once"), module=True)
@@ -702,13 +707,7 @@ def init(**kwargs):
 class WandbFailureTest(WatcherTestCase):
 
     def test_wandb_errors_are_logged_and_the_loop_goes_on_then_sigint_finishes(self):
-        socks = self.ports(2)
-        base = socks[0].getsockname()[1]
-        for sock in socks:
-            sock.close()
-        stubs = self.stubs()
-        stubs.start(base)
-        stubs.start(base + 1)
+        base, stubs = self.two_stubs()
         api = self.api()
         api.register("", "grp", step=40)  # an empty project is still a registration
         env = self.env(self.shadow_wandb(FAKE_WANDB))
