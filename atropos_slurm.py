@@ -1153,6 +1153,7 @@ class OpenAIServer:
         self._host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
         self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
                                     max_body_bytes=max_body_bytes, url=self.url)
+        self._prober = HealthProber([self.url], config.health_path, config.health_timeout, prefix + "/models")
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
@@ -1203,9 +1204,16 @@ class OpenAIServer:
                 return check_not_aborted(decode_response(data, self.url), self.url)
         return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
 
-    async def check_health(self, path: Optional[str] = None, timeout: Optional[float] = None) -> int:
-        """GET the health path on a fresh connection; return the status (raise if unreachable)."""
-        return await probe_http(self.url, path or self.config.health_path, timeout or self.config.health_timeout)
+    async def check_health(self) -> bool:
+        """Whether the health path answers 2xx (``GET /v1/models`` once it answered 404).
+
+        ``health_error`` says why not.
+        """
+        return (await self._prober.probe())[0]
+
+    @property
+    def health_error(self) -> str:
+        return self._prober.errors[0]
 
     def close(self) -> None:
         self._pool.close()
@@ -1215,7 +1223,7 @@ async def probe_http(base_url: str, path: str, timeout: float) -> int:
     """GET ``path`` at the root of ``base_url``'s server on a fresh connection; return the status.
 
     Bounded by ``timeout`` as a whole, so a server that accepts and never answers cannot hang
-    the caller.  Used by the manager's health probes, ``wait`` and the watcher.
+    the caller.  ``HealthProber`` builds the manager's, ``wait``'s and the watcher's probes on it.
     """
     scheme, host, port, _ = parse_base_url(base_url)
     pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
@@ -1228,6 +1236,37 @@ async def probe_http(base_url: str, path: str, timeout: float) -> int:
     finally:
         pool.close()
     return head.status
+
+
+class HealthProber:
+    """Probe many servers' health paths concurrently, each bounded by the probe timeout.
+
+    A server answering 404 on its path (vLLM has no ``/health_generate``; llama.cpp no
+    ``/health``) is probed on ``fallback_path`` from then on, and that is said once.
+    ``errors`` keeps the last failure per server, for messages.
+    """
+
+    def __init__(self, urls: Sequence[str], path: str, timeout: float, fallback_path: str):
+        self.urls = list(urls)
+        self.paths = [path] * len(self.urls)
+        self.errors = [""] * len(self.urls)
+        self.timeout, self.fallback_path = timeout, fallback_path
+
+    async def probe(self) -> List[bool]:
+        return list(await asyncio.gather(*(self._probe_one(i) for i in range(len(self.urls)))))
+
+    async def _probe_one(self, i: int) -> bool:
+        try:
+            status = await probe_http(self.urls[i], self.paths[i], self.timeout)
+            if status == 404 and self.paths[i] != self.fallback_path:
+                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
+                self.paths[i] = self.fallback_path
+                status = await probe_http(self.urls[i], self.paths[i], self.timeout)
+        except ServerError as e:
+            self.errors[i] = str(e)
+            return False
+        self.errors[i] = "" if 200 <= status < 300 else f"HTTP {status} from {self.urls[i]} {self.paths[i]}"
+        return not self.errors[i]
 
 
 # =============================================================================================
@@ -1558,20 +1597,13 @@ class ServerManager:
         while not server.healthy:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.health_probe_interval)
-            try:
-                status = await server.check_health()
-                if status == 404:
-                    status = await server.check_health(server._prefix + "/models")
-            except ServerError as e:
-                server.last_error = f"health probe: {e}"
-                continue
-            if 200 <= status < 300:
+            if await server.check_health():
                 server.healthy = True
                 log.warning("server %s is healthy again", server.url)
                 for split in SPLITS:
                     self._dispatch(split)
             else:
-                server.last_error = f"health probe: HTTP {status}"
+                server.last_error = f"health probe: {server.health_error}"
 
 
 # =============================================================================================
@@ -1785,37 +1817,6 @@ class WatcherOptions:
         """``server/server_health_{node}_{i}``; the seed's misspelt ``server_heath`` on request."""
         word = "server_heath" if self.legacy_metric_names else "server_health"
         return f"server/{word}_{self.node_num}_{index}"
-
-
-class HealthProber:
-    """Probe many servers' health paths concurrently, each bounded by the probe timeout.
-
-    A server answering 404 on its path (vLLM has no ``/health_generate``; llama.cpp no
-    ``/health``) is probed on ``fallback_path`` from then on, and that is said once.
-    ``errors`` keeps the last failure per server, for messages.
-    """
-
-    def __init__(self, urls: Sequence[str], path: str, timeout: float, fallback_path: str):
-        self.urls = list(urls)
-        self.paths = [path] * len(self.urls)
-        self.errors = [""] * len(self.urls)
-        self.timeout, self.fallback_path = timeout, fallback_path
-
-    async def probe(self) -> List[bool]:
-        return list(await asyncio.gather(*(self._probe_one(i) for i in range(len(self.urls)))))
-
-    async def _probe_one(self, i: int) -> bool:
-        try:
-            status = await probe_http(self.urls[i], self.paths[i], self.timeout)
-            if status == 404 and self.paths[i] != self.fallback_path:
-                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
-                self.paths[i] = self.fallback_path
-                status = await probe_http(self.urls[i], self.paths[i], self.timeout)
-        except ServerError as e:
-            self.errors[i] = str(e)
-            return False
-        self.errors[i] = "" if 200 <= status < 300 else f"{self.urls[i]}: {self.paths[i]} answered HTTP {status}"
-        return not self.errors[i]
 
 
 class TrainerAPI:
