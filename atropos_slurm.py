@@ -319,8 +319,12 @@ class ServerAddress:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
+
+
+def url_host(host: str) -> str:
+    """A host as written in URLs and ``Host`` headers: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,6 +516,7 @@ MAX_HEADER_COUNT = 100
 MAX_SSE_LINE_BYTES = 1024 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a body or a whole stream; n=64 with logprobs fits easily
 MAX_RETRY_AFTER = 120.0  # openai-python's limit: asked to wait longer, we give up instead
+READ_SIZE = 1 << 16  # bytes asked of the socket per read of a body
 POOL_IDLE_SECONDS = 4.0  # uvicorn (vLLM, SGLang) closes idle connections after 5 s: drop ours first
 # Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
 # one decode per head instead of two per header line.
@@ -536,16 +541,32 @@ class ResponseHead:
         return not (self.status in (204, 304) or 100 <= self.status < 200)
 
 
-def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> bytes:
-    """Serialize one HTTP/1.1 request; header values must not contain line breaks."""
+def host_header(scheme: str, host: str, port: int) -> str:
+    """The ``Host`` header's value: the port only when it is not the scheme's default."""
+    default = 443 if scheme == "https" else 80
+    return url_host(host) + ("" if port == default else f":{port}")
+
+
+def request_head(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]]) -> bytes:
+    """The request line and headers, each line ending in CRLF, without the blank line.
+
+    A caller that sends many bodies to one path makes this once and appends ``Content-Length``.
+    Header values must not contain line breaks.
+    """
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
         if "\r" in value or "\n" in value:
             raise ConfigError(f"header {name} contains a line break")
         lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> bytes:
+    """Serialize one whole HTTP/1.1 request."""
+    head = request_head(method, target, host, headers)
     if body or method == "POST":
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
 
 
 def parse_response_head(block: bytes) -> ResponseHead:
@@ -592,6 +613,139 @@ def parse_chunk_size(line: bytes) -> int:
     if not size or len(size) > 15 or not re.fullmatch(rb"[0-9A-Fa-f]+", size):
         raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
     return int(size, 16)
+
+
+MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line (hex size and extensions) or one trailer line
+
+
+class BodyFramer:
+    """Where a response body ends (RFC 9112 section 6.3): a state machine over received bytes.
+
+    ``feed(data)`` takes the bytes that follow the head as they arrive and returns the body's
+    pieces among them; ``done`` turns true at the body's end.  Bytes past the end land in
+    ``extra``: the server sent something nobody asked for, and a connection reused after that
+    would answer the next request with it.  ``eof()`` says whether the body was complete when
+    the connection closed.  ``ConnectionPool`` reads the socket; this only decides.
+    """
+
+    done = False
+    extra = b""
+
+    def __init__(self, limit: int):
+        self.limit, self.received = limit, 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        raise NotImplementedError
+
+    def eof(self) -> bool:
+        return self.done
+
+    def _count(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise ResponseTooLargeError(f"response body larger than {self.limit} bytes")
+
+
+class LengthBody(BodyFramer):
+    """A ``Content-Length`` body (also the empty body of 204, 304 and 1xx)."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(limit)
+        self._count(length)  # refused before a byte of it is read
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        if self.done:
+            self.extra += data
+            return []
+        if len(data) < self.remaining:
+            self.remaining -= len(data)
+            return [data]
+        piece, self.extra = data[:self.remaining], data[self.remaining:]
+        self.remaining, self.done = 0, True
+        return [piece]
+
+
+class ChunkedBody(BodyFramer):
+    """``Transfer-Encoding: chunked``: ``size CRLF data CRLF`` ... ``0 CRLF``, trailers, ``CRLF``.
+
+    Data is passed on as it arrives, not a whole chunk at a time; only a partial size or
+    trailer line is buffered, and those are bounded by ``MAX_CHUNK_LINE_BYTES``.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self._buffer = b""
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailer
+        self._remaining = 0
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        if self.done:
+            self.extra += data
+            return []
+        buf, pos, pieces = (self._buffer + data if self._buffer else data), 0, []
+        while not self.done:
+            if self._state == "data":
+                take = min(self._remaining, len(buf) - pos)
+                if not take:
+                    break
+                pieces.append(buf[pos:pos + take])
+                pos, self._remaining = pos + take, self._remaining - take
+                if not self._remaining:
+                    self._state = "crlf"
+            elif self._state == "crlf":
+                if len(buf) - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise ProtocolError("chunk not terminated by CRLF")
+                pos, self._state = pos + 2, "size"
+            else:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_CHUNK_LINE_BYTES:
+                        raise ProtocolError(f"chunk size or trailer line longer than {MAX_CHUNK_LINE_BYTES} bytes")
+                    break
+                line, pos = buf[pos:end], end + 2
+                if self._state == "size":
+                    size = parse_chunk_size(line)
+                    self._count(size)
+                    self._state, self._remaining = ("data", size) if size else ("trailer", 0)
+                elif not line:
+                    self.done = True
+                else:
+                    self._trailer_bytes += len(line) + 2
+                    if self._trailer_bytes > MAX_HEADER_BYTES:
+                        raise ProtocolError(f"trailers larger than {MAX_HEADER_BYTES} bytes")
+        if self.done:
+            self.extra, self._buffer = buf[pos:], b""
+        else:
+            self._buffer = buf[pos:]
+        return pieces
+
+
+class UntilCloseBody(BodyFramer):
+    """A body without length or chunking: it ends when the server closes the connection."""
+
+    def feed(self, data: bytes) -> List[bytes]:
+        self._count(len(data))
+        return [data]
+
+    def eof(self) -> bool:
+        self.done = True
+        return True
+
+
+def body_framer(head: "ResponseHead", limit: int) -> BodyFramer:
+    """The framing that ``head`` announces; a body over ``limit`` bytes raises ``ResponseTooLargeError``."""
+    if not head.has_body:
+        return LengthBody(0, limit)
+    if head.chunked:
+        return ChunkedBody(limit)
+    if head.content_length is not None:
+        return LengthBody(head.content_length, limit)
+    return UntilCloseBody(limit)
 
 
 def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
@@ -784,7 +938,11 @@ class _Connection:
         self.idle_since = 0.0
 
     def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception())
+        """Open, and holding no unread byte: bytes a server sent unasked (after a body, or while
+        the connection idled) would be taken for the answer to the next request.  StreamReader
+        has no public way to ask what it buffered; ``_buffer`` is the same from 3.4 to 3.13."""
+        reader = self.reader
+        return not (reader._buffer or reader.at_eof() or self.writer.is_closing() or reader.exception())
 
     def close(self) -> None:
         try:
@@ -898,80 +1056,44 @@ class ConnectionPool:
 
     async def read_body(self, conn: _Connection, head: ResponseHead) -> bytes:
         """The whole body of ``head``'s response; the connection goes back to the pool after."""
-        if head.content_length is None or head.chunked or not head.has_body:
-            return b"".join([part async for part in self.iter_body(conn, head)])
-        try:  # the common case, without an async generator
-            self._check_size(head.content_length)
-            data = await conn.reader.readexactly(head.content_length)
-        except asyncio.IncompleteReadError:
-            conn.close()
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
-        except BaseException:
-            conn.close()
-            raise
-        self.release(conn, head.keep_alive)
-        return data
+        pieces: List[bytes] = []
+        reusable = False
+        try:
+            with _ReadingBody(self.url):
+                framer = body_framer(head, self.max_body_bytes)
+                while not framer.done:
+                    pieces += await self._read_pieces(conn, framer)
+            reusable = head.keep_alive and not framer.extra
+        finally:
+            self.release(conn, reusable)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def iter_body(self, conn: _Connection, head: ResponseHead) -> AsyncIterator[bytes]:
-        """Yield the body in pieces as they arrive (chunked, Content-Length or until EOF).
+        """Yield the body in pieces as they arrive.
 
         The connection is released to the pool when the body ends cleanly and closed otherwise,
         including when the consumer stops early.
         """
-        reader, total, clean = conn.reader, 0, False
+        reusable = False
         try:
-            if not head.has_body:
-                pass
-            elif head.chunked:
-                while True:
-                    size = parse_chunk_size(await reader.readuntil(b"\r\n"))
-                    if size == 0:
-                        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                            pass
-                        break
-                    total += size
-                    self._check_size(total)
-                    data = await reader.readexactly(size + 2)
-                    if data[-2:] != b"\r\n":
-                        raise ProtocolError("chunk not terminated by CRLF", self.url)
-                    yield data[:-2]
-            elif head.content_length is not None:
-                self._check_size(head.content_length)
-                remaining = head.content_length
-                while remaining:
-                    data = await reader.read(min(remaining, 1 << 20))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    remaining -= len(data)
-                    yield data
-            else:
-                while True:
-                    data = await reader.read(1 << 16)
-                    if not data:
-                        break
-                    total += len(data)
-                    self._check_size(total)
-                    yield data
-            clean = True
-        except asyncio.IncompleteReadError:
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        except asyncio.LimitOverrunError:
-            raise ProtocolError("chunk size line too long", self.url) from None
-        except ProtocolError as e:
-            if e.url:  # ours, already named (and ResponseTooLargeError must keep its type: not retried)
-                raise
-            raise ProtocolError(str(e), self.url) from None
-        except (ConnectionError, OSError) as e:
-            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
+            with _ReadingBody(self.url):
+                framer = body_framer(head, self.max_body_bytes)
+                while not framer.done:
+                    for piece in await self._read_pieces(conn, framer):
+                        yield piece
+            reusable = head.keep_alive and not framer.extra
         finally:
-            self.release(conn, clean and head.keep_alive)
+            self.release(conn, reusable)
 
-    def _check_size(self, size: int) -> None:
-        if size > self.max_body_bytes:
-            raise ResponseTooLargeError(f"response body larger than {self.max_body_bytes} bytes", self.url)
+    @staticmethod
+    async def _read_pieces(conn: _Connection, framer: BodyFramer) -> List[bytes]:
+        """One read from the socket, framed; a close before the body's end is an error."""
+        data = await conn.reader.read(READ_SIZE)
+        if data:
+            return framer.feed(data)
+        if not framer.eof():
+            raise asyncio.IncompleteReadError(b"", None)
+        return []
 
     def close(self) -> None:
         for conn in self._idle:
@@ -981,6 +1103,31 @@ class ConnectionPool:
 
 class _NothingReceived(Exception):
     """The connection ended before any response byte (internal to ``ConnectionPool``)."""
+
+
+class _ReadingBody:
+    """While a body is read: what can go wrong becomes this module's errors, naming the server."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> "_ReadingBody":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, ProtocolError):
+            if exc.url:  # already named
+                return False
+            raise exc_type(str(exc), self.url) from None  # keeps ResponseTooLargeError's type: not retried
+        if issubclass(exc_type, asyncio.IncompleteReadError):
+            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
+        if issubclass(exc_type, (ConnectionError, OSError)):
+            raise ServerConnectionError(f"connection lost in the response body: {exc}", self.url) from None
+        return False
 
 
 class StaleConnectionError(ServerConnectionError):
@@ -1107,11 +1254,7 @@ class EventStream:
                 raise StopAsyncIteration
             data = self._pending.popleft()
             if data.strip() == "[DONE]":
-                self._pending.clear()
-                with _Deadline(self._deadline - time.monotonic(), "stream timed out", self.url):
-                    async for _ in self._body:  # read the body's end, so the connection is reused
-                        pass
-                await self.aclose()
+                await self._finish()
                 raise StopAsyncIteration
             try:
                 chunk = _loads_attr(data)
@@ -1124,6 +1267,18 @@ class EventStream:
         except BaseException:
             await self.aclose()
             raise
+
+    async def _finish(self) -> None:
+        """After ``[DONE]``: take the body's end if it is already here (the connection is then
+        reused), else close the connection at once rather than wait for it."""
+        self._pending.clear()
+        try:
+            with _Deadline(0, "the body's end had not arrived with [DONE]", self.url):
+                async for _ in self._body:
+                    pass
+        except ServerError:  # not here yet, or broken: the body closed its connection
+            pass
+        await self.aclose()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -1158,15 +1313,14 @@ class OpenAIServer:
         self.config = config
         self.url = config.base_url
         self._prefix = prefix
-        default_port = 443 if scheme == "https" else 80
-        self._host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
+        self._host_header = host_header(scheme, host, port)
         self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
                                     max_body_bytes=max_body_bytes, url=self.url)
         self._prober = HealthProber([self.url], config.health_path, config.health_timeout, prefix + "/models")
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
-        self._post_heads: Dict[str, bytes] = {}  # path -> request line and headers (fixed per server)
+        self._post_heads: Dict[str, bytes] = {}  # path -> request_head(), made once per path
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         # State kept by the ServerManager.
         self.healthy = True
@@ -1196,9 +1350,8 @@ class OpenAIServer:
         """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
         payload = _JSON_ENCODER.encode(body).encode()
         start = self._post_heads.get(path)
-        if start is None:  # build_request's bytes up to Content-Length, made once per path
-            start = build_request("POST", self._prefix + path, self._host_header, self._headers)
-            start = self._post_heads[path] = start[:-len(b"Content-Length: 0\r\n\r\n")]
+        if start is None:
+            start = self._post_heads[path] = request_head("POST", self._prefix + path, self._host_header, self._headers)
         request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
         deadline = time.monotonic() + self.config.timeout
         timers, loop = self._timers, asyncio.get_running_loop()
@@ -1237,8 +1390,7 @@ async def probe_http(base_url: str, path: str, timeout: float) -> int:
     """
     scheme, host, port, _ = parse_base_url(base_url)
     pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
-    host_header = (f"[{host}]" if ":" in host else host) + f":{port}"
-    request = build_request("GET", path, host_header, [("Connection", "close")])
+    request = build_request("GET", path, host_header(scheme, host, port), [("Connection", "close")])
     try:
         with _Deadline(timeout, f"health check {path} timed out after {timeout:g} s", base_url):
             conn, head = await pool.send(request)
