@@ -37,7 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 
@@ -1656,6 +1656,20 @@ def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
     return merged
 
 
+def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterator[float]:
+    """The waits before each health probe of a down server: 0.1 s doubling up to ``interval``,
+    each times a jitter in [0.5, 1.5].
+
+    Servers marked down together (a node, a switch, a network blip) so drift apart instead of
+    probing in one burst per interval and all coming back, and taking load, at one instant.
+    A down server is probed at most twice per ``interval``, and once per interval on average.
+    """
+    uniform, step = (rng or random).uniform, min(0.1, interval)
+    while True:
+        yield step * uniform(0.5, 1.5)
+        step = min(step * 2, interval)
+
+
 class ServerManager:
     """Spread OpenAI requests over many servers; drop-in for Atropos' ``ServerManager``.
 
@@ -1882,14 +1896,14 @@ class ServerManager:
             self._probes[key] = asyncio.ensure_future(self._probe_until_healthy(server))
 
     async def _probe_until_healthy(self, server: OpenAIServer) -> None:
-        """Probe a down server's health path with backoff until it answers 2xx, then bring it back.
+        """Probe a down server's health path until it answers 2xx (waits: ``probe_waits``), then
+        bring it back.
 
         A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
         """
-        delay = min(0.1, self.health_probe_interval)
+        waits = probe_waits(self.health_probe_interval)
         while not server.healthy:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.health_probe_interval)
+            await asyncio.sleep(next(waits))
             if await server.check_health():
                 log.info("server %s is healthy again", server.url)
                 self.slots.set_healthy(server, True)
