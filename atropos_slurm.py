@@ -1501,6 +1501,20 @@ async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: fl
         await asyncio.sleep(interval)
 
 
+def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterator[float]:
+    """The waits before each health probe of a down server: 0.1 s doubling up to ``interval``,
+    each times a jitter in [0.5, 1.5].
+
+    Servers marked down together (a node, a switch, a network blip) so drift apart instead of
+    probing in one burst per interval and all coming back, and taking load, at one instant.
+    A down server is probed at most twice per ``interval``, and once per interval on average.
+    """
+    uniform, step = (rng or random).uniform, min(0.1, interval)
+    while True:
+        yield step * uniform(0.5, 1.5)
+        step = min(step * 2, interval)
+
+
 
 # =============================================================================================
 # Slots: which server may take a request now (bookkeeping only: no I/O, no timers)
@@ -1725,20 +1739,6 @@ def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
         merged["usage"] = usage
     merged.raw = b"[" + b",".join(p.raw for p in parts) + b"]"
     return merged
-
-
-def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterator[float]:
-    """The waits before each health probe of a down server: 0.1 s doubling up to ``interval``,
-    each times a jitter in [0.5, 1.5].
-
-    Servers marked down together (a node, a switch, a network blip) so drift apart instead of
-    probing in one burst per interval and all coming back, and taking load, at one instant.
-    A down server is probed at most twice per ``interval``, and once per interval on average.
-    """
-    uniform, step = (rng or random).uniform, min(0.1, interval)
-    while True:
-        yield step * uniform(0.5, 1.5)
-        step = min(step * 2, interval)
 
 
 class ServerManager:

@@ -199,8 +199,8 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
 
     def slots():
         s = drive(manager._acquire("train", None))
-        manager._release(s, "train")
-    stages["slot bookkeeping (_acquire + _release)"] = per_call_us(slots, n, batches)
+        manager.slots.give_back(s, "train")
+    stages["slot bookkeeping (_acquire + Slots.give_back)"] = per_call_us(slots, n, batches)
 
     # deadline: the timeout message, the timer queue check, enter + exit (needs a task)
     async def deadlines():
@@ -278,11 +278,11 @@ STAGE_OF = [  # (substring of the function name, stage); first match wins
     ("'send' of '_socket", "write"), ("'recv' of '_socket", "event loop"), ("write", "write"), ("drain", "write"),
     ("readuntil", "head read"), ("parse_response_head", "head parse"), ("_STATUS_LINE", "head parse"),
     ("match", "head parse"), ("partition", "head parse"), ("strip", "head parse"), ("ResponseHead", "head parse"),
-    ("readexactly", "body read"), ("read_body", "body read"), ("_check_size", "body read"),
+    ("readexactly", "body read"), ("read_body", "body read"), ("_read_pieces", "body read"), ("feed", "body read"), ("body_framer", "body read"), ("_ReadingBody", "body read"), ("_count", "body read"), ("'read'", "body read"),
     ("_loads_attr", "JSON decode"), ("decode", "JSON decode"), ("raw_decode", "JSON decode"),
     ("detect_encoding", "JSON decode"), ("AttrDict", "JSON decode"),
     ("decode_response", "response object"), ("check_not_aborted", "response object"),
-    ("_acquire", "slots"), ("_release", "slots"), ("_dispatch", "slots"), ("_pick", "slots"), ("_cap", "slots"),
+    ("_acquire", "slots"), ("give_back", "slots"), ("_take_next", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("has_room", "slots"), ("take", "slots"),
     ("Deadline", "deadline"), ("QueuedTimer", "deadline"), ("_ended", "deadline"), ("current_task", "deadline"),
     ("_generate", "manager layers"), ("_request", "manager layers"), ("chat_completion", "manager layers"),
     ("'post'", "post/send coroutines"), ("post", "post/send coroutines"), ("send", "post/send coroutines"),
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         summed_ours += us
         summed_bare += b or 0.0
         print(f"| {stage} | {us:.2f} | {'-' if b is None else f'{b:.2f}'} |")
-    slots = ours["slot bookkeeping (_acquire + _release)"]
+    slots = ours["slot bookkeeping (_acquire + Slots.give_back)"]
     print(f"| {layer_key} | {ours[layer_key]:.2f} (of which slots {slots:.2f}) | - |")
     summed_ours += ours[layer_key] - slots
     print(f"| **sum of the stages** | **{summed_ours:.1f}** | **{summed_bare:.1f}** |")

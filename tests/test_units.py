@@ -1,12 +1,14 @@
 """Unit tests of the dispatcher's pure parts, without sockets: ``Slots``, ``RetryPolicy``, the
-body framers and ``_DeadlineQueue`` (on a fake clock).
+body framers, ``_DeadlineQueue`` (on a fake clock) and ``probe_waits``.
 
 These are the pieces a change to dispatch is most likely to touch; each test names the rule it
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
 """
 
 import asyncio
+import itertools
 import os
+import random
 import sys
 import unittest
 
@@ -14,6 +16,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import atropos_slurm as a  # noqa: E402
+
+
+# =============================================================================================
+# Health probe waits
+# =============================================================================================
+
+
+class ProbeWaits(unittest.TestCase):
+    def test_backoff_up_to_the_interval_each_step_jittered(self):
+        waits = list(itertools.islice(a.probe_waits(5.0, random.Random(12)), 2000))
+        steps = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2] + [5.0] * 1994
+        for wait, step in zip(waits, steps):
+            self.assertTrue(0.5 * step <= wait <= 1.5 * step, (wait, step))
+        steady = waits[6:]
+        self.assertAlmostEqual(sum(steady) / len(steady), 5.0, delta=0.25)  # once per interval on average
+
+    def test_servers_marked_down_together_drift_apart(self):
+        rng = random.Random(7)
+        tenth = sorted(sum(itertools.islice(a.probe_waits(5.0, rng), 10)) for _ in range(100))
+        self.assertGreater(tenth[-1] - tenth[0], 5.0)  # spread over more than an interval: no burst
+        self.assertEqual(len(set(tenth)), 100)
+
 
 
 # =============================================================================================
