@@ -570,7 +570,6 @@ POOL_IDLE_SECONDS = 4.0  # uvicorn (vLLM, SGLang) closes idle connections after 
 # Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
 # one decode per head instead of two per header line.
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
 _BYTES_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would also take \xa0, \x85, ...
 
 
@@ -578,6 +577,7 @@ _BYTES_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() 
 class ResponseHead:
     """A parsed status line and header block."""
 
+    __slots__ = ("status", "reason", "headers", "keep_alive", "content_length", "chunked")  # one per response
     status: int
     reason: str
     headers: Dict[str, str]
@@ -635,14 +635,18 @@ def parse_response_head(block: bytes) -> ResponseHead:
         if not sep or not name or " " in name or name != name.strip(_BYTES_WHITESPACE):
             raise ProtocolError(f"invalid header line {line[:80].encode('latin-1')!r}")
         key, text = name.lower(), value.strip(_BYTES_WHITESPACE)
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
         if key == "content-length":
-            if not _CONTENT_LENGTH.match(text):
+            if not (text.isdigit() and text.isascii() and len(text) <= 18):  # [0-9]{1,18}
                 raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
             lengths.add(int(text))
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     if len(lengths) > 1:
         raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
-    http11 = m.group(1) == "1"
+    version, status, reason = m.groups()
+    http11 = version == "1"
     connection = headers.get("connection")
     if connection is None:  # the common case: HTTP/1.1 keeps the connection, 1.0 does not
         keep_alive = http11
@@ -652,7 +656,7 @@ def parse_response_head(block: bytes) -> ResponseHead:
     encoding = headers.get("transfer-encoding")
     chunked = encoding is not None and encoding.lower().rsplit(",", 1)[-1].strip() == "chunked"
     length = None if chunked or not lengths else lengths.pop()
-    return ResponseHead(int(m.group(2)), m.group(3) or "", headers,
+    return ResponseHead(int(status), reason or "", headers,
                         keep_alive and (chunked or length is not None), length, chunked)
 
 
@@ -1082,7 +1086,8 @@ class ConnectionPool:
     async def _exchange(self, conn: _Connection, request: bytes) -> ResponseHead:
         try:
             conn.writer.write(request)
-            await conn.writer.drain()
+            if conn.writer.transport.get_write_buffer_size():  # the socket did not take it all at once
+                await conn.writer.drain()
             while True:
                 block = await conn.reader.readuntil(b"\r\n\r\n")
                 head = parse_response_head(block[:-4])
@@ -1105,6 +1110,13 @@ class ConnectionPool:
 
     async def read_body(self, conn: _Connection, head: ResponseHead) -> bytes:
         """The whole body of ``head``'s response; the connection goes back to the pool after."""
+        length, reader = head.content_length, conn.reader
+        if length is not None and len(reader._buffer) == length <= self.max_body_bytes and head.has_body:
+            # The common case, a Content-Length body already received whole (and nothing after
+            # it): what the framer would decide, without it.  ``_buffer``: see _Connection.usable.
+            data = await reader.read(length)
+            self.release(conn, head.keep_alive)
+            return data
         pieces: List[bytes] = []
         reusable = False
         try:
@@ -1231,8 +1243,9 @@ _ATTR_DECODER = json.JSONDecoder(object_hook=AttrDict)  # as json.loads(..., obj
 
 def _loads_attr(data: Any) -> Any:
     """``json.loads(data, object_hook=AttrDict)`` with a decoder made once (the same input rules)."""
-    if not isinstance(data, str):
-        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    if not isinstance(data, str):  # a JSON object's second byte is never NUL in UTF-8: json.loads' own test
+        utf8 = data[:1] == b"{" and data[1:2] not in (b"\x00", b"")
+        data = data.decode("utf-8" if utf8 else json.detect_encoding(data), "surrogatepass")
     elif data.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
     return _ATTR_DECODER.decode(data)
@@ -1362,6 +1375,7 @@ class OpenAIServer:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
         self._post_heads: Dict[str, bytes] = {}  # path -> request_head(), made once per path
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
+        self._timeout_message = ""  # made with _timers
         # State kept by the ServerManager.
         self.healthy = True
         self.last_error = ""
@@ -1398,8 +1412,8 @@ class OpenAIServer:
         timers, loop = self._timers, asyncio.get_running_loop()
         if timers is None or timers.loop is not loop or timers.seconds != self.config.timeout:
             timers = self._timers = _DeadlineQueue(loop, self.config.timeout)
-        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url,
-                       timers):
+            self._timeout_message = f"no response within timeout={self.config.timeout:g} s"
+        with _Deadline(self.config.timeout, self._timeout_message, self.url, timers):
             conn, head = await self._pool.send(request, fresh)
             if head.status >= 300 or not body.get("stream"):
                 data = await self._pool.read_body(conn, head)

@@ -50,6 +50,7 @@ for path in (ROOT, HERE):
 import atropos_slurm as a  # noqa: E402
 import bench_dispatch as bd  # noqa: E402
 
+IN_MEMORY = "whole request in memory (a connection answering each write at once: no socket, no event loop)"
 WRITE = "write (StreamWriter.write: the send syscall; timed in place, end to end)"
 KWARGS = {"messages": bd.MESSAGES, "max_tokens": bd.MAX_TOKENS}
 
@@ -216,6 +217,17 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
         return per_call_us(one, n, batches)
     stages["deadline (request timeout: message, queue, enter/exit)"] = await asyncio.ensure_future(deadlines())
 
+    # the whole path in memory: a connection whose every write is answered at once, in the reader
+    loopback = LoopbackWriter(answer)
+    pool.release(a._Connection(loopback.reader, loopback), True)
+
+    async def whole():
+        def one():
+            return drive(manager.chat_completion(**KWARGS)).choices[0].message.content
+        return per_call_us(one, n, batches)
+    stages[IN_MEMORY] = await asyncio.ensure_future(whole())
+    pool._idle.clear()
+
     # the manager's layers: chat_completion -> _generate -> _request with post() answering at once
     canned = a.decode_response(raw, url)
 
@@ -227,6 +239,28 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     stages["manager layers (_generate, _request, accounting; incl. slots)"] = layers
     await manager.close()
     return stages
+
+
+class LoopbackWriter:
+    """A StreamWriter stand-in whose every write puts ``answer`` in ``reader``: no socket, no wait."""
+
+    def __init__(self, answer: bytes):
+        self.reader, self.answer, self.transport = asyncio.StreamReader(limit=a.MAX_HEADER_BYTES), answer, self
+
+    def write(self, data):
+        self.reader.feed_data(self.answer)
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def is_closing(self):
+        return False
+
+    async def drain(self):
+        pass
+
+    def close(self):
+        pass
 
 
 async def bare_stages(url: str, n: int, batches: int) -> dict:
@@ -265,6 +299,19 @@ async def bare_stages(url: str, n: int, batches: int) -> dict:
         return drive(r.readexactly(size))
     stages["body read (pool.read_body: readexactly, release)"] = per_call_us(read_body, n, batches) - empty_reader
     stages["JSON decode (_loads_attr: AttrDict per object)"] = per_call_us(lambda: json.loads(body), n, batches)
+    loopback = LoopbackWriter(answer)
+
+    async def one():  # make_client('bare')'s request, on the loopback connection
+        r, w = loopback.reader, loopback
+        payload = json.dumps({"model": bd.MODEL, "messages": bd.MESSAGES, "max_tokens": bd.MAX_TOKENS}).encode()
+        w.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (path, host_b, len(payload), payload))
+        h = await r.readuntil(b"\r\n\r\n")
+        if not h.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError("bad answer")
+        m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", h)
+        return json.loads(await r.readexactly(int(m.group(1))))["choices"][0]["message"]["content"]
+    stages[IN_MEMORY] = per_call_us(lambda: drive(one()), n, batches)
     return stages
 
 
@@ -376,7 +423,7 @@ def main(argv=None) -> int:
     order.insert(2, WRITE)  # after build and pool, where it happens
     for stage in order:
         us = ours[stage]
-        if stage == layer_key:
+        if stage in (layer_key, IN_MEMORY):
             continue
         b = bare.get(stage)
         summed_ours += us
@@ -389,6 +436,7 @@ def main(argv=None) -> int:
     print(f"| event loop, socket reads, task switches, GC (end to end minus the stages) | "
           f"{e_ours - summed_ours:.1f} | {e_bare - summed_bare:.1f} |")
     print(f"| **end to end (process CPU / requests)** | **{e_ours:.1f}** | **{e_bare:.1f}** |")
+    print(f"| {IN_MEMORY} | {ours[IN_MEMORY]:.1f} | {bare[IN_MEMORY]:.1f} |")
     print(f"\nend to end runs, µs/request: ours {', '.join(f'{x:.1f}' for x in e2e['ours'])}; "
           f"bare {', '.join(f'{x:.1f}' for x in e2e['bare'])}; ratio of medians {e_ours / e_bare:.2f}x")
     if attribution:
