@@ -54,7 +54,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from typing import Any, AsyncIterator, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Awaitable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = [
@@ -623,9 +623,13 @@ def parse_response_head(block: bytes) -> ResponseHead:
     if len(block) > MAX_HEADER_BYTES:
         raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes")
     lines = block.decode("latin-1").split("\r\n")
-    m = _STATUS_LINE.match(lines[0])
-    if not m:
-        raise ProtocolError(f"invalid HTTP status line {lines[0][:80].encode('latin-1')!r}")
+    if lines[0] == "HTTP/1.1 200 OK":  # the usual status line, without the regex
+        version, status, reason = "1", 200, "OK"
+    else:
+        m = _STATUS_LINE.match(lines[0])
+        if not m:
+            raise ProtocolError(f"invalid HTTP status line {lines[0][:80].encode('latin-1')!r}")
+        version, status, reason = m.group(1), int(m.group(2)), m.group(3)
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise ProtocolError(f"more than {MAX_HEADER_COUNT} response headers")
     headers: Dict[str, str] = {}
@@ -645,7 +649,6 @@ def parse_response_head(block: bytes) -> ResponseHead:
             lengths.add(int(text))
     if len(lengths) > 1:
         raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
-    version, status, reason = m.groups()
     http11 = version == "1"
     connection = headers.get("connection")
     if connection is None:  # the common case: HTTP/1.1 keeps the connection, 1.0 does not
@@ -656,7 +659,7 @@ def parse_response_head(block: bytes) -> ResponseHead:
     encoding = headers.get("transfer-encoding")
     chunked = encoding is not None and encoding.lower().rsplit(",", 1)[-1].strip() == "chunked"
     length = None if chunked or not lengths else lengths.pop()
-    return ResponseHead(int(status), reason or "", headers,
+    return ResponseHead(status, reason or "", headers,
                         keep_alive and (chunked or length is not None), length, chunked)
 
 
@@ -1391,7 +1394,8 @@ class OpenAIServer:
 
     def request_body(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """The OpenAI body: the caller's keys, ``model`` from the config unless given."""
-        body = {k: v for k, v in kwargs.items() if k != "split"}
+        body = dict(kwargs)
+        body.pop("split", None)
         body.setdefault("model", self.config.model_name)
         return body
 
@@ -1603,7 +1607,8 @@ class Slots:
     def give_back(self, server: "OpenAIServer", split: str) -> None:
         server.in_flight[split] -= 1
         self._enqueue(server, split)
-        self._hand_over(split)
+        if self._waiters[split]:
+            self._hand_over(split)
 
     # -- caps and health -------------------------------------------------------------------------
 
@@ -1859,7 +1864,9 @@ class ServerManager:
 
     # -- n splitting --------------------------------------------------------------------------
 
-    async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
+    def _generate(self, path: str, kwargs: Dict[str, Any]) -> Awaitable[Any]:
+        """What a call awaits: ``_request`` itself, or ``_split`` when ``n`` is too large for one
+        request (a plain function: the common call costs no coroutine of its own)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
             self._loop = loop
@@ -1867,7 +1874,10 @@ class ServerManager:
         n = kwargs.get("n", 1)
         per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
         if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
-            return await self._request(path, kwargs)
+            return self._request(path, kwargs)
+        return self._split(path, kwargs, n, per_request)
+
+    async def _split(self, path: str, kwargs: Dict[str, Any], n: int, per_request: int) -> APIResponse:
         sizes = [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
         tasks = [asyncio.ensure_future(self._request(path, dict(kwargs, n=k))) for k in sizes]
         try:
@@ -1889,12 +1899,12 @@ class ServerManager:
         avoid: Optional[OpenAIServer] = None
         resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
         for attempt in range(1, attempts + 1):
-            if not resend:
-                server = await self._acquire(split, avoid)
+            if not resend:  # a free slot is taken at once, without a coroutine for the wait
+                server = self.slots.take(split, avoid) or await self._acquire(split, avoid)
             started = time.monotonic()
             try:
-                result = await server.post(path, server.request_body(kwargs), fresh=resend,
-                                           on_stream_close=lambda s=server: self.slots.give_back(s, split))
+                result = await server.post(path, server.request_body(kwargs), fresh=resend, on_stream_close=(
+                    (lambda s=server: self.slots.give_back(s, split)) if kwargs.get("stream") else None))
             except ServerError as error:
                 decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
                 self._record_failure(server, error, decision)
