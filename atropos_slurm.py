@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import itertools
@@ -36,6 +37,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+import warnings
 from collections import deque
 from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -105,6 +108,17 @@ class APIStatusError(ServerError):
 
 class NoHealthyServerError(ServerError):
     """No server became healthy before the deadline; the message lists each one's last failure."""
+
+
+class TokenProtocolError(ServerError):
+    """A 2xx answer lacks the token ids or logprobs its protocol promises (a wrong ``server_type``?).
+
+    Not retried: the same server would answer the same way.
+    """
+
+
+class ManagedServerUnsupportedError(ConfigError, NotImplementedError):
+    """This ``server_type`` gives no token ids and logprobs (Atropos raised ``NotImplementedError``)."""
 
 
 # =============================================================================================
@@ -1042,11 +1056,15 @@ def _loads_attr(data: Any) -> Any:
     return _ATTR_DECODER.decode(data)
 
 
-def decode_response(body: bytes, url: str = "") -> APIResponse:
+def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> APIResponse:
+    """The JSON object of a response body; with ``array_ok`` a JSON array of them too (SGLang's
+    ``/generate`` with ``n > 1``)."""
     try:
         data = _loads_attr(body)
     except ValueError:
         raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
+    if array_ok and isinstance(data, list):
+        return data
     if not isinstance(data, dict):
         raise ProtocolError(f"response body is not a JSON object: {body[:80]!r}", url)
     response = APIResponse(data)
@@ -1157,7 +1175,7 @@ class OpenAIServer:
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
-        self._post_heads: Dict[str, bytes] = {}  # path -> request line and headers (fixed per server)
+        self._post_heads: Dict[str, bytes] = {}  # target -> request line and headers (fixed per server)
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         # State kept by the ServerManager.
         self.healthy = True
@@ -1182,13 +1200,16 @@ class OpenAIServer:
     async def completion(self, **kwargs: Any) -> Any:
         return await self.post("/completions", self.request_body(kwargs))
 
-    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False) -> Any:
-        """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
+    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
+                   root: bool = False) -> Any:
+        """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming."""
         payload = _JSON_ENCODER.encode(body).encode()
-        start = self._post_heads.get(path)
-        if start is None:  # build_request's bytes up to Content-Length, made once per path
-            start = build_request("POST", self._prefix + path, self._host_header, self._headers)
-            start = self._post_heads[path] = start[:-len(b"Content-Length: 0\r\n\r\n")]
+        target = path if root else self._prefix + path
+        start = self._post_heads.get(target)
+        if start is None:  # build_request's bytes up to Content-Length, made once per target
+            start = build_request("POST", target, self._host_header, self._headers)
+            start = self._post_heads[target] = start[:-len(b"Content-Length: 0\r\n\r\n")]
         request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
         deadline = time.monotonic() + self.config.timeout
         timers, loop = self._timers, asyncio.get_running_loop()
@@ -1201,6 +1222,8 @@ class OpenAIServer:
                 data = await self._pool.read_body(conn, head)
                 if head.status >= 300:
                     raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
+                if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
+                    return decode_response(data, self.url, array_ok=True)
                 return check_not_aborted(decode_response(data, self.url), self.url)
         return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
 
@@ -1351,6 +1374,7 @@ class ServerManager:
         self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tokens_via: Dict[OpenAIServer, int] = {}  # the protocol each server answered (see _token_call)
 
     def __repr__(self) -> str:
         healthy = sum(s.healthy for s in self.servers)
@@ -1365,6 +1389,101 @@ class ServerManager:
     async def completion(self, **kwargs: Any) -> Any:
         """POST ``/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
         return await self._generate("/completions", kwargs)
+
+    # -- exact tokens and logprobs (the "Managed server" section) ------------------------------
+
+    @contextlib.asynccontextmanager
+    async def managed_server(self, tokenizer: Any = None, base_url: Optional[str] = None,
+                             preserve_think_blocks: bool = False, track_tree: bool = False):
+        """``async with manager.managed_server(tokenizer=tok) as managed:`` a ``ManagedServer``
+        whose completions are recorded as nodes (``managed.get_state()["nodes"]``); reset on exit.
+
+        ``server_type="openai"`` refuses, as in Atropos, unless ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER``
+        is set (then placeholder tokens, not fit for training); ``"trl"`` refuses.
+        """
+        if base_url is not None:
+            raise ConfigError(f"managed_server(base_url={base_url!r}): pinning a session to one server is not "
+                              "supported; its calls are dispatched, capped and retried like chat_completion")
+        types = {s.config.server_type for s in self.servers}
+        if types == {"openai"} and os.environ.get(DUMMY_MANAGED_ENV, "").lower() in ("1", "true", "yes"):
+            warnings.warn("managed_server with server_type='openai': placeholder token ids and logprobs, "
+                          "NOT fit for training")
+            managed: Any = DummyManagedServer(self, track_tree)
+        else:
+            for server_type in sorted(types):
+                token_protocols(server_type)
+            managed = ManagedServer(self, tokenizer, track_tree, preserve_think_blocks)
+        try:
+            yield managed
+        finally:
+            managed.reset()
+
+    async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
+        """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
+        for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
+        one list per choice, in choice order, ``n`` split as for ``completion``."""
+        token_prompt(kwargs)
+        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False))
+        outputs, logprobs, reasons = [], [], []
+        for _, part_outputs, part_logprobs, part_reasons in parts:
+            outputs += part_outputs
+            logprobs += part_logprobs
+            reasons += part_reasons
+        return parts[0][0], outputs, logprobs, reasons
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
+        ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
+        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
+        token_prompt(kwargs)
+        kwargs = dict(kwargs, n=1)
+        return await self._token_call(kwargs, True)
+
+    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> Any:
+        """One token request through the slots and retries, in the protocol of whichever server
+        takes it: on a 404 the server's next protocol is tried (once per server, said once)."""
+        prompt, params = token_prompt(kwargs), sampling_params(kwargs)
+        if prompt_logprobs:
+            top_k = max(1, int(params.pop("top_k", params.pop("top_logprobs", 1))))
+
+        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any]:
+            protocols = token_protocols(server.config.server_type)
+            index = self._tokens_via.get(server, 0)
+            while True:
+                protocol = protocols[index]
+                model = server.config.model_name
+                body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
+                        else protocol.completion_body(model, prompt, params))
+                try:
+                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root)
+                except APIStatusError as error:
+                    if error.status != 404 or index + 1 >= len(protocols):
+                        raise
+                    index, fresh = index + 1, False
+                    if self._tokens_via.get(server, 0) < index:  # concurrent calls may all have met the 404
+                        log.warning("%s has no %s (404): using %s from now on", server.url, protocol.name,
+                                    protocols[index].name)
+                        self._tokens_via[server] = index
+                    continue
+                if protocol.aborted(data):
+                    raise GenerationAbortedError("the server aborted the generation", server.url)
+                return protocol, data, server.url
+
+        protocol, data, url = await self._request("", kwargs, send)
+        try:
+            result = (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, url)
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
+            raise TokenProtocolError(f"malformed {protocol.name} answer ({type(e).__name__}: {e})", url) from None
+        ids = prompt if isinstance(prompt, list) else self._reported(result[0], url)
+        if prompt_logprobs:
+            return {"prompt_tokens": ids, "prompt_topk_token_ids": result[1], "prompt_topk_logprobs": result[2]}
+        return (ids,) + tuple(result[1:])
+
+    @staticmethod
+    def _reported(ids: Optional[List[int]], url: str) -> List[int]:
+        if not ids:
+            raise TokenProtocolError("the server did not report the prompt's token ids; pass input_ids", url)
+        return list(ids)
 
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
@@ -1399,6 +1518,12 @@ class ServerManager:
     # -- n splitting --------------------------------------------------------------------------
 
     async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
+        parts = await self._split_n(kwargs, lambda part: self._request(path, part))
+        return parts[0] if len(parts) == 1 else merge_responses(parts)
+
+    async def _split_n(self, kwargs: Dict[str, Any], call) -> list:
+        """``[await call(kwargs)]``, or, for ``n`` over the per-request cap, ``call`` once per
+        chunk of ``n`` (concurrently), the results in chunk order."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
             self._loop = loop
@@ -1406,21 +1531,22 @@ class ServerManager:
         n = kwargs.get("n", 1)
         per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
         if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
-            return await self._request(path, kwargs)
+            return [await call(kwargs)]
         sizes = [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
-        tasks = [asyncio.ensure_future(self._request(path, dict(kwargs, n=k))) for k in sizes]
+        tasks = [asyncio.ensure_future(call(dict(kwargs, n=k))) for k in sizes]
         try:
-            parts = await asyncio.gather(*tasks)
+            return list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return merge_responses(parts)
 
     # -- one call: slots, retries -------------------------------------------------------------
 
-    async def _request(self, path: str, kwargs: Dict[str, Any]) -> Any:
+    async def _request(self, path: str, kwargs: Dict[str, Any], send=None) -> Any:
+        """One call: a slot, the HTTP request, bounded retries.  ``send(server, fresh)``, when
+        given, makes the request instead of POSTing ``kwargs`` to ``path`` (token protocols)."""
         split = kwargs.get("split", "train")
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
@@ -1434,8 +1560,11 @@ class ServerManager:
             started = time.monotonic()
             streaming = False
             try:
-                result = await server.post(path, server.request_body(kwargs),
-                                           on_stream_close=lambda s=server: self._release(s, split), fresh=fresh)
+                if send is not None:
+                    result = await send(server, fresh)
+                else:
+                    result = await server.post(path, server.request_body(kwargs),
+                                               on_stream_close=lambda s=server: self._release(s, split), fresh=fresh)
                 streaming = isinstance(result, EventStream)
             except ServerError as error:
                 server.failed += 1
@@ -1604,6 +1733,475 @@ class ServerManager:
                     self._dispatch(split)
             else:
                 server.last_error = f"health probe: {server.health_error}"
+
+
+# =============================================================================================
+# Managed server: exact tokens and logprobs
+# =============================================================================================
+
+DUMMY_MANAGED_ENV = "ATROPOS_ALLOW_DUMMY_MANAGED_SERVER"
+MASKED_TOKEN = -100  # masked_tokens over the prompt: ignored by the loss
+MASKED_LOGPROB = 1.0  # logprobs over the prompt: above 0, so never mistaken for a real one
+
+
+def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``params`` with ``max_tokens``/``max_new_tokens``/``max_completion_tokens`` called ``name``."""
+    params = dict(params)
+    for key in ("max_tokens", "max_new_tokens", "max_completion_tokens"):
+        if key in params and key != name:
+            params[name] = params.pop(key)
+    return params
+
+
+def _field(data: Any, path: str, url: str) -> Any:
+    """``data["a"]["b"]`` for ``path`` "a.b", or a ``TokenProtocolError`` naming what is missing."""
+    for key in path.split("."):
+        if not isinstance(data, dict) or data.get(key) is None:
+            raise TokenProtocolError(f"the answer has no {path!r}: is server_type right for this server?", url)
+        data = data[key]
+    return data
+
+
+def _topk(entry: Any) -> Tuple[List[int], List[float]]:
+    """One prompt position's logprobs as (ids, logprobs), in the server's order, from any of
+    ``{id: logprob}``, ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]``
+    (Atropos' server) or ``[[logprob, id, text], ...]`` (SGLang); ``None`` (position 0) -> empty."""
+    pairs: List[Tuple[Any, Any]] = []
+    for item in (entry if isinstance(entry, list) else [entry or {}]):
+        if isinstance(item, dict):
+            pairs.extend(item.items())
+        elif isinstance(item, list) and len(item) >= 2:
+            pairs.append((item[1], item[0]))
+    return ([int(k) for k, _ in pairs],
+            [float(v["logprob"] if isinstance(v, dict) else v) for _, v in pairs])
+
+
+class TokensProtocol:
+    """How one kind of server takes a prompt of token ids and answers with token ids and logprobs.
+
+    ``path`` is POSTed under ``base_url`` or, with ``root``, at the server's root.  Bodies are
+    built from the caller's sampling parameters; answers are read into plain lists.  A prompt is
+    a list of token ids, or text that the server tokenizes (then it reports the ids).
+    """
+
+    name = path = ""
+    root = False
+
+    def completion_body(self, model: str, prompt: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def completion_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list, list]:
+        """(prompt ids if the server reported them, output ids per choice, their logprobs, finish reasons)."""
+        raise NotImplementedError
+
+    def logprobs_body(self, model: str, prompt: Any, top_k: int, params: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def logprobs_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list]:
+        """(prompt ids if reported, top-k ids per prompt position, their logprobs)."""
+        raise NotImplementedError
+
+    def aborted(self, data: Any) -> bool:
+        return False
+
+
+class VLLMCompletionsTokens(TokensProtocol):
+    """Any vLLM OpenAI server: a token-id prompt on ``/completions`` with ``logprobs`` and
+    ``return_tokens_as_token_ids`` (tokens come back as ``"token_id:123"``), ``prompt_logprobs``
+    for prompt scoring, ``return_token_ids`` for the ids of a text prompt."""
+
+    name, path = "vLLM /v1/completions", "/completions"
+
+    def completion_body(self, model, prompt, params):
+        body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt,
+                    return_tokens_as_token_ids=True)
+        body.setdefault("logprobs", 0)
+        if isinstance(prompt, str):
+            body["return_token_ids"] = True
+        return body
+
+    def completion_result(self, data, url):
+        choices = sorted(_field(data, "choices", url), key=lambda c: c.get("index") or 0)
+        outputs, logprobs, reasons = [], [], []
+        for choice in choices:
+            tokens = _field(choice, "logprobs.tokens", url)
+            if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+                raise TokenProtocolError(f"logprobs.tokens are not 'token_id:N' ({tokens[:3]!r}...): "
+                                         "the server ignored return_tokens_as_token_ids", url)
+            outputs.append([int(t[len("token_id:"):]) for t in tokens])
+            logprobs.append(list(_field(choice, "logprobs.token_logprobs", url)))
+            reasons.append(choice.get("finish_reason"))
+        prompt_ids = choices[0].get("prompt_token_ids") if choices else None
+        return prompt_ids, outputs, logprobs, reasons
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt, prompt_logprobs=top_k,
+                    n=1, temperature=0.0, top_p=1.0)
+        body.setdefault("max_tokens", 1)
+        if isinstance(prompt, str):
+            body["return_token_ids"] = True
+        return body
+
+    def logprobs_result(self, data, url):
+        choice = _field(data, "choices", url)[0]
+        positions = _field(choice, "prompt_logprobs", url)
+        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
+        return choice.get("prompt_token_ids"), list(ids), list(lps)
+
+
+class AtroposGenerateTokens(TokensProtocol):
+    """Atropos' own vLLM server (``example_trainer/vllm_api_server.py``): ``POST /generate`` with
+    ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}``, answered with per-choice
+    ``logprobs`` ``[[{id: logprob}], ...]`` and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
+
+    name, path, root = "Atropos /generate", "/generate", True
+
+    def _prompt(self, prompt):
+        return prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+
+    def completion_body(self, model, prompt, params):
+        return dict({"prompt": self._prompt(prompt), "logprobs": 0}, **_max_tokens_named(params, "max_tokens"))
+
+    def completion_result(self, data, url):
+        outputs, logprobs = [], []
+        for positions in _field(data, "logprobs", url):
+            pairs = [next(iter(position[0].items())) for position in positions]  # the sampled token
+            outputs.append([int(k) for k, _ in pairs])
+            logprobs.append([float(v) for _, v in pairs])
+        return data.get("prompt_token_ids"), outputs, logprobs, list(_field(data, "finish_reasons", url))
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        body = dict({"prompt": self._prompt(prompt), "prompt_logprobs": top_k}, **_max_tokens_named(params, "max_tokens"))
+        if isinstance(prompt, str):
+            body.setdefault("logprobs", 0)  # the server reports prompt_token_ids only then
+        body.update(n=1, temperature=0.0, top_p=1.0)
+        body.setdefault("max_tokens", 1)
+        return body
+
+    def logprobs_result(self, data, url):
+        positions = _field(data, "prompt_logprobs", url)
+        if positions and isinstance(positions[0], list) and all(isinstance(p, list) for p in positions[0]):
+            positions = positions[0]  # [sequence][position]
+        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
+        return data.get("prompt_token_ids"), list(ids), list(lps)
+
+    def aborted(self, data):
+        return isinstance(data, dict) and "abort" in (data.get("finish_reasons") or ())
+
+
+class SGLangGenerateTokens(TokensProtocol):
+    """SGLang's native ``POST /generate``: ``input_ids``, ``sampling_params``, ``return_logprob``;
+    answered (a list when ``n > 1``) with ``meta_info.output_token_logprobs`` ``[[logprob, id,
+    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}``; prompt scoring with
+    ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``, ``input_top_logprobs``)."""
+
+    name, path, root = "SGLang /generate", "/generate", True
+
+    def _body(self, prompt, params, **extra):
+        body = {"text": prompt} if isinstance(prompt, str) else {"input_ids": prompt}
+        body.update(sampling_params=_max_tokens_named(params, "max_new_tokens"), return_logprob=True,
+                    return_text_in_logprobs=False, **extra)
+        return body
+
+    def completion_body(self, model, prompt, params):
+        return self._body(prompt, params, **({"logprob_start_len": 0} if isinstance(prompt, str) else {}))
+
+    def _prompt_ids(self, result):
+        positions = (result.get("meta_info") or {}).get("input_token_logprobs")
+        return [int(p[1]) for p in positions] if positions else None
+
+    def completion_result(self, data, url):
+        results = data if isinstance(data, list) else [data]
+        outputs, logprobs, reasons = [], [], []
+        for result in results:
+            positions = _field(result, "meta_info.output_token_logprobs", url)
+            outputs.append([int(p[1]) for p in positions])
+            logprobs.append([float(p[0]) for p in positions])
+            reasons.append(result["meta_info"].get("finish_reason"))
+        return (self._prompt_ids(results[0]) if results else None), outputs, logprobs, reasons
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)
+        params.setdefault("max_new_tokens", 1)
+        return self._body(prompt, params, logprob_start_len=0, top_logprobs_num=top_k)
+
+    def logprobs_result(self, data, url):
+        result = data[0] if isinstance(data, list) and data else data
+        ids = self._prompt_ids(result)
+        if ids is None:
+            raise TokenProtocolError("the answer has no 'meta_info.input_token_logprobs'", url)
+        tops = (result["meta_info"].get("input_top_logprobs") or [None] * len(ids))
+        topk_ids, topk_lps = zip(*map(_topk, tops)) if tops else ((), ())
+        return ids, list(topk_ids), list(topk_lps)
+
+    def aborted(self, data):
+        results = data if isinstance(data, list) else [data]
+        return any(isinstance(r, dict) and ((r.get("meta_info") or {}).get("finish_reason") or {}).get("type") == "abort"
+                   for r in results)
+
+
+# Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
+# "vllm" is Atropos' own /generate first (what Atropos' vllm type sends), then any vLLM's
+# OpenAI server; "openai" and "trl" give no token ids (Atropos raised NotImplementedError too).
+TOKEN_PROTOCOLS: Dict[str, Tuple[TokensProtocol, ...]] = {
+    "vllm": (AtroposGenerateTokens(), VLLMCompletionsTokens()),
+    "sglang": (SGLangGenerateTokens(),),
+}
+
+
+def token_protocols(server_type: str) -> Tuple[TokensProtocol, ...]:
+    protocols = TOKEN_PROTOCOLS.get(server_type)
+    if not protocols:
+        raise ManagedServerUnsupportedError(
+            f"server_type={server_type!r} gives no token ids or logprobs; use server_type 'vllm' or 'sglang' "
+            f"(for 'openai', {DUMMY_MANAGED_ENV}=1 allows managed_server with placeholder tokens)")
+    return protocols
+
+
+def token_prompt(kwargs: Dict[str, Any]) -> Any:
+    """The prompt of a token call: ``input_ids`` (a list of ints) or ``prompt`` text, checked."""
+    if kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"]
+        if not isinstance(ids, (list, tuple)) or not ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ConfigError(f"input_ids must be a non-empty list of token ids, got {str(ids)[:80]}")
+        return list(ids)
+    if not isinstance(kwargs.get("prompt"), str):
+        raise ConfigError(f"give input_ids=[...] or prompt='...', got prompt={kwargs.get('prompt')!r}")
+    return kwargs["prompt"]
+
+
+def sampling_params(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The caller's sampling parameters of a token call: everything but the prompt and ours."""
+    if kwargs.get("stream"):
+        raise ConfigError("stream=True is not supported for token ids and logprobs")
+    params = {k: v for k, v in kwargs.items()
+              if k not in ("split", "model", "prompt", "input_ids", "messages", "stream", "skip_reasoning")}
+    params.update(params.pop("extra_body", None) or {})
+    return params
+
+
+@dataclasses.dataclass
+class SequenceNode:
+    """One tracked sequence, as Atropos' ``SequenceNode``: prompt + completion, aligned.
+
+    ``tokens`` are every id; ``masked_tokens`` the same with ``MASKED_TOKEN`` (-100) over the
+    prompt; ``logprobs`` the server's over the completion and ``MASKED_LOGPROB`` (1.0) over the
+    prompt; ``metadata`` holds ``finish_reason``.
+    """
+
+    full_text: str
+    tokens: List[int]
+    masked_tokens: List[int]
+    logprobs: List[float]
+    metadata: Optional[Dict[str, Any]] = None
+
+    def model_dump(self) -> Dict[str, Any]:
+        """Plain data, as pydantic's ``model_dump()``."""
+        return dataclasses.asdict(self)
+
+
+def _finish_reason(raw: Any) -> Any:
+    return raw.get("type", "stop") if isinstance(raw, dict) else raw
+
+
+def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]], raw: bytes = b"") -> APIResponse:
+    """A ChatCompletion/Completion as Atropos' managed server builds it (no usage)."""
+    response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
+                           object="chat.completion" if kind == "chat" else "text_completion",
+                           choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
+                           usage=None)
+    response.raw = raw
+    return response
+
+
+def _chat_choice(index: int, text: str, finish_reason: Any) -> Dict[str, Any]:
+    message = AttrDict(content=text, role="assistant", refusal=None, annotations=None, audio=None,
+                       function_call=None, tool_calls=None)
+    return dict(finish_reason=finish_reason, index=index, logprobs=None, message=message)
+
+
+class ManagedServer:
+    """Atropos' ``ManagedServer`` over our ``ServerManager``: every completion is recorded as a
+    ``SequenceNode`` with the exact token ids and logprobs the server generated.
+
+    Prompts are token ids computed here with the environment's ``tokenizer`` (duck-typed:
+    ``apply_chat_template``, ``encode``, ``decode``, ``bos_token_id``), a doubled BOS dropped;
+    completions' ids and logprobs come from the server, never from re-tokenizing text.  Default
+    mode keeps a list and replaces the node whose ``full_text`` a new prompt extends (its tokens
+    are reused, its completions stay unmasked); ``track_tree=True`` keeps every sequence keyed
+    by ``full_text`` (a prompt equal to a node's text reuses that node's tokens).  Each call is
+    dispatched, capped and retried like ``chat_completion``.
+    """
+
+    _THINK = (("<think>", "__MNGD_THINK__"), ("</think>", "__MNGD_ENDTHINK__"))
+
+    def __init__(self, manager: "ServerManager", tokenizer: Any, track_tree: bool = False,
+                 preserve_think_blocks: bool = False):
+        if tokenizer is None or not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
+            raise ConfigError("managed_server needs tokenizer=, the environment's tokenizer (with encode and decode): "
+                              "atropos_slurm loads none itself")
+        self.manager, self.tokenizer = manager, tokenizer
+        self.track_tree, self.preserve_think_blocks = track_tree, preserve_think_blocks
+        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
+        self.current_nodes: List[SequenceNode] = []  # default mode
+
+    def get_state(self) -> Dict[str, Any]:
+        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
+        if self.track_tree:
+            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
+        return {"nodes": list(self.current_nodes)}
+
+    def reset(self) -> None:
+        self.sequences.clear()
+        self.current_nodes.clear()
+
+    async def chat_completion(self, **kwargs: Any) -> APIResponse:
+        """Chat through the tokenizer's chat template; Atropos' ChatCompletion (``tools`` ignored,
+        as Atropos does without a tool parser)."""
+        kwargs = dict(kwargs)
+        kwargs.pop("tools", None)
+        kwargs.pop("tool_choice", None)
+        prompt = self.chat_prompt(kwargs.pop("messages", []))
+        return await self._complete("chat", prompt, kwargs)
+
+    async def completion(self, **kwargs: Any) -> APIResponse:
+        kwargs = dict(kwargs)
+        prompt = kwargs.pop("prompt", "")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be text, got {type(prompt).__name__}")
+        return await self._complete("completion", prompt, kwargs)
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        """The manager's ``get_logprobs``; ``messages`` become a prompt through the chat template,
+        and a prompt becomes ids with the tokenizer (a doubled BOS dropped), as for completions."""
+        kwargs = dict(kwargs)
+        if kwargs.get("messages") is not None:
+            kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
+        if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
+            kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
+        return await self.manager.get_logprobs(**kwargs)
+
+    def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
+        """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
+        last message is the assistant's; ``<think>`` blocks of earlier turns kept, as Atropos does."""
+        if not callable(getattr(self.tokenizer, "apply_chat_template", None)):
+            return "\n".join(f"{m['role']}: {m.get('content', '')}" for m in messages)
+        if not self.preserve_think_blocks:
+            messages = [self._think(m, 0, 1) for m in messages]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not messages or messages[-1].get("role") != "assistant")
+        for tag, placeholder in self._THINK:
+            prompt = prompt.replace(placeholder, tag)
+        return prompt
+
+    def _think(self, message: Dict[str, Any], old: int, new: int) -> Dict[str, Any]:
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, str) or "<think>" not in content:
+            return message
+        for pair in self._THINK:
+            content = content.replace(pair[old], pair[new])
+        return dict(message, content=content)
+
+    def _prompt_ids(self, prompt: str, base: Optional[SequenceNode]) -> List[int]:
+        """The prompt's ids: ``base``'s tokens plus the new text's, or the whole text encoded."""
+        if base is None:
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        elif len(prompt) > len(base.full_text):
+            ids = base.tokens + list(self.tokenizer.encode(prompt[len(base.full_text):], add_special_tokens=False))
+        else:
+            ids = list(base.tokens)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # a chat template that writes BOS, encoded with special tokens
+        return ids
+
+    async def _complete(self, kind: str, prompt: str, kwargs: Dict[str, Any]) -> APIResponse:
+        if self.track_tree:
+            parent, extending = self.sequences.get(prompt), None
+            base = parent
+        else:
+            parent = None
+            extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
+        prompt_ids = self._prompt_ids(prompt, base)
+        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
+            **dict(kwargs, input_ids=prompt_ids))
+        choices = []
+        for i, (output, output_logprobs) in enumerate(zip(outputs, logprobs)):
+            reason = _finish_reason(reasons[i] if i < len(reasons) else "stop")
+            text = self.tokenizer.decode(output, skip_special_tokens=True)
+            self._record(self._node(prompt, prompt_ids, output, output_logprobs, text, reason, extending), extending)
+            choices.append(_chat_choice(i, text, reason) if kind == "chat"
+                           else dict(finish_reason=reason, index=i, logprobs=None, text=text))
+        return _openai_response(kind, self.manager.configs[0].model_name, choices)
+
+    def _node(self, prompt: str, prompt_ids: List[int], output: List[int], output_logprobs: List[float],
+              text: str, reason: Any, extending: Optional[SequenceNode]) -> SequenceNode:
+        output_logprobs = (list(output_logprobs) + [MASKED_LOGPROB] * len(output))[:len(output)]
+        if extending is not None:  # earlier completions stay unmasked; the new text is prompt
+            new = len(prompt_ids) - len(extending.tokens)
+            masked = extending.masked_tokens + [MASKED_TOKEN] * new + output
+            logprobs = extending.logprobs + [MASKED_LOGPROB] * new + output_logprobs
+        else:
+            masked = [MASKED_TOKEN] * len(prompt_ids) + output
+            logprobs = [MASKED_LOGPROB] * len(prompt_ids) + output_logprobs
+        return SequenceNode(full_text=prompt + text, tokens=prompt_ids + output, masked_tokens=masked,
+                            logprobs=logprobs, metadata={"finish_reason": reason})
+
+    def _record(self, node: SequenceNode, extending: Optional[SequenceNode]) -> None:
+        """Tree: keyed by text.  Default: the first node of a call replaces the one it extends,
+        the others are appended (as Atropos does)."""
+        if self.track_tree:
+            self.sequences[node.full_text] = node
+            return
+        for i, current in enumerate(self.current_nodes):
+            if current is extending:
+                self.current_nodes[i] = node
+                return
+        self.current_nodes.append(node)
+
+
+class DummyManagedServer:
+    """What Atropos gives ``server_type="openai"`` when ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER`` is
+    set: plain completions, recorded with placeholder tokens (ids 0..127, logprobs -0.5) and
+    ``metadata["dummy_tokens"]``.  For evaluation only: nothing here is fit for training."""
+
+    DUMMY_TOKENS = list(range(128))
+    DUMMY_MASKED_TOKENS = [MASKED_TOKEN] + DUMMY_TOKENS[1:]
+    DUMMY_LOGPROBS = [-0.5] * 128
+
+    def __init__(self, manager: "ServerManager", track_tree: bool = False):
+        self.manager, self.track_tree = manager, track_tree
+        self.sequences: Dict[str, SequenceNode] = {}
+        self.current_nodes: List[SequenceNode] = []
+
+    get_state = ManagedServer.get_state
+    reset = ManagedServer.reset
+
+    def _record(self, full_text: str, finish_reason: Any) -> None:
+        node = SequenceNode(full_text=full_text, tokens=list(self.DUMMY_TOKENS),
+                            masked_tokens=list(self.DUMMY_MASKED_TOKENS), logprobs=list(self.DUMMY_LOGPROBS),
+                            metadata={"finish_reason": finish_reason or "stop", "dummy_tokens": True})
+        if self.track_tree:
+            self.sequences[full_text] = node
+        else:
+            self.current_nodes.append(node)
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        response = await self.manager.chat_completion(**kwargs)
+        for choice in response.choices:
+            turns = list(kwargs.get("messages", [])) + [{"role": "assistant", "content": choice.message.content or ""}]
+            self._record("\n\n".join(f"{m['role']}:{m['content']}" for m in turns), choice.get("finish_reason"))
+        return response
+
+    async def completion(self, **kwargs: Any) -> Any:
+        response = await self.manager.completion(**kwargs)
+        for choice in response.choices:
+            self._record(f"{kwargs.get('prompt', '')}{choice.get('text') or ''}", choice.get("finish_reason"))
+        return response
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        raise ManagedServerUnsupportedError("the placeholder managed server of server_type='openai' has no logprobs")
 
 
 # =============================================================================================
