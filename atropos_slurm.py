@@ -64,9 +64,18 @@ class HostlistError(ConfigError):
 class ServerError(AtroposSlurmError):
     """A remote server failed or misbehaved; ``url`` names it."""
 
+    attempts = 1  # how many HTTP requests the failed call made (set by ServerManager)
+
     def __init__(self, message: str, url: str = ""):
         super().__init__(f"{url}: {message}" if url else message)
         self.url = url
+
+    def after_attempts(self, attempt: int, most: int) -> "ServerError":
+        """Say in the message how many requests were made, when more than one."""
+        self.attempts = attempt
+        if attempt > 1:
+            self.args = (f"{self.args[0]} (attempt {attempt} of at most {most})",)
+        return self
 
 
 class ServerConnectionError(ServerError):
@@ -310,8 +319,12 @@ class ServerAddress:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
+
+
+def url_host(host: str) -> str:
+    """A host as written in URLs and ``Host`` headers: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +516,7 @@ MAX_HEADER_COUNT = 100
 MAX_SSE_LINE_BYTES = 1024 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024  # a body or a whole stream; n=64 with logprobs fits easily
 MAX_RETRY_AFTER = 120.0  # openai-python's limit: asked to wait longer, we give up instead
+READ_SIZE = 1 << 16  # bytes asked of the socket per read of a body
 POOL_IDLE_SECONDS = 4.0  # uvicorn (vLLM, SGLang) closes idle connections after 5 s: drop ours first
 # Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
 # one decode per head instead of two per header line.
@@ -527,16 +541,32 @@ class ResponseHead:
         return not (self.status in (204, 304) or 100 <= self.status < 200)
 
 
-def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> bytes:
-    """Serialize one HTTP/1.1 request; header values must not contain line breaks."""
+def host_header(scheme: str, host: str, port: int) -> str:
+    """The ``Host`` header's value: the port only when it is not the scheme's default."""
+    default = 443 if scheme == "https" else 80
+    return url_host(host) + ("" if port == default else f":{port}")
+
+
+def request_head(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]]) -> bytes:
+    """The request line and headers, each line ending in CRLF, without the blank line.
+
+    A caller that sends many bodies to one path makes this once and appends ``Content-Length``.
+    Header values must not contain line breaks.
+    """
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
         if "\r" in value or "\n" in value:
             raise ConfigError(f"header {name} contains a line break")
         lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[str, str]], body: bytes = b"") -> bytes:
+    """Serialize one whole HTTP/1.1 request."""
+    head = request_head(method, target, host, headers)
     if body or method == "POST":
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
 
 
 def parse_response_head(block: bytes) -> ResponseHead:
@@ -583,6 +613,139 @@ def parse_chunk_size(line: bytes) -> int:
     if not size or len(size) > 15 or not re.fullmatch(rb"[0-9A-Fa-f]+", size):
         raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
     return int(size, 16)
+
+
+MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line (hex size and extensions) or one trailer line
+
+
+class BodyFramer:
+    """Where a response body ends (RFC 9112 section 6.3): a state machine over received bytes.
+
+    ``feed(data)`` takes the bytes that follow the head as they arrive and returns the body's
+    pieces among them; ``done`` turns true at the body's end.  Bytes past the end land in
+    ``extra``: the server sent something nobody asked for, and a connection reused after that
+    would answer the next request with it.  ``eof()`` says whether the body was complete when
+    the connection closed.  ``ConnectionPool`` reads the socket; this only decides.
+    """
+
+    done = False
+    extra = b""
+
+    def __init__(self, limit: int):
+        self.limit, self.received = limit, 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        raise NotImplementedError
+
+    def eof(self) -> bool:
+        return self.done
+
+    def _count(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise ResponseTooLargeError(f"response body larger than {self.limit} bytes")
+
+
+class LengthBody(BodyFramer):
+    """A ``Content-Length`` body (also the empty body of 204, 304 and 1xx)."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(limit)
+        self._count(length)  # refused before a byte of it is read
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        if self.done:
+            self.extra += data
+            return []
+        if len(data) < self.remaining:
+            self.remaining -= len(data)
+            return [data]
+        piece, self.extra = data[:self.remaining], data[self.remaining:]
+        self.remaining, self.done = 0, True
+        return [piece]
+
+
+class ChunkedBody(BodyFramer):
+    """``Transfer-Encoding: chunked``: ``size CRLF data CRLF`` ... ``0 CRLF``, trailers, ``CRLF``.
+
+    Data is passed on as it arrives, not a whole chunk at a time; only a partial size or
+    trailer line is buffered, and those are bounded by ``MAX_CHUNK_LINE_BYTES``.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self._buffer = b""
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailer
+        self._remaining = 0
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        if self.done:
+            self.extra += data
+            return []
+        buf, pos, pieces = (self._buffer + data if self._buffer else data), 0, []
+        while not self.done:
+            if self._state == "data":
+                take = min(self._remaining, len(buf) - pos)
+                if not take:
+                    break
+                pieces.append(buf[pos:pos + take])
+                pos, self._remaining = pos + take, self._remaining - take
+                if not self._remaining:
+                    self._state = "crlf"
+            elif self._state == "crlf":
+                if len(buf) - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise ProtocolError("chunk not terminated by CRLF")
+                pos, self._state = pos + 2, "size"
+            else:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_CHUNK_LINE_BYTES:
+                        raise ProtocolError(f"chunk size or trailer line longer than {MAX_CHUNK_LINE_BYTES} bytes")
+                    break
+                line, pos = buf[pos:end], end + 2
+                if self._state == "size":
+                    size = parse_chunk_size(line)
+                    self._count(size)
+                    self._state, self._remaining = ("data", size) if size else ("trailer", 0)
+                elif not line:
+                    self.done = True
+                else:
+                    self._trailer_bytes += len(line) + 2
+                    if self._trailer_bytes > MAX_HEADER_BYTES:
+                        raise ProtocolError(f"trailers larger than {MAX_HEADER_BYTES} bytes")
+        if self.done:
+            self.extra, self._buffer = buf[pos:], b""
+        else:
+            self._buffer = buf[pos:]
+        return pieces
+
+
+class UntilCloseBody(BodyFramer):
+    """A body without length or chunking: it ends when the server closes the connection."""
+
+    def feed(self, data: bytes) -> List[bytes]:
+        self._count(len(data))
+        return [data]
+
+    def eof(self) -> bool:
+        self.done = True
+        return True
+
+
+def body_framer(head: "ResponseHead", limit: int) -> BodyFramer:
+    """The framing that ``head`` announces; a body over ``limit`` bytes raises ``ResponseTooLargeError``."""
+    if not head.has_body:
+        return LengthBody(0, limit)
+    if head.chunked:
+        return ChunkedBody(limit)
+    if head.content_length is not None:
+        return LengthBody(head.content_length, limit)
+    return UntilCloseBody(limit)
 
 
 def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
@@ -775,7 +938,11 @@ class _Connection:
         self.idle_since = 0.0
 
     def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception())
+        """Open, and holding no unread byte: bytes a server sent unasked (after a body, or while
+        the connection idled) would be taken for the answer to the next request.  StreamReader
+        has no public way to ask what it buffered; ``_buffer`` is the same from 3.4 to 3.13."""
+        reader = self.reader
+        return not (reader._buffer or reader.at_eof() or self.writer.is_closing() or reader.exception())
 
     def close(self) -> None:
         try:
@@ -889,80 +1056,44 @@ class ConnectionPool:
 
     async def read_body(self, conn: _Connection, head: ResponseHead) -> bytes:
         """The whole body of ``head``'s response; the connection goes back to the pool after."""
-        if head.content_length is None or head.chunked or not head.has_body:
-            return b"".join([part async for part in self.iter_body(conn, head)])
-        try:  # the common case, without an async generator
-            self._check_size(head.content_length)
-            data = await conn.reader.readexactly(head.content_length)
-        except asyncio.IncompleteReadError:
-            conn.close()
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
-        except BaseException:
-            conn.close()
-            raise
-        self.release(conn, head.keep_alive)
-        return data
+        pieces: List[bytes] = []
+        reusable = False
+        try:
+            with _ReadingBody(self.url):
+                framer = body_framer(head, self.max_body_bytes)
+                while not framer.done:
+                    pieces += await self._read_pieces(conn, framer)
+            reusable = head.keep_alive and not framer.extra
+        finally:
+            self.release(conn, reusable)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def iter_body(self, conn: _Connection, head: ResponseHead) -> AsyncIterator[bytes]:
-        """Yield the body in pieces as they arrive (chunked, Content-Length or until EOF).
+        """Yield the body in pieces as they arrive.
 
         The connection is released to the pool when the body ends cleanly and closed otherwise,
         including when the consumer stops early.
         """
-        reader, total, clean = conn.reader, 0, False
+        reusable = False
         try:
-            if not head.has_body:
-                pass
-            elif head.chunked:
-                while True:
-                    size = parse_chunk_size(await reader.readuntil(b"\r\n"))
-                    if size == 0:
-                        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                            pass
-                        break
-                    total += size
-                    self._check_size(total)
-                    data = await reader.readexactly(size + 2)
-                    if data[-2:] != b"\r\n":
-                        raise ProtocolError("chunk not terminated by CRLF", self.url)
-                    yield data[:-2]
-            elif head.content_length is not None:
-                self._check_size(head.content_length)
-                remaining = head.content_length
-                while remaining:
-                    data = await reader.read(min(remaining, 1 << 20))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    remaining -= len(data)
-                    yield data
-            else:
-                while True:
-                    data = await reader.read(1 << 16)
-                    if not data:
-                        break
-                    total += len(data)
-                    self._check_size(total)
-                    yield data
-            clean = True
-        except asyncio.IncompleteReadError:
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        except asyncio.LimitOverrunError:
-            raise ProtocolError("chunk size line too long", self.url) from None
-        except ProtocolError as e:
-            if e.url:  # ours, already named (and ResponseTooLargeError must keep its type: not retried)
-                raise
-            raise ProtocolError(str(e), self.url) from None
-        except (ConnectionError, OSError) as e:
-            raise ServerConnectionError(f"connection lost in the response body: {e}", self.url) from None
+            with _ReadingBody(self.url):
+                framer = body_framer(head, self.max_body_bytes)
+                while not framer.done:
+                    for piece in await self._read_pieces(conn, framer):
+                        yield piece
+            reusable = head.keep_alive and not framer.extra
         finally:
-            self.release(conn, clean and head.keep_alive)
+            self.release(conn, reusable)
 
-    def _check_size(self, size: int) -> None:
-        if size > self.max_body_bytes:
-            raise ResponseTooLargeError(f"response body larger than {self.max_body_bytes} bytes", self.url)
+    @staticmethod
+    async def _read_pieces(conn: _Connection, framer: BodyFramer) -> List[bytes]:
+        """One read from the socket, framed; a close before the body's end is an error."""
+        data = await conn.reader.read(READ_SIZE)
+        if data:
+            return framer.feed(data)
+        if not framer.eof():
+            raise asyncio.IncompleteReadError(b"", None)
+        return []
 
     def close(self) -> None:
         for conn in self._idle:
@@ -972,6 +1103,31 @@ class ConnectionPool:
 
 class _NothingReceived(Exception):
     """The connection ended before any response byte (internal to ``ConnectionPool``)."""
+
+
+class _ReadingBody:
+    """While a body is read: what can go wrong becomes this module's errors, naming the server."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> "_ReadingBody":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, ProtocolError):
+            if exc.url:  # already named
+                return False
+            raise exc_type(str(exc), self.url) from None  # keeps ResponseTooLargeError's type: not retried
+        if issubclass(exc_type, asyncio.IncompleteReadError):
+            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
+        if issubclass(exc_type, (ConnectionError, OSError)):
+            raise ServerConnectionError(f"connection lost in the response body: {exc}", self.url) from None
+        return False
 
 
 class StaleConnectionError(ServerConnectionError):
@@ -1098,11 +1254,7 @@ class EventStream:
                 raise StopAsyncIteration
             data = self._pending.popleft()
             if data.strip() == "[DONE]":
-                self._pending.clear()
-                with _Deadline(self._deadline - time.monotonic(), "stream timed out", self.url):
-                    async for _ in self._body:  # read the body's end, so the connection is reused
-                        pass
-                await self.aclose()
+                await self._finish()
                 raise StopAsyncIteration
             try:
                 chunk = _loads_attr(data)
@@ -1115,6 +1267,18 @@ class EventStream:
         except BaseException:
             await self.aclose()
             raise
+
+    async def _finish(self) -> None:
+        """After ``[DONE]``: take the body's end if it is already here (the connection is then
+        reused), else close the connection at once rather than wait for it."""
+        self._pending.clear()
+        try:
+            with _Deadline(0, "the body's end had not arrived with [DONE]", self.url):
+                async for _ in self._body:
+                    pass
+        except ServerError:  # not here yet, or broken: the body closed its connection
+            pass
+        await self.aclose()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -1149,20 +1313,20 @@ class OpenAIServer:
         self.config = config
         self.url = config.base_url
         self._prefix = prefix
-        default_port = 443 if scheme == "https" else 80
-        self._host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default_port else f":{port}")
+        self._host_header = host_header(scheme, host, port)
         self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
                                     max_body_bytes=max_body_bytes, url=self.url)
         self._prober = HealthProber([self.url], config.health_path, config.health_timeout, prefix + "/models")
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
-        self._post_heads: Dict[str, bytes] = {}  # path -> request line and headers (fixed per server)
+        self._post_heads: Dict[str, bytes] = {}  # path -> request_head(), made once per path
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         # State kept by the ServerManager.
         self.healthy = True
         self.last_error = ""
         self.in_flight = {"train": 0, "eval": 0}
+        self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
 
@@ -1186,9 +1350,8 @@ class OpenAIServer:
         """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
         payload = _JSON_ENCODER.encode(body).encode()
         start = self._post_heads.get(path)
-        if start is None:  # build_request's bytes up to Content-Length, made once per path
-            start = build_request("POST", self._prefix + path, self._host_header, self._headers)
-            start = self._post_heads[path] = start[:-len(b"Content-Length: 0\r\n\r\n")]
+        if start is None:
+            start = self._post_heads[path] = request_head("POST", self._prefix + path, self._host_header, self._headers)
         request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
         deadline = time.monotonic() + self.config.timeout
         timers, loop = self._timers, asyncio.get_running_loop()
@@ -1227,8 +1390,7 @@ async def probe_http(base_url: str, path: str, timeout: float) -> int:
     """
     scheme, host, port, _ = parse_base_url(base_url)
     pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
-    host_header = (f"[{host}]" if ":" in host else host) + f":{port}"
-    request = build_request("GET", path, host_header, [("Connection", "close")])
+    request = build_request("GET", path, host_header(scheme, host, port), [("Connection", "close")])
     try:
         with _Deadline(timeout, f"health check {path} timed out after {timeout:g} s", base_url):
             conn, head = await pool.send(request)
@@ -1270,10 +1432,208 @@ class HealthProber:
 
 
 # =============================================================================================
-# Manager: round-robin over healthy servers with free slots, bounded retries, health probes
+# Slots: which server may take a request now (bookkeeping only: no I/O, no timers)
 # =============================================================================================
 
 SPLITS = ("train", "eval")
+
+
+class Slots:
+    """Requests in flight per server and split, against caps; waiters in line, first come first served.
+
+    Each split keeps a round-robin line of the servers that are healthy and have a free slot,
+    so taking a slot, giving one back and marking a server down or up cost the same whatever the
+    number of servers.  A server enters its split's line at most once (``server.queued``) and
+    leaves it when full or found down.  A caller that finds no free slot, or others already
+    waiting, gets a future in a FIFO; a slot given back goes to the first waiter in the same loop
+    iteration, already counted.  Nothing here sleeps, polls or touches a socket: the manager
+    owns timeouts, this class only counts.
+
+    ``server.healthy``, ``server.in_flight[split]`` and ``server.caps[split]`` are kept on each
+    server so that stats and tests can read them.
+    """
+
+    def __init__(self, servers: Sequence["OpenAIServer"]):
+        self.servers = list(servers)
+        self.healthy_count = 0
+        self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
+        self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
+        for server in self.servers:
+            server.queued = {split: False for split in SPLITS}
+            self.healthy_count += server.healthy
+            for split in SPLITS:
+                self._enqueue(server, split)
+
+    def has_room(self, server: "OpenAIServer", split: str) -> bool:
+        return server.healthy and server.in_flight[split] < server.caps[split]
+
+    def waiting(self, split: str) -> int:
+        return sum(not w.done() for w in self._waiters[split])
+
+    # -- taking and giving back ------------------------------------------------------------------
+
+    def take(self, split: str, avoid: Optional["OpenAIServer"] = None) -> Optional["OpenAIServer"]:
+        """A slot on the next server in line, counted, or None (none free, or others wait first).
+
+        ``avoid`` (the server that just failed) is taken only when no other has room.
+        """
+        if self._waiters[split]:
+            return None
+        return self._take_next(split, avoid)
+
+    def wait(self, split: str) -> "asyncio.Future":
+        """Join the line: the future gets a server (its slot counted) or None (look again)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[split].append(waiter)
+        return waiter
+
+    def leave(self, waiter: "asyncio.Future", split: str) -> None:
+        """A waiter gives up (cancelled, timed out): out of the line, and a slot it was just
+        handed goes to the next one."""
+        if waiter.done() and not waiter.cancelled():
+            server = waiter.result()
+            if server is not None:
+                self.give_back(server, split)
+            return
+        waiter.cancel()
+        try:
+            self._waiters[split].remove(waiter)
+        except ValueError:
+            pass
+
+    def give_back(self, server: "OpenAIServer", split: str) -> None:
+        server.in_flight[split] -= 1
+        self._enqueue(server, split)
+        self._hand_over(split)
+
+    # -- caps and health -------------------------------------------------------------------------
+
+    def set_caps(self, server: "OpenAIServer", train: int, eval: int) -> None:
+        """Change a server's caps; calls waiting for a slot see a larger cap at once."""
+        server.caps = {"train": train, "eval": eval}
+        for split in SPLITS:
+            self._enqueue(server, split)
+            self._hand_over(split)
+
+    def set_healthy(self, server: "OpenAIServer", healthy: bool) -> None:
+        """Mark a server up (it rejoins the lines, waiters are served) or down (it is skipped).
+
+        When the last healthy server goes down, every waiter is woken with None: with none
+        healthy, the manager starts their ``no_server_timeout``.
+        """
+        if server.healthy == healthy:
+            return
+        server.healthy = healthy
+        self.healthy_count += 1 if healthy else -1
+        if healthy:
+            for split in SPLITS:
+                self._enqueue(server, split)
+                self._hand_over(split)
+        elif not self.healthy_count:
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        """Resolve every waiter with None, so that each looks at the servers again."""
+        for waiters in self._waiters.values():
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- the lines -------------------------------------------------------------------------------
+
+    def _enqueue(self, server: "OpenAIServer", split: str) -> None:
+        if not server.queued[split] and self.has_room(server, split):
+            server.queued[split] = True
+            self._ready[split].append(server)
+
+    def _take_next(self, split: str, avoid: Optional["OpenAIServer"]) -> Optional["OpenAIServer"]:
+        ready = self._ready[split]
+        while ready:
+            server = ready.popleft()
+            if not self.has_room(server, split):  # went down, or a cap shrank, while in line
+                server.queued[split] = False
+                continue
+            if server is avoid and ready:
+                ready.append(server)  # its turn passes to the next one (at most one rotation)
+                avoid = None
+                continue
+            server.in_flight[split] += 1
+            if server.in_flight[split] < server.caps[split]:
+                ready.append(server)  # round-robin: to the back of the line
+            else:
+                server.queued[split] = False
+            return server
+        return None
+
+    def _hand_over(self, split: str) -> None:
+        waiters = self._waiters[split]
+        while waiters:
+            if waiters[0].done():  # cancelled while waiting
+                waiters.popleft()
+                continue
+            server = self._take_next(split, None)
+            if server is None:
+                return
+            waiters.popleft().set_result(server)
+
+
+# =============================================================================================
+# Retry policy: one pure decision per failed attempt
+# =============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """What to do after a failed HTTP request: ``action`` is RAISE, RESEND or RETRY."""
+
+    action: str
+    mark_down: bool = False
+    delay: float = 0.0
+
+    RAISE = "raise"  # not worth sending again (4xx, too large, retry-after too long)
+    RESEND = "resend"  # at once, same server, fresh connection (a stale pooled one)
+    RETRY = "retry"  # after ``delay``, on another server if one is healthy
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """openai-python's policy: which failures are retried, which mark a server down, how long to wait.
+
+    Retried: connection errors, timeouts, protocol errors, 408, 429, 5xx and aborted generations,
+    after ``min(backoff * 2**(attempt-1), backoff_max)`` seconds times a jitter in [0.75, 1],
+    or the server's ``Retry-After`` if longer (over ``MAX_RETRY_AFTER`` we give up instead).
+    Marked down: servers that failed to answer (connection, timeout, protocol) or answered 5xx.
+    Not a sign of death: a stale pooled connection, 408/429, an abort (a paused server).
+    """
+
+    max_retries: int = 2
+    backoff: float = 0.5
+    backoff_max: float = 8.0
+
+    def decide(self, error: ServerError, attempt: int, jitter: float = 1.0) -> Retry:
+        """The decision after ``attempt`` (1-based) failed with ``error``; ``jitter`` in [0.75, 1]."""
+        if isinstance(error, StaleConnectionError):
+            return Retry(Retry.RESEND)
+        if isinstance(error, ResponseTooLargeError):
+            return Retry(Retry.RAISE)
+        mark_down, retry_after = False, None
+        if isinstance(error, APIStatusError):
+            if error.status < 500 and error.status not in (408, 429):
+                return Retry(Retry.RAISE)
+            mark_down, retry_after = error.status >= 500, error.retry_after
+            if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+                return Retry(Retry.RAISE, mark_down)
+        elif not isinstance(error, GenerationAbortedError):
+            mark_down = True  # connection error, timeout, protocol error
+        backoff = min(self.backoff * 2 ** min(attempt - 1, 16), self.backoff_max)
+        return Retry(Retry.RETRY, mark_down, max(backoff * jitter, retry_after or 0.0))
+
+
+# =============================================================================================
+# Manager: round-robin over healthy servers with free slots, bounded retries, health probes
+# =============================================================================================
+
 LOCAL_DEFAULT_URLS = [f"http://localhost:{port}/v1" for port in range(9004, 9008)]  # Atropos' local default
 
 
@@ -1302,13 +1662,13 @@ class ServerManager:
     * ``configs``: a ``ServerBaseline`` or a list of ``APIServerConfig``.  With ``slurm=True``
       the servers are discovered from the job (``discover_servers``) and the first config is
       the template for all of them.
-    * Each request goes to the next healthy server, round-robin, that has a free slot for its
-      ``split`` (``num_max_requests_at_once`` for "train", ``num_requests_for_eval`` for
-      "eval").  When all are full it waits, without polling, for the first slot to free.
-    * Connection errors, timeouts, 408, 429 and 5xx are retried with capped exponential backoff
-      and jitter, on another server when one is healthy, honouring ``Retry-After``: at most
-      ``max_retries + 1`` HTTP requests per call.  Other 4xx are raised at once.  A pooled
-      connection found closed before any response byte is resent at once to the same server.
+    * Each request takes a slot (``Slots``) on the next healthy server, round-robin, that has
+      room for its ``split`` (``num_max_requests_at_once`` for "train", ``num_requests_for_eval``
+      for "eval").  When all are full it waits, without polling, for the first slot to free.
+    * A failed request is handled as ``RetryPolicy`` decides: connection errors, timeouts,
+      408, 429 and 5xx are retried with capped exponential backoff and jitter, on another server
+      when one is healthy, honouring ``Retry-After``: at most ``max_retries + 1`` HTTP requests
+      per call.  Other 4xx are raised at once.  A stale pooled connection is resent at once.
     * A connection error, timeout or 5xx marks the server down at once; a background probe of
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
@@ -1343,18 +1703,20 @@ class ServerManager:
         self.configs = configs
         self.servers = [server_class(c) for c in configs]
         self.max_n_completions = max_n_completions
-        self.max_retries = max_retries
-        self.retry_backoff, self.retry_backoff_max = retry_backoff, retry_backoff_max
+        self.retry_policy = RetryPolicy(max_retries, retry_backoff, retry_backoff_max)
         self.no_server_timeout = no_server_timeout
         self.health_probe_interval = health_probe_interval
-        self._next = 0
-        self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
+        self.slots = Slots(self.servers)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
+    @property
+    def max_retries(self) -> int:
+        return self.retry_policy.max_retries
+
     def __repr__(self) -> str:
-        healthy = sum(s.healthy for s in self.servers)
-        return f"<ServerManager {healthy}/{len(self.servers)} healthy: " + ", ".join(map(repr, self.servers)) + ">"
+        return (f"<ServerManager {self.slots.healthy_count}/{len(self.servers)} healthy: "
+                + ", ".join(map(repr, self.servers)) + ">")
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -1418,106 +1780,67 @@ class ServerManager:
             raise
         return merge_responses(parts)
 
-    # -- one call: slots, retries -------------------------------------------------------------
+    # -- one call: a slot, one HTTP request per attempt, the retry policy ---------------------
 
     async def _request(self, path: str, kwargs: Dict[str, Any]) -> Any:
         split = kwargs.get("split", "train")
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
+        attempts = self.retry_policy.max_retries + 1
         avoid: Optional[OpenAIServer] = None
-        resend_to: Optional[OpenAIServer] = None
-        attempts = self.max_retries + 1
+        resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
         for attempt in range(1, attempts + 1):
-            fresh = resend_to is not None  # resending after a stale pooled connection
-            server = resend_to or await self._acquire(split, avoid)
-            resend_to = None
+            if not resend:
+                server = await self._acquire(split, avoid)
             started = time.monotonic()
-            streaming = False
             try:
-                result = await server.post(path, server.request_body(kwargs),
-                                           on_stream_close=lambda s=server: self._release(s, split), fresh=fresh)
-                streaming = isinstance(result, EventStream)
+                result = await server.post(path, server.request_body(kwargs), fresh=resend,
+                                           on_stream_close=lambda s=server: self.slots.give_back(s, split))
             except ServerError as error:
-                server.failed += 1
-                wait = self._after_failure(server, error, attempt)
-                if wait is None or attempt == attempts:
-                    error.attempts = attempt
-                    if attempt > 1:
-                        error.args = (f"{error.args[0]} (attempt {attempt} of at most {attempts})",)
-                    raise
+                decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
+                self._record_failure(server, error, decision)
+                if decision.action == Retry.RAISE or attempt == attempts:
+                    self.slots.give_back(server, split)
+                    raise error.after_attempts(attempt, attempts)
                 server.retried += 1
-                if isinstance(error, StaleConnectionError):
-                    resend_to = server  # in the same slot, on a fresh connection: refused if it crashed
+                resend = decision.action == Retry.RESEND
+                if resend:
+                    continue  # in the same slot
+                self.slots.give_back(server, split)
                 avoid = server
+                await asyncio.sleep(decision.delay)
+            except BaseException:
+                self.slots.give_back(server, split)
+                raise
             else:
+                if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
+                    self.slots.give_back(server, split)
                 server.done += 1
                 server.latencies.append(time.monotonic() - started)
                 return result
-            finally:
-                if not streaming and resend_to is None:
-                    self._release(server, split)
-            if resend_to is None:
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+        raise AssertionError("the loop returns or raises on its last attempt")
 
-    def _after_failure(self, server: OpenAIServer, error: ServerError, attempt: int) -> Optional[float]:
-        """Record a failure; return the delay before a retry, or None if it must not be retried."""
+    def _record_failure(self, server: OpenAIServer, error: ServerError, decision: Retry) -> None:
+        server.failed += 1
         server.last_error = str(error)
-        retry_after = None
-        if isinstance(error, APIStatusError):
-            if error.status >= 500:
-                self._mark_down(server)
-            elif error.status not in (408, 429):
-                return None
-            retry_after = error.retry_after
-            if retry_after is not None and retry_after > MAX_RETRY_AFTER:
-                return None
-        elif isinstance(error, ResponseTooLargeError):
-            return None
-        elif isinstance(error, StaleConnectionError):
-            return 0.0  # likely closed while idle: _request resends to the same server at once
-        elif isinstance(error, GenerationAbortedError):
-            pass  # a paused server (weight update) still answers its health check: back off, retry
-        else:  # connection error, timeout, protocol error
+        log.debug("request to %s failed: %s: %s -> %s", server.url, type(error).__name__, error, decision)
+        if decision.mark_down:
             self._mark_down(server)
-        backoff = min(self.retry_backoff * 2 ** min(attempt - 1, 16), self.retry_backoff_max)
-        return max(backoff * random.uniform(0.75, 1), retry_after or 0.0)  # jitter keeps retries apart
-
-    # -- slots --------------------------------------------------------------------------------
-
-    def _cap(self, server: OpenAIServer, split: str) -> int:
-        return server.config.num_max_requests_at_once if split == "train" else server.config.num_requests_for_eval
-
-    def _pick(self, split: str, avoid: Optional[OpenAIServer]) -> Optional[OpenAIServer]:
-        """Next healthy server with a free slot, round-robin; ``avoid`` only as a last resort."""
-        count, fallback = len(self.servers), None
-        for k in range(count):
-            index = (self._next + k) % count
-            server = self.servers[index]
-            if server.healthy and server.in_flight[split] < self._cap(server, split):
-                if server is avoid:
-                    fallback = fallback or (index, server)
-                    continue
-                self._next = index + 1
-                return server
-        if fallback:
-            self._next = fallback[0] + 1
-            return fallback[1]
-        return None
 
     async def _acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
-        """Take a slot: at once if one is free, else wait in line for the first one freed."""
+        """Take a slot: at once if one is free, else wait in line for the first one freed.
+
+        With no server healthy, the wait is bounded by ``no_server_timeout`` (counted from when
+        the last one went down for this call) while the probes try to bring one back.
+        """
         all_down_since: Optional[float] = None
         while True:
-            if not self._waiters[split]:
-                server = self._pick(split, avoid)
-                if server is not None:
-                    server.in_flight[split] += 1
-                    return server
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters[split].append(waiter)
+            server = self.slots.take(split, avoid)
+            if server is not None:
+                return server
+            waiter = self.slots.wait(split)
             try:
-                if any(s.healthy for s in self.servers):
+                if self.slots.healthy_count:
                     all_down_since = None
                     server = await waiter
                 else:
@@ -1530,34 +1853,10 @@ class ServerManager:
                     except ServerTimeoutError:
                         raise NoHealthyServerError(self._no_server_message()) from None
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self._release(waiter.result(), split)  # handed a slot just as we were cancelled
-                else:
-                    waiter.cancel()
-                    try:
-                        self._waiters[split].remove(waiter)
-                    except ValueError:
-                        pass
+                self.slots.leave(waiter, split)
                 raise
             if server is not None:
-                return server  # the releaser already counted our slot
-
-    def _release(self, server: OpenAIServer, split: str) -> None:
-        server.in_flight[split] -= 1
-        self._dispatch(split)
-
-    def _dispatch(self, split: str) -> None:
-        """Hand free slots to waiters, first come first served."""
-        waiters = self._waiters[split]
-        while waiters:
-            if waiters[0].done():
-                waiters.popleft()
-                continue
-            server = self._pick(split, None)
-            if server is None:
-                return
-            server.in_flight[split] += 1
-            waiters.popleft().set_result(server)
+                return server  # the giver already counted our slot
 
     def _no_server_message(self) -> str:
         lines = "; ".join(f"{s.url}: {s.last_error or 'down'}" for s in self.servers)
@@ -1568,15 +1867,9 @@ class ServerManager:
     def _mark_down(self, server: OpenAIServer) -> None:
         if not server.config.health_check or not server.healthy:
             return
-        server.healthy = False
         log.warning("server %s marked down: %s", server.url, server.last_error)
+        self.slots.set_healthy(server, False)
         self._start_probe(server)
-        if not any(s.healthy for s in self.servers):
-            for split in SPLITS:  # let waiters re-check: with none healthy, their deadline starts
-                while self._waiters[split]:
-                    waiter = self._waiters[split].popleft()
-                    if not waiter.done():
-                        waiter.set_result(None)
 
     def _probe_all_down(self) -> None:
         for server in self.servers:
@@ -1598,10 +1891,8 @@ class ServerManager:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.health_probe_interval)
             if await server.check_health():
-                server.healthy = True
-                log.warning("server %s is healthy again", server.url)
-                for split in SPLITS:
-                    self._dispatch(split)
+                log.info("server %s is healthy again", server.url)
+                self.slots.set_healthy(server, True)
             else:
                 server.last_error = f"health probe: {server.health_error}"
 

@@ -697,7 +697,7 @@ class Dispatch(AsyncCase):
         self.assertEqual([s.max_in_flight for s in stubs], [4, 4])
         self.assertEqual(sum(s.completed for s in stubs), 24)
         self.assertEqual([sum(s.in_flight.values()) for s in manager.servers], [0, 0])
-        self.assertEqual([len(q) for q in manager._waiters.values()], [0, 0])
+        self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
 
     async def test_eval_split_has_its_own_cap(self):
         stubs = await start_stubs(self, 1, latency=0.2)
@@ -823,7 +823,7 @@ class Failover(AsyncCase):
                 self.assertIn(url, message)
             self.assertEqual(message.count("cannot connect"), 3, message)
         self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 3)
-        self.assertEqual([len(q) for q in manager._waiters.values()], [0, 0])
+        self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
 
     async def test_all_stalled_never_hangs(self):
         stalled = [await fake(self, stall) for _ in range(2)]
@@ -1338,7 +1338,7 @@ class Cancellation(AsyncCase):
         self.assertGreater(sum(outcomes), 9000)
         for server in manager.servers:
             self.assertEqual(server.in_flight, {"train": 0, "eval": 0})
-        self.assertEqual([len(q) for q in manager._waiters.values()], [0, 0])
+        self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
         self.assertTrue(all(s.healthy for s in manager.servers), "cancellation is not a server failure")
         idle = sum(s._pool.idle_count for s in manager.servers)
         self.assertLessEqual(idle, 10000 - sum(outcomes), "only answered calls leave a connection")

@@ -19,6 +19,7 @@ ThirdServerTests start three more vLLM servers of their own (C, D, E: about 40-7
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shlex
@@ -332,22 +333,20 @@ class ThirdServer:
 # ---------------------------------------------------------------------------------------------
 
 
-def record_failures(manager):
-    """A list that gets one line per failed HTTP attempt of ``manager`` (for failure messages).
+def record_failures(case):
+    """A list that gets one line per failed HTTP attempt (the manager's DEBUG log), for failure messages."""
+    lines, started = [], time.monotonic()
 
-    Wraps the manager's private ``_after_failure`` hook when it exists; harmless otherwise.
-    """
-    lines, hook, started = [], getattr(manager, "_after_failure", None), time.monotonic()
-    if hook is None:
-        return lines
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("request to "):
+                lines.append(f"{time.monotonic() - started:7.3f}s {record.getMessage()}")
 
-    def spy(server, error, attempt):
-        wait = hook(server, error, attempt)
-        lines.append(f"{time.monotonic() - started:7.3f}s attempt {attempt} {server.url} "
-                     f"{type(error).__name__}: {error} -> {'raise' if wait is None else f'retry in {wait:.2f}s'}")
-        return wait
-
-    manager._after_failure = spy
+    handler, logger = Collect(logging.DEBUG), logging.getLogger("atropos_slurm")
+    case.addCleanup(logger.setLevel, logger.level)
+    case.addCleanup(logger.removeHandler, handler)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
     return lines
 
 
@@ -624,7 +623,7 @@ class KeepAliveTests(VLLMTestCase):
         That resend counts against ``max_retries`` (the product's choice: the server may have
         read the request), so this test keeps the default retries; no call may fail."""
         mgr = self.manager(self.config(self.url_b))
-        trace = record_failures(mgr)
+        trace = record_failures(self)
         pauses = (1.9, 2.0, 2.1)
         for pause in pauses:
             await mgr.chat_completion(messages=MESSAGES, max_tokens=1)
@@ -766,7 +765,7 @@ class ThirdServerTests(VLLMTestCase):
         await asyncio.to_thread(self.fourth.wait_healthy)
         mgr = self.manager(self.config(self.fourth.url, api_key=""), self.config(self.url_b),
                            max_retries=3, retry_backoff=0.05, health_probe_interval=0.5)
-        trace = record_failures(mgr)
+        trace = record_failures(self)
         for _ in range(2):
             await mgr.chat_completion(messages=MESSAGES, max_tokens=2, logprobs=True, top_logprobs=1)
         # 8 long generations, round-robin: 4 on D, 4 on B (1-4 s of work each).
@@ -795,7 +794,7 @@ class ThirdServerTests(VLLMTestCase):
         await asyncio.to_thread(self.fourth.wait_healthy)
         mgr = self.manager(self.config(self.third.url, api_key=""), self.config(self.fourth.url, api_key=""),
                            self.config(self.url_b), max_retries=3, retry_backoff=0.05, health_probe_interval=0.5)
-        trace = record_failures(mgr)
+        trace = record_failures(self)
         for _ in range(3):  # the first logprobs request of a fresh server is slow once
             await mgr.chat_completion(messages=MESSAGES, max_tokens=2, logprobs=True, top_logprobs=1)
         concurrency, results, errors, aborted, stops = 6, [], [], [], []
