@@ -16,7 +16,9 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import unittest
 import urllib.request
 import warnings
@@ -469,40 +471,66 @@ def post_root(base_url, path, body):
         return json.loads(response.read())
 
 
+def tiny_tokenizer_dir(model_dir):
+    """A directory transformers can load the tiny model's tokenizer from.
+
+    tests/vllm builds it with the vLLM venv's transformers 5.x, whose tokenizer_config.json
+    names the class ``TokenizersBackend``; Atropos' environments run on 4.x, which knows it as
+    ``PreTrainedTokenizerFast``.  For 4.x: a copy whose config says so (same tokenizer.json,
+    same ids, same chat template).
+    """
+    import transformers
+    if not transformers.__version__.startswith("4."):
+        return model_dir
+    target = tempfile.mkdtemp(prefix="tiny-tokenizer-")
+    shutil.copy(os.path.join(model_dir, "tokenizer.json"), target)
+    with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["additional_special_tokens"] = config.pop("extra_special_tokens", [])
+    config.pop("backend", None)
+    with open(os.path.join(target, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return target
+
+
 def load_tiny_tokenizer(model_dir):
+    """(tokenizer, the directory it was loaded from), or skip when transformers is missing."""
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoTokenizer
     except ImportError:
         require("transformers", False, "run this file under a Python with transformers, e.g. "
-                                       "/opt/atropos-vllm-venv/bin/python -m pytest tests/test_managed.py")
-    return AutoTokenizer.from_pretrained(model_dir)
+                                       "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+    directory = tiny_tokenizer_dir(model_dir)
+    return AutoTokenizer.from_pretrained(directory), directory
 
 
-class RealVLLMTests(unittest.IsolatedAsyncioTestCase):
-    """ManagedServer over servers A and B; every token and logprob checked against vLLM itself."""
+class VLLMCheck(unittest.IsolatedAsyncioTestCase):
+    """Servers A and B of tests/vllm, the tiny model's tokenizer, and the cross-checks against vLLM."""
+
+    compared = {"nodes": 0, "tokens": 0, "logprobs": 0}  # over the whole file, printed at the end
 
     @classmethod
     def setUpClass(cls):
         from test_vllm_interop import vllm_settings
         cls.vllm = vllm_settings()
-        cls.tokenizer = load_tiny_tokenizer(cls.vllm["ATROPOS_VLLM_MODEL_DIR"])
-        cls.compared = {"nodes": 0, "tokens": 0, "logprobs": 0}
+        cls.tokenizer, cls.tokenizer_dir = load_tiny_tokenizer(cls.vllm["ATROPOS_VLLM_MODEL_DIR"])
+        cls.urls = [cls.vllm["ATROPOS_VLLM_URL_A"], cls.vllm["ATROPOS_VLLM_URL_B"]]
 
     @classmethod
     def tearDownClass(cls):
-        sys.stderr.write(f"\n[test_managed] compared against vLLM: {cls.compared}\n")
+        if cls.tokenizer_dir != cls.vllm["ATROPOS_VLLM_MODEL_DIR"]:
+            shutil.rmtree(cls.tokenizer_dir, ignore_errors=True)
+        sys.stderr.write(f"\n[test_managed] compared against vLLM so far: {VLLMCheck.compared}\n")
 
     async def asyncSetUp(self):
-        configs = [APIServerConfig(base_url=self.vllm[k], api_key=self.vllm["ATROPOS_VLLM_API_KEY"], timeout=60,
-                                   model_name=self.vllm["ATROPOS_VLLM_MODEL"], server_type="vllm")
-                   for k in ("ATROPOS_VLLM_URL_A", "ATROPOS_VLLM_URL_B")]
-        self.manager = ServerManager(configs, max_n_completions=3)
-        self.direct = ServerManager(configs[:1])  # plain OpenAI requests for the cross-checks
+        config = APIServerConfig(base_url=self.urls[0], api_key=self.vllm["ATROPOS_VLLM_API_KEY"], timeout=60,
+                                 model_name=self.vllm["ATROPOS_VLLM_MODEL"])
+        self.direct = ServerManager([config])  # plain OpenAI requests for the cross-checks
 
     async def asyncTearDown(self):
-        await self.manager.close()
         await self.direct.close()
 
     async def score(self, tokens):
@@ -511,20 +539,41 @@ class RealVLLMTests(unittest.IsolatedAsyncioTestCase):
         positions = resp.choices[0].prompt_logprobs
         return [None] + [position[str(t)]["logprob"] for position, t in zip(positions[1:], tokens[1:])]
 
+    async def check_sequence(self, tokens, masks, logprobs, prompt_ids):
+        """``tokens`` = the prompt's ids + a completion; masks and logprobs as Atropos lays them
+        out; every completion logprob equal to vLLM's own for that token after that prefix."""
+        n_prompt = len(prompt_ids)
+        self.assertEqual(tokens[:n_prompt], prompt_ids)
+        output = tokens[n_prompt:]
+        self.assertTrue(output)
+        self.assertEqual(masks, [-100] * n_prompt + output)
+        self.assertEqual(logprobs[:n_prompt], [1.0] * n_prompt)
+        self.assertEqual(len(logprobs), len(tokens))
+        scored = await self.score(tokens)
+        for got, want in zip(logprobs[n_prompt:], scored[n_prompt:]):
+            self.assertTrue(math.isclose(got, want, abs_tol=2e-3), (got, want))
+        VLLMCheck.compared["nodes"] += 1
+        VLLMCheck.compared["tokens"] += len(tokens)
+        VLLMCheck.compared["logprobs"] += len(output)
+
+
+class RealVLLMTests(VLLMCheck):
+    """ManagedServer over servers A and B (server_type "vllm": a 404 on /generate, then vLLM's
+    OpenAI /v1/completions), every token and logprob checked against vLLM itself."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        configs = [APIServerConfig(base_url=url, api_key=self.vllm["ATROPOS_VLLM_API_KEY"], timeout=60,
+                                   model_name=self.vllm["ATROPOS_VLLM_MODEL"], server_type="vllm") for url in self.urls]
+        self.manager = ServerManager(configs, max_n_completions=3)
+
+    async def asyncTearDown(self):
+        await self.manager.close()
+        await super().asyncTearDown()
+
     async def check_nodes(self, nodes, prompt_ids):
         for node in nodes:
-            n_prompt = len(prompt_ids)
-            self.assertEqual(node.tokens[:n_prompt], prompt_ids)
-            output = node.tokens[n_prompt:]
-            self.assertEqual(node.masked_tokens, [-100] * n_prompt + output)
-            self.assertEqual(node.logprobs[:n_prompt], [1.0] * n_prompt)
-            self.assertEqual(len(node.logprobs), len(node.tokens))
-            scored = await self.score(node.tokens)
-            for got, want in zip(node.logprobs[n_prompt:], scored[n_prompt:]):
-                self.assertTrue(math.isclose(got, want, abs_tol=2e-3), (got, want))
-            self.compared["nodes"] += 1
-            self.compared["tokens"] += len(node.tokens)
-            self.compared["logprobs"] += len(output)
+            await self.check_sequence(node.tokens, node.masked_tokens, node.logprobs, prompt_ids)
 
     async def test_greedy_completion_nodes_hold_exactly_the_ids_vllm_generated(self):
         prompt = "Slurm runs jobs on nodes"
@@ -556,7 +605,7 @@ class RealVLLMTests(unittest.IsolatedAsyncioTestCase):
         prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True), add_special_tokens=True)
         # The prompt is what vLLM's own chat path makes of these messages.
-        self.assertEqual(prompt_ids, post_root(self.vllm["ATROPOS_VLLM_URL_B"], "/tokenize", {
+        self.assertEqual(prompt_ids, post_root(self.urls[1], "/tokenize", {
             "model": self.vllm["ATROPOS_VLLM_MODEL"], "messages": messages, "add_generation_prompt": True})["tokens"])
         self.assertEqual(len(nodes), 7)
         self.assertEqual([c.index for c in resp.choices], list(range(7)))
@@ -564,6 +613,30 @@ class RealVLLMTests(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(choice.message.content, self.tokenizer.decode(node.tokens[len(prompt_ids):],
                                                                            skip_special_tokens=True))
         await self.check_nodes(nodes, prompt_ids)
+
+    async def test_second_turn_extends_the_first_node(self):
+        async with self.manager.managed_server(tokenizer=self.tokenizer) as managed:
+            # The second turn's prompt is the first node's text and more, so it extends that node.
+            await managed.completion(prompt="Once upon a time", max_tokens=6, temperature=1.0, ignore_eos=True)
+            first = managed.get_state()["nodes"][0]
+            await managed.completion(prompt=first.full_text + " The end.", max_tokens=6, temperature=1.0,
+                                     ignore_eos=True)
+            nodes = managed.get_state()["nodes"]
+        self.assertEqual(len(nodes), 1)
+        node = nodes[0]
+        suffix = self.tokenizer.encode(" The end.", add_special_tokens=False)
+        n_first = len(first.tokens)
+        self.assertEqual(node.tokens[:n_first + len(suffix)], first.tokens + suffix)
+        self.assertEqual(node.masked_tokens[:n_first], first.masked_tokens)  # turn 1's completion still trainable
+        self.assertEqual(node.masked_tokens[n_first:n_first + len(suffix)], [-100] * len(suffix))
+        scored = await self.score(node.tokens)
+        trained = [i for i, m in enumerate(node.masked_tokens) if m != -100]
+        self.assertEqual(len(trained), 12)
+        for i in trained:
+            self.assertTrue(math.isclose(node.logprobs[i], scored[i], abs_tol=2e-3), (i, node.logprobs[i], scored[i]))
+        VLLMCheck.compared["nodes"] += 1
+        VLLMCheck.compared["tokens"] += len(node.tokens)
+        VLLMCheck.compared["logprobs"] += len(trained)
 
     async def test_get_logprobs_are_vllms_prompt_logprobs(self):
         prompt_ids = self.tokenizer.encode("Tokens, logprobs, and usage.")
@@ -578,7 +651,106 @@ class RealVLLMTests(unittest.IsolatedAsyncioTestCase):
             self.assertIn(prompt_ids[position], ids)
             got = lps[ids.index(prompt_ids[position])]
             self.assertTrue(math.isclose(got, scored[position], abs_tol=2e-3), (got, scored[position]))
-            self.compared["logprobs"] += 1
+            VLLMCheck.compared["logprobs"] += 1
+
+    async def test_text_prompt_is_tokenized_by_the_server(self):
+        prompt, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
+            prompt="hello there", max_tokens=5, ignore_eos=True)
+        self.assertEqual(prompt, self.tokenizer.encode("hello there"))
+        self.assertEqual((len(outputs[0]), len(logprobs[0]), reasons), (5, 5, ["length"]))
+
+
+class AtroposBaseEnvTests(VLLMCheck):
+    """Atropos' own ``BaseEnv`` (atroposlib 0.4.0) after ``patch_atropos()``, running the
+    collect_trajectories pattern of its gsm8k_server environment (``managed_server`` chat with
+    ``n`` = group size) and of math_server_zero (``managed_server`` completion) against vLLM.
+    Run under the Atropos venv: ``bash tests/atropos/setup.sh`` then
+    ``/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py``."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        try:
+            import atroposlib.envs.base  # noqa: F401
+        except ImportError:
+            require("atroposlib", False, "bash tests/atropos/setup.sh, then run this file with "
+                                         "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+        import atropos_slurm
+        atropos_slurm.patch_atropos()
+
+    def make_env(self, group_size):
+        from atroposlib.envs.base import BaseEnv, BaseEnvConfig
+        from atroposlib.envs.server_handling.server_baseline import APIServerConfig as AtroposServerConfig
+
+        class TinyManagedEnv(BaseEnv):
+            name = "tiny_managed"
+
+            async def setup(self):
+                pass
+
+            async def get_next_item(self):
+                return {"question": "What is 2 + 2?"}
+
+            async def evaluate(self, *args, **kwargs):
+                pass
+
+            async def collect_trajectories(self, item):  # as environments/gsm8k_server.py
+                async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
+                    chat_completions = await managed.chat_completion(
+                        messages=[{"role": "system", "content": "Answer briefly."},
+                                  {"role": "user", "content": item["question"]}],
+                        n=self.config.group_size, max_tokens=self.config.max_token_length, temperature=1.0)
+                    state = managed.get_state()
+                    nodes = state["nodes"]
+                group = {"tokens": [], "masks": [], "scores": [], "inference_logprobs": []}
+                for i, chat_completion in enumerate(chat_completions.choices):
+                    group["tokens"].append(nodes[i].tokens)
+                    group["masks"].append(nodes[i].masked_tokens)
+                    group["inference_logprobs"].append(nodes[i].logprobs)
+                    group["scores"].append(1.0 if "4" in chat_completion.message.content else -1.0)
+                return group, []
+
+            async def collect_completions(self, prompt):  # as environments/math_server_zero.py
+                async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
+                    completion = await managed.completion(prompt=prompt, n=self.config.group_size,
+                                                          max_tokens=self.config.max_token_length, temperature=1.0)
+                    nodes = managed.get_state()["nodes"]
+                return completion, nodes
+
+        config = BaseEnvConfig(tokenizer_name=self.tokenizer_dir, group_size=group_size,
+                               max_token_length=8, use_wandb=False, data_path_to_save_groups=None)
+        servers = [AtroposServerConfig(model_name=self.vllm["ATROPOS_VLLM_MODEL"], base_url=url, server_type="vllm",
+                                       api_key=self.vllm["ATROPOS_VLLM_API_KEY"], timeout=60) for url in self.urls]
+        env = TinyManagedEnv(config, servers, slurm=False, testing=False)
+        return env
+
+    async def test_gsm8k_pattern_chat_group_through_base_env(self):
+        import atropos_slurm
+        env = self.make_env(group_size=10)  # over Atropos' default max_n_completions of 8: split 8 + 2
+        self.assertIsInstance(env.server, atropos_slurm.ServerManager)
+        try:
+            group, backlog = await env.collect_trajectories(await env.get_next_item())
+        finally:
+            await env.server.close()
+        messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"}]
+        prompt_ids = env.tokenizer.encode(env.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True))
+        self.assertEqual((len(group["tokens"]), backlog), (10, []))
+        for tokens, masks, logprobs in zip(group["tokens"], group["masks"], group["inference_logprobs"]):
+            await self.check_sequence(tokens, masks, logprobs, prompt_ids)
+
+    async def test_math_zero_pattern_completion_group_through_base_env(self):
+        env = self.make_env(group_size=3)
+        try:
+            completion, nodes = await env.collect_completions("Question: 1 + 1 =")
+        finally:
+            await env.server.close()
+        prompt_ids = env.tokenizer.encode("Question: 1 + 1 =")
+        self.assertEqual([c.index for c in completion.choices], [0, 1, 2])
+        for choice, node in zip(completion.choices, nodes):
+            self.assertEqual(node.full_text, "Question: 1 + 1 =" + choice.text)
+            self.assertEqual(node.metadata["finish_reason"], choice.finish_reason)
+            await self.check_sequence(node.tokens, node.masked_tokens, node.logprobs, prompt_ids)
 
 
 if __name__ == "__main__":
