@@ -2267,7 +2267,7 @@ def sampling_params(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if kwargs.get("stream"):
         raise ConfigError("stream=True is not supported for token ids and logprobs")
     params = {k: v for k, v in kwargs.items()
-              if k not in ("split", "model", "prompt", "input_ids", "messages", "stream", "skip_reasoning")}
+              if k not in ("split", "model", "prompt", "input_ids", "messages", "stream", "skip_reasoning", "timeout")}
     params.update(params.pop("extra_body", None) or {})
     return params
 
@@ -2296,13 +2296,14 @@ def _finish_reason(raw: Any) -> Any:
     return raw.get("type", "stop") if isinstance(raw, dict) else raw
 
 
-def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]], raw: bytes = b"") -> APIResponse:
-    """A ChatCompletion/Completion as Atropos' managed server builds it (no usage)."""
+def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
+    """A ChatCompletion/Completion as Atropos' managed server builds it (no usage; ``raw`` empty:
+    the server's own answer had another shape)."""
     response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
                            object="chat.completion" if kind == "chat" else "text_completion",
                            choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
                            usage=None)
-    response.raw = raw
+    response.raw = b""
     return response
 
 
