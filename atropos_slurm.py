@@ -3143,6 +3143,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def watcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for the watcher alone (``inference_watcher.py``), reporting errors as ``main`` does."""
+    parser = _ArgumentParser(prog=prog, description=description)
+    add_watcher_flags(parser)
+    parser.set_defaults(func=cmd_watch)
+    return parser
+
+
 def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
     """The watcher's flags, shared by ``watch`` and ``inference_watcher.py``."""
     parser.add_argument("--api_addr", "--api-addr", required=True, help="trainer API, e.g. http://trainer:8000")
