@@ -26,7 +26,7 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from support import require  # noqa: E402
+from support import AsyncCase, fake, http_response, require, start_stubs, stub_url  # noqa: E402
 
 from atropos_slurm import (  # noqa: E402
     APIServerConfig,
@@ -83,53 +83,25 @@ def output_logprobs(request_number, choice, count):
     return [-round(0.01 * (request_number + 1) + 0.1 * choice + 0.001 * j, 6) for j in range(count)]
 
 
-class FakeTokenServer:
-    """A loopback HTTP/1.1 server answering ``/generate`` in Atropos' or SGLang's shape, and
-    vLLM's ``/v1/completions`` token shape (``token_id:N``), from a ``shape``; records each request.
+class TokenShapes:
+    """A ``support.FakeServer`` handler answering ``/generate`` in Atropos' or SGLang's shape, or
+    vLLM's ``/v1/completions`` token shape (``token_id:N``), as ``shape`` says.
 
     ``delay(body)`` (seconds) lets a test answer requests out of order; ``status`` forces an
-    HTTP status for a path; ``abort`` makes every generation end with finish reason abort.
+    HTTP status for a path; ``abort`` ends every generation with finish reason abort;
+    ``prompt_logprobs=False`` answers prompt scoring as Atropos' example server does (without).
     """
 
     def __init__(self, shape, delay=None):
         self.shape, self.delay = shape, delay or (lambda body: 0)
-        self.requests, self.status, self.abort, self.prompt_logprobs = [], {}, False, True
+        self.status, self.abort, self.prompt_logprobs = {}, False, True
 
-    async def start(self):
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
-        self._tasks = set()
-        return self
-
-    async def close(self):
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader, writer):
-        self._tasks.add(asyncio.current_task())
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ")
-                length = next((int(h.split(":", 1)[1]) for h in lines[1:] if h.lower().startswith("content-length:")), 0)
-                body = json.loads(await reader.readexactly(length)) if length else None
-                number = len(self.requests)
-                self.requests.append((path, body))
-                await asyncio.sleep(self.delay(body))
-                status, payload = self.answer(path, body, number)
-                data = json.dumps(payload).encode()
-                writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status, len(data), data))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(asyncio.current_task())
-            writer.close()
+    async def __call__(self, fake, request, writer):
+        number = len(fake.posts) - 1
+        body = request.json()
+        await asyncio.sleep(self.delay(body))
+        writer.write(http_response(*self.answer(request.path, body, number)))
+        return True
 
     def answer(self, path, body, number):
         if path in self.status:
@@ -182,24 +154,22 @@ class FakeTokenServer:
         return {"id": "cmpl-1", "object": "text_completion", "choices": choices}
 
 
-class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
-    async def asyncSetUp(self):
-        self.closing = []
-
-    async def asyncTearDown(self):
-        for thing in reversed(self.closing):
-            await thing.close()
-
+class LoopbackTestCase(AsyncCase):
     async def fake(self, shape, **kw):
-        server = await FakeTokenServer(shape, **kw).start()
-        self.closing.append(server)
+        """A fake server in ``shape``; ``.requests`` lists (path, JSON body) as received."""
+        shapes = TokenShapes(shape, **kw)
+        server = await fake(self, shapes)
+        server.shapes = shapes
         return server
+
+    def requests(self, server):
+        return [(r.path, r.json()) for r in server.posts]
 
     def manager(self, *servers, server_type="vllm", **kw):
         kw.setdefault("retry_backoff", 0.0)
         configs = [APIServerConfig(base_url=s.url, model_name="m", server_type=server_type, timeout=10) for s in servers]
         manager = ServerManager(configs, **kw)
-        self.closing.append(manager)
+        self.addAsyncCleanup(manager.close)
         return manager
 
 
@@ -228,7 +198,7 @@ class NodeTests(LoopbackTestCase):
         self.assertEqual((resp.object, resp.model, resp.usage), ("text_completion", "m", None))
         self.assertEqual(nodes[0].model_dump()["masked_tokens"][:1], [-100])
         # The wire: Atropos' body for its own server (model dropped, logprobs 0, caller's parameters).
-        self.assertEqual(fake.requests, [("/generate", {"prompt": {"prompt_token_ids": prompt_ids}, "logprobs": 0,
+        self.assertEqual(self.requests(fake), [("/generate", {"prompt": {"prompt_token_ids": prompt_ids}, "logprobs": 0,
                                                         "n": 2, "max_tokens": 4, "temperature": 1.0})])
 
     async def test_chat_prompt_from_chat_template_with_doubled_bos_dropped(self):
@@ -241,7 +211,7 @@ class NodeTests(LoopbackTestCase):
         self.assertTrue(template.endswith("[assistant]"))
         prompt_ids = TOKENIZER.encode(template)[1:]  # [BOS, BOS, ...] -> one BOS
         self.assertEqual(prompt_ids[:2], [BOS, ord("[") + 10])
-        self.assertEqual(fake.requests[0][1]["prompt"]["prompt_token_ids"], prompt_ids)
+        self.assertEqual(self.requests(fake)[0][1]["prompt"]["prompt_token_ids"], prompt_ids)
         self.assertEqual(node.tokens, prompt_ids + output_ids(0, 0, 3))
         self.assertEqual(node.full_text, template + TOKENIZER.decode(output_ids(0, 0, 3)))
         choice = resp.choices[0]
@@ -259,7 +229,7 @@ class NodeTests(LoopbackTestCase):
         self.assertEqual(len(nodes), 1)
         suffix = TOKENIZER.encode(" and?", add_special_tokens=False)
         sent = first.tokens + suffix  # the first node's ids reused, only the new text encoded
-        self.assertEqual(fake.requests[1][1]["prompt"]["prompt_token_ids"], sent)
+        self.assertEqual(self.requests(fake)[1][1]["prompt"]["prompt_token_ids"], sent)
         node = nodes[0]
         self.assertEqual(node.tokens, sent + output_ids(1, 0, 3))
         # The first completion stays trainable; the new text is prompt.
@@ -291,7 +261,7 @@ class NodeTests(LoopbackTestCase):
         self.assertEqual(len(state["sequences"]), 2)
         self.assertEqual(state["sequences"], state["tree"])
         child = state["sequences"][parent.full_text + TOKENIZER.decode(output_ids(1, 0, 2))]
-        self.assertEqual(fake.requests[1][1]["prompt"]["prompt_token_ids"], parent.tokens)
+        self.assertEqual(self.requests(fake)[1][1]["prompt"]["prompt_token_ids"], parent.tokens)
         self.assertEqual(child.tokens, parent.tokens + output_ids(1, 0, 2))
         self.assertIs(state["sequences"][parent.full_text], parent)
 
@@ -302,11 +272,11 @@ class NodeTests(LoopbackTestCase):
         async with manager.managed_server(tokenizer=TOKENIZER) as managed:
             resp = await managed.completion(prompt="P", n=7, max_tokens=2)
             nodes = managed.get_state()["nodes"]
-        self.assertEqual(sorted(body["n"] for _, body in fake.requests), [1, 3, 3])
+        self.assertEqual(sorted(body["n"] for _, body in self.requests(fake)), [1, 3, 3])
         self.assertEqual([c.index for c in resp.choices], list(range(7)))
         self.assertEqual(len(nodes), 7)
         by_request = {}
-        for number, (_, body) in enumerate(fake.requests):
+        for number, (_, body) in enumerate(self.requests(fake)):
             by_request.setdefault(body["n"], []).append(number)
         n1 = by_request[1][0]
         self.assertEqual(nodes[6].tokens[-2:], output_ids(n1, 0, 2))  # the n=1 request's output is last
@@ -335,7 +305,7 @@ class ProtocolTests(LoopbackTestCase):
         manager = self.manager(fake, server_type="sglang")
         prompt, outputs, logprobs, reasons = await manager.tokens_and_logprobs_completion(
             input_ids=[1, 50, 51], n=2, max_tokens=3, temperature=0.7)
-        self.assertEqual(fake.requests, [("/generate", {
+        self.assertEqual(self.requests(fake), [("/generate", {
             "input_ids": [1, 50, 51], "sampling_params": {"n": 2, "max_new_tokens": 3, "temperature": 0.7},
             "return_logprob": True, "return_text_in_logprobs": False})])
         self.assertEqual(prompt, [1, 50, 51])
@@ -353,10 +323,10 @@ class ProtocolTests(LoopbackTestCase):
         manager = self.manager(fake, server_type="sglang")
         prompt, outputs, _, _ = await manager.tokens_and_logprobs_completion(prompt="hey", max_tokens=1)
         self.assertEqual(prompt, TOKENIZER.encode("hey"))  # the server's tokenization, reported back
-        self.assertEqual(fake.requests[0][1]["text"], "hey")
+        self.assertEqual(self.requests(fake)[0][1]["text"], "hey")
         result = await manager.get_logprobs(input_ids=[1, 40, 41], top_k=2)
-        self.assertEqual(fake.requests[1][1]["top_logprobs_num"], 2)
-        self.assertEqual(fake.requests[1][1]["logprob_start_len"], 0)
+        self.assertEqual(self.requests(fake)[1][1]["top_logprobs_num"], 2)
+        self.assertEqual(self.requests(fake)[1][1]["logprob_start_len"], 0)
         self.assertEqual(result, {"prompt_tokens": [1, 40, 41],
                                   "prompt_topk_token_ids": [[], [40, 41], [41, 42]],
                                   "prompt_topk_logprobs": [[], [-0.25, -2.0], [-0.25, -2.0]]})
@@ -367,9 +337,9 @@ class ProtocolTests(LoopbackTestCase):
         with self.assertLogs("atropos_slurm", "WARNING") as logs:
             first = await manager.tokens_and_logprobs_completion(input_ids=[1, 20], n=2, max_tokens=2)
         second = await manager.tokens_and_logprobs_completion(input_ids=[1, 21], max_tokens=1)
-        self.assertEqual([path for path, _ in fake.requests], ["/generate", "/v1/completions", "/v1/completions"])
+        self.assertEqual([path for path, _ in self.requests(fake)], ["/generate", "/v1/completions", "/v1/completions"])
         self.assertIn("has no Atropos /generate (404): using vLLM /v1/completions", logs.output[0])
-        self.assertEqual(fake.requests[1][1], {"n": 2, "max_tokens": 2, "model": "m", "prompt": [1, 20],
+        self.assertEqual(self.requests(fake)[1][1], {"n": 2, "max_tokens": 2, "model": "m", "prompt": [1, 20],
                                                "return_tokens_as_token_ids": True, "logprobs": 0})
         self.assertEqual(first, ([1, 20], [output_ids(1, 0, 2), output_ids(1, 1, 2)],
                                  [output_logprobs(1, 0, 2), output_logprobs(1, 1, 2)], ["length", "length"]))
@@ -379,16 +349,16 @@ class ProtocolTests(LoopbackTestCase):
         fake = await self.fake("atropos")
         manager = self.manager(fake)
         result = await manager.get_logprobs(input_ids=[1, 30, 31], top_logprobs=2)
-        self.assertEqual(fake.requests[0][1], {"prompt": {"prompt_token_ids": [1, 30, 31]}, "prompt_logprobs": 2,
+        self.assertEqual(self.requests(fake)[0][1], {"prompt": {"prompt_token_ids": [1, 30, 31]}, "prompt_logprobs": 2,
                                                "n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 1})
         self.assertEqual(result, {"prompt_tokens": [1, 30, 31], "prompt_topk_token_ids": [[], [30, 31], [31, 32]],
                                   "prompt_topk_logprobs": [[], [-0.5, -1.5], [-0.5, -1.5]]})
         async with manager.managed_server(tokenizer=TOKENIZER) as managed:
             via_messages = await managed.get_logprobs(messages=[{"role": "user", "content": "q"}])
-        self.assertEqual(fake.requests[1][1]["prompt"]["prompt_token_ids"], TOKENIZER.encode(
+        self.assertEqual(self.requests(fake)[1][1]["prompt"]["prompt_token_ids"], TOKENIZER.encode(
             TOKENIZER.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True))[1:])
         self.assertEqual(len(via_messages["prompt_topk_token_ids"]), len(via_messages["prompt_tokens"]))
-        fake.prompt_logprobs = False  # Atropos' example server sends none: a named error, not a KeyError
+        fake.shapes.prompt_logprobs = False  # Atropos' example server sends none: a named error, not a KeyError
         with self.assertRaisesRegex(TokenProtocolError, "no 'prompt_logprobs'"):
             await manager.get_logprobs(input_ids=[1, 30])
 
@@ -402,7 +372,7 @@ class ProtocolTests(LoopbackTestCase):
                     pass
         with self.assertRaises(ManagedServerUnsupportedError):
             await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1)
-        self.assertEqual(fake.requests, [])
+        self.assertEqual(self.requests(fake), [])
 
     async def test_trl_type_refuses(self):
         fake = await self.fake("atropos")
@@ -423,25 +393,23 @@ class ProtocolTests(LoopbackTestCase):
         with self.assertRaisesRegex(ConfigError, "base_url"):
             async with manager.managed_server(tokenizer=TOKENIZER, base_url=fake.url):
                 pass
-        fake.status["/generate"] = 400  # a 4xx other than 404: raised at once
+        fake.shapes.status["/generate"] = 400  # a 4xx other than 404: raised at once
         with self.assertRaises(APIStatusError):
             await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1)
-        self.assertEqual(len(fake.requests), 1)
-        del fake.status["/generate"]
-        fake.abort = True  # aborted generations are retried, then raised
+        self.assertEqual(len(self.requests(fake)), 1)
+        del fake.shapes.status["/generate"]
+        fake.shapes.abort = True  # aborted generations are retried, then raised
         with self.assertRaises(GenerationAbortedError):
             await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1)
-        self.assertEqual(len(fake.requests), 3)
+        self.assertEqual(len(self.requests(fake)), 3)
 
 
 class DummyManagedServerTests(LoopbackTestCase):
     async def test_placeholder_nodes_with_the_environment_variable(self):
-        from atropos_slurm import StubServer
-        stub = await StubServer().start()
-        self.addAsyncCleanup(stub.stop)
-        config = APIServerConfig(base_url=f"http://127.0.0.1:{stub.port}/v1", model_name="m", server_type="openai")
+        stub, = await start_stubs(self, 1)
+        config = APIServerConfig(base_url=stub_url(stub), model_name="m", server_type="openai")
         manager = ServerManager([config])
-        self.closing.append(manager)
+        self.addAsyncCleanup(manager.close)
         os.environ["ATROPOS_ALLOW_DUMMY_MANAGED_SERVER"] = "1"
         self.addCleanup(os.environ.pop, "ATROPOS_ALLOW_DUMMY_MANAGED_SERVER", None)
         with warnings.catch_warnings(record=True) as caught:
