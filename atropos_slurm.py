@@ -22,17 +22,21 @@ import asyncio
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
+import runpy
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -1177,8 +1181,22 @@ def http_get_json(url: str, timeout: float) -> Any:
 # =============================================================================================
 
 
+# The optional fields of the openai SDK's response types (ChatCompletion, Completion, their
+# choices, messages, deltas, logprobs and usage): absent from a server's JSON, they read as None,
+# as the SDK's objects give them (``message.tool_calls`` is None when the model called no tool).
+OPENAI_OPTIONAL_FIELDS = frozenset((
+    "service_tier", "system_fingerprint", "usage", "logprobs", "content", "refusal", "annotations", "audio",
+    "function_call", "tool_calls", "role", "finish_reason", "completion_tokens_details",
+    "prompt_tokens_details", "text_offset", "token_logprobs", "tokens", "top_logprobs", "bytes",
+))
+
+
 class AttrDict(dict):
-    """A JSON object readable both ways: ``resp.choices[0].message.content`` and ``resp["usage"]``."""
+    """A JSON object readable both ways: ``resp.choices[0].message.content`` and ``resp["usage"]``.
+
+    A missing key is an ``AttributeError``, except the openai SDK's optional fields, which read
+    as None (``OPENAI_OPTIONAL_FIELDS``).
+    """
 
     __slots__ = ()
 
@@ -1186,11 +1204,25 @@ class AttrDict(dict):
         try:
             return self[name]
         except KeyError:
+            if name in OPENAI_OPTIONAL_FIELDS:
+                return None
             raise AttributeError(name) from None
 
     def to_dict(self) -> Dict[str, Any]:
         """A deep copy made of plain dicts and lists."""
         return json.loads(json.dumps(self))
+
+    def model_dump(self, exclude_none: bool = False) -> Dict[str, Any]:
+        """Plain data, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
+        return _without_none(self.to_dict()) if exclude_none else self.to_dict()
+
+
+def _without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_without_none(v) for v in data]
+    return data
 
 
 class APIResponse(AttrDict):
@@ -1317,6 +1349,10 @@ class EventStream:
         await self.aclose()
 
 
+# Call arguments that are options of the call, not part of the JSON body (see request_body).
+_NOT_SENT = frozenset(("split", "timeout", "skip_reasoning", "extra_body"))
+
+
 class OpenAIServer:
     """One OpenAI-compatible server: HTTP calls, a health check, and the state the manager keeps.
 
@@ -1324,12 +1360,13 @@ class OpenAIServer:
     health tracking live in ``ServerManager``.
     """
 
-    def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES, reasoning_config: Any = None):
         if not config.base_url:
             raise ConfigError("APIServerConfig.base_url is empty")
         scheme, host, port, prefix = parse_base_url(config.base_url)
         self.config = config
         self.url = config.base_url
+        self.reasoning = reasoning_extra_body(reasoning_config, config.base_url)  # merged into chat bodies
         self._prefix = prefix
         self._host_header = host_header(scheme, host, port)
         self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
@@ -1347,39 +1384,75 @@ class OpenAIServer:
         self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
+        # Per split, for Atropos' W&B metrics: [requests done, attempts failed], latencies of the done.
+        self.split_counts = {"train": [0, 0], "eval": [0, 0]}
+        self.split_latencies = {split: deque(maxlen=config.rolling_buffer_length) for split in ("train", "eval")}
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"down ({self.last_error})"
         return f"<OpenAIServer {self.url} {state} in_flight={sum(self.in_flight.values())} done={self.done}>"
 
-    def request_body(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The OpenAI body: the caller's keys, ``model`` from the config unless given."""
-        body = {k: v for k, v in kwargs.items() if k != "split"}
-        body.setdefault("model", self.config.model_name)
+    @property
+    def server_healthy(self) -> bool:
+        """Atropos' name for ``healthy``."""
+        return self.healthy
+
+    def request_body(self, path: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The JSON body that Atropos' servers send through the openai SDK for these arguments.
+
+        ``model`` is the config's; ``split``, ``timeout`` (the call's own limit, see ``post``)
+        and ``skip_reasoning`` are not sent; chat bodies get Atropos' reasoning settings unless
+        ``skip_reasoning``; ``extra_body`` is merged in last, its keys winning, as in the SDK.
+        Other keys pass through (vLLM's ``ignore_eos``, ...).
+        """
+        body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
+        body["model"] = self.config.model_name
+        extra = kwargs.get("extra_body") or {}
+        for name in ("extra_headers", "extra_query"):
+            if name in kwargs:
+                raise ConfigError(f"{name}= is not supported (only extra_body is)")
+        if not isinstance(extra, dict):
+            raise ConfigError(f"extra_body={extra!r} must be a dict")
+        if self.reasoning is not None and path == "/chat/completions" and not kwargs.get("skip_reasoning"):
+            extra = {**extra, **self.reasoning}
+            if "api.openai.com" in self.url:  # OpenAI's reasoning models, as Atropos calls them
+                body["temperature"] = 1.0
+                if body.get("max_tokens"):
+                    body["max_completion_tokens"] = body.pop("max_tokens")
+        body.update(extra)
         return body
 
     async def chat_completion(self, **kwargs: Any) -> Any:
-        return await self.post("/chat/completions", self.request_body(kwargs))
+        return await self.post("/chat/completions", self.request_body("/chat/completions", kwargs),
+                               timeout=kwargs.get("timeout"))
 
     async def completion(self, **kwargs: Any) -> Any:
-        return await self.post("/completions", self.request_body(kwargs))
+        return await self.post("/completions", self.request_body("/completions", kwargs), timeout=kwargs.get("timeout"))
 
     async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
-                   root: bool = False) -> Any:
+                   timeout: Optional[float] = None, root: bool = False) -> Any:
         """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
-        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming."""
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming.
+
+        ``timeout`` (seconds) replaces the config's for this request, as the SDK's ``timeout=``.
+        """
+        if timeout is None:
+            timeout = self.config.timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
         payload = _JSON_ENCODER.encode(body).encode()
         target = path if root else self._prefix + path
         start = self._post_heads.get(target)
         if start is None:
             start = self._post_heads[target] = request_head("POST", target, self._host_header, self._headers)
         request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
-        deadline = time.monotonic() + self.config.timeout
+        deadline = time.monotonic() + timeout
         timers, loop = self._timers, asyncio.get_running_loop()
-        if timers is None or timers.loop is not loop or timers.seconds != self.config.timeout:
-            timers = self._timers = _DeadlineQueue(loop, self.config.timeout)
-        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url,
-                       timers):
+        if timeout != self.config.timeout:
+            timers = None  # the queue serves the config's timeout only
+        elif timers is None or timers.loop is not loop or timers.seconds != timeout:
+            timers = self._timers = _DeadlineQueue(loop, timeout)
+        with _Deadline(timeout, f"no response within timeout={timeout:g} s", self.url, timers):
             conn, head = await self._pool.send(request, fresh)
             if head.status >= 300 or not body.get("stream"):
                 data = await self._pool.read_body(conn, head)
@@ -1401,8 +1474,39 @@ class OpenAIServer:
     def health_error(self) -> str:
         return self._prober.errors[0]
 
+    async def wandb_metrics(self, metrics_dict: Optional[Dict[str, Any]], server_name: Optional[str]) -> Dict[str, Any]:
+        """Atropos' per-server W&B metrics, added to ``metrics_dict`` (and returned).
+
+        ``server/{name}_request_time_avg|std|99p`` (and ``eval_request_time_*``) over this
+        server's last ``rolling_buffer_length`` successful requests of each split, in seconds;
+        ``server/{name}_average_num_attempts`` (and, Atropos' name for the eval one,
+        ``eval_retry_rate``): HTTP requests per successful request.  A split without
+        requests yet adds nothing, as in Atropos.
+        """
+        name = server_name or "server"
+        metrics = {} if metrics_dict is None else metrics_dict
+        for split, prefix, attempts_name in (("train", "", "average_num_attempts"), ("eval", "eval_", "eval_retry_rate")):
+            times = sorted(self.split_latencies[split])
+            if times:
+                mean = sum(times) / len(times)
+                metrics[f"server/{name}_{prefix}request_time_avg"] = mean
+                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(sum((t - mean) ** 2 for t in times) / len(times))
+                metrics[f"server/{name}_{prefix}request_time_99p"] = percentile(times, 99)
+            done, failed = self.split_counts[split]
+            if done:
+                metrics[f"server/{name}_{attempts_name}"] = (done + failed) / done
+        return metrics
+
     def close(self) -> None:
         self._pool.close()
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of sorted values, interpolated linearly (numpy's default)."""
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 async def probe_http(base_url: str, path: str, timeout: float) -> int:
@@ -1698,13 +1802,14 @@ class ServerManager:
     * ``n > max_n_completions`` is split over several requests and merged.
     """
 
-    def __init__(self, configs: Any, server_class: type = OpenAIServer, slurm: bool = False,
-                 testing: bool = False, max_n_completions: int = 8, *, max_retries: int = 2,
-                 retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
+    def __init__(self, configs: Any, server_class: Any = OpenAIServer, slurm: bool = False,
+                 testing: bool = False, max_n_completions: int = 8, reasoning_config: Any = None,
+                 proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
+                 max_retries: int = 2, retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
                  no_server_timeout: float = 60.0, health_probe_interval: float = 5.0):
-        if testing:
-            raise ConfigError("testing=True (Atropos' mock harness) is not supported; run the stub server "
-                              "(python -m atropos_slurm stub-server) instead")
+        configs, server_class, slurm = manager_arguments(configs, server_class, slurm, testing, reasoning_config,
+                                                         proxy_url, use_proxy)
+        self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
         if isinstance(configs, ServerBaseline):
             configs = [configs]
         configs = list(configs)
@@ -1817,7 +1922,8 @@ class ServerManager:
                 body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
                         else protocol.completion_body(model, prompt, params))
                 try:
-                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root)
+                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root,
+                                             timeout=kwargs.get("timeout"))
                 except APIStatusError as error:
                     if error.status != 404 or index + 1 >= len(protocols):
                         raise
@@ -1831,7 +1937,7 @@ class ServerManager:
                     raise GenerationAbortedError("the server aborted the generation", server.url)
                 return protocol, data, server.url
 
-        protocol, data, url = await self._request("", kwargs, send)
+        protocol, data, url = await self._request("", kwargs, send=send)
         try:
             result = (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, url)
         except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
@@ -1861,6 +1967,30 @@ class ServerManager:
             })
         return rows
 
+    # -- Atropos' members: weights and dedicated servers ----------------------------------------
+
+    async def update_weight(self, weight: float) -> None:
+        """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
+        which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
+        new caps at once.  ``weight=0`` holds new calls until a larger weight comes."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ConfigError(f"weight={weight!r} must be a number >= 0")
+        for server in self.servers:
+            self.slots.set_caps(server, weighted_cap(server.config.num_max_requests_at_once, weight),
+                                weighted_cap(server.config.num_requests_for_eval, weight))
+
+    @contextlib.asynccontextmanager
+    async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
+        """Hold one healthy server for a multi-turn episode (see ``DedicatedServer``).
+
+        ``async with manager.dedicated_server() as server: await server.chat_completion(...)``
+        """
+        episode = DedicatedServer(self, await self._acquire("train", None))
+        try:
+            yield episode
+        finally:
+            episode.end()
+
     async def close(self) -> None:
         """Stop the health probes and close every pooled connection."""
         probes = list(self._probes.values())
@@ -1879,8 +2009,8 @@ class ServerManager:
 
     # -- n splitting --------------------------------------------------------------------------
 
-    async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
-        parts = await self._split_n(kwargs, lambda part: self._request(path, part))
+    async def _generate(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"] = None) -> Any:
+        parts = await self._split_n(kwargs, lambda part: self._request(path, part, episode))
         return parts[0] if len(parts) == 1 else merge_responses(parts)
 
     async def _split_n(self, kwargs: Dict[str, Any], call) -> list:
@@ -1906,46 +2036,52 @@ class ServerManager:
 
     # -- one call: a slot, one HTTP request per attempt, the retry policy ---------------------
 
-    async def _request(self, path: str, kwargs: Dict[str, Any], send=None) -> Any:
+    async def _request(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"] = None,
+                       send=None) -> Any:
         """One call: a slot, the HTTP request, bounded retries.  ``send(server, fresh)``, when
         given, makes the request instead of POSTing ``kwargs`` to ``path`` (token protocols)."""
-        split = kwargs.get("split", "train")
-        if split not in SPLITS:
-            raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
+        split = "train" if kwargs.get("split", "train") == "train" else "eval"  # Atropos' rule
+        # Where slots come from: any server, or the one an episode holds (same interface).
+        acquire, slots = (self._acquire, self.slots) if episode is None else (episode.acquire, episode)
         attempts = self.retry_policy.max_retries + 1
         avoid: Optional[OpenAIServer] = None
         resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
         for attempt in range(1, attempts + 1):
             if not resend:
-                server = await self._acquire(split, avoid)
+                server = await acquire(split, avoid)
             started = time.monotonic()
             try:
                 if send is not None:
                     result = await send(server, resend)
                 else:
-                    result = await server.post(path, server.request_body(kwargs), fresh=resend,
-                                               on_stream_close=lambda s=server: self.slots.give_back(s, split))
+                    result = await server.post(path, server.request_body(path, kwargs), fresh=resend,
+                                               timeout=kwargs.get("timeout"),
+                                               on_stream_close=lambda s=server: slots.give_back(s, split))
             except ServerError as error:
                 decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
                 self._record_failure(server, error, decision)
+                server.split_counts[split][1] += 1
                 if decision.action == Retry.RAISE or attempt == attempts:
-                    self.slots.give_back(server, split)
+                    slots.give_back(server, split)
                     raise error.after_attempts(attempt, attempts)
                 server.retried += 1
                 resend = decision.action == Retry.RESEND
                 if resend:
                     continue  # in the same slot
-                self.slots.give_back(server, split)
+                slots.give_back(server, split)
                 avoid = server
                 await asyncio.sleep(decision.delay)
             except BaseException:
-                self.slots.give_back(server, split)
+                slots.give_back(server, split)
                 raise
             else:
                 if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
-                    self.slots.give_back(server, split)
+                    slots.give_back(server, split)
                 server.done += 1
-                server.latencies.append(time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                server.latencies.append(elapsed)
+                server.split_latencies[split].append(elapsed)
+                server.split_counts[split][0] += 1
                 return result
         raise AssertionError("the loop returns or raises on its last attempt")
 
@@ -2266,9 +2402,11 @@ def sampling_params(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The caller's sampling parameters of a token call: everything but the prompt and ours."""
     if kwargs.get("stream"):
         raise ConfigError("stream=True is not supported for token ids and logprobs")
-    params = {k: v for k, v in kwargs.items()
-              if k not in ("split", "model", "prompt", "input_ids", "messages", "stream", "skip_reasoning", "timeout")}
-    params.update(params.pop("extra_body", None) or {})
+    extra = kwargs.get("extra_body") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"extra_body={extra!r} must be a dict")
+    params = {k: v for k, v in kwargs.items() if k not in _NOT_SENT and k not in ("model", "prompt", "input_ids")}
+    params.update(extra)
     return params
 
 
@@ -2494,6 +2632,221 @@ class DummyManagedServer:
 
     async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
         raise ManagedServerUnsupportedError("the placeholder managed server of server_type='openai' has no logprobs")
+
+
+# =============================================================================================
+# Atropos compatibility: atroposlib's BaseEnv and environments on this ServerManager
+# =============================================================================================
+
+# Atropos' server classes and the server_type each stands for (its abstract APIServer: none,
+# the configs' server_type decides).
+ATROPOS_SERVER_TYPES = {"APIServer": None, "OpenAIServer": "openai", "VLLMServer": "vllm",
+                        "SGLangServer": "sglang", "TrlVllmServer": "trl"}
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def own_config(config: Any) -> Any:
+    """Atropos' pydantic ``ServerBaseline``/``APIServerConfig`` (any object with their
+    attributes) as ours, read field by field; fields we do not know are ignored, as pydantic
+    ignores unknown ones.  A config without a ``base_url`` is a baseline.  Ours, and things
+    that are no config at all, are returned as they are (``ServerManager`` rejects the latter).
+    """
+    if isinstance(config, ServerBaseline) or not hasattr(config, "model_name"):
+        return config
+    cls = APIServerConfig if getattr(config, "base_url", None) else ServerBaseline
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                  if getattr(config, f.name, None) is not None})
+
+
+def atropos_server_type(server_class: Any) -> Tuple[bool, Optional[str]]:
+    """(whether ``server_class`` is one of Atropos' server classes, the server_type it stands for).
+
+    A class of one's own derived from Atropos' is refused: its overrides could not run here.
+    """
+    atropos = [c for c in getattr(server_class, "__mro__", ()) if c.__module__.startswith("atroposlib.")]
+    if not atropos:
+        return False, None
+    name = server_class.__name__
+    if atropos[0] is not server_class or name not in ATROPOS_SERVER_TYPES:
+        raise ConfigError(f"server_class={server_class.__module__}.{name} is not one of Atropos' "
+                          f"{', '.join(ATROPOS_SERVER_TYPES)}: its code cannot run on atropos_slurm's ServerManager")
+    return True, ATROPOS_SERVER_TYPES[name]
+
+
+def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: bool, reasoning_config: Any,
+                      proxy_url: Optional[str], use_proxy: bool) -> Tuple[Any, Any, bool]:
+    """``ServerManager``'s arguments, as Atropos' ``BaseEnv`` passes them, made ours.
+
+    Returns (configs as a list of ours, the server factory, whether to discover from Slurm):
+    Atropos' pydantic configs are read by field; Atropos' server classes become ours, a
+    concrete one setting every config's ``server_type``; ``reasoning_config`` is given to each
+    server; ``testing=True`` points one server at this process' stub server (``testing_stub_url``).
+    Atropos' discovery rules: a lone baseline (no ``base_url``) discovers whenever
+    ``SLURM_JOB_NODELIST`` is set, and a nodelist of one node discovers nothing (a lone
+    baseline then means localhost:9004-9007, a list is used as given), unless
+    ``NUM_TRAINING_NODES=0`` says that node serves.
+    """
+    if proxy_url or use_proxy:
+        raise ConfigError(f"proxy_url={proxy_url!r}, use_proxy={use_proxy!r}: Atropos' ManagedServer proxy "
+                          "is not supported")
+    lone = not isinstance(configs, (list, tuple))
+    configs = [own_config(c) for c in ([configs] if lone else configs)]
+    is_atropos, server_type = atropos_server_type(server_class)
+    if is_atropos:
+        server_class = OpenAIServer
+        if server_type is not None:
+            configs = [dataclasses.replace(c, server_type=server_type) if isinstance(c, ServerBaseline) else c
+                       for c in configs]
+    if reasoning_config is not None:
+        server_class = functools.partial(server_class, reasoning_config=reasoning_config)
+    if testing and configs and isinstance(configs[0], ServerBaseline):
+        return configs_for_urls(configs[0], [testing_stub_url()]), server_class, False
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
+        slurm = True
+    if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
+            and len(resolve_hostnames(nodelist, os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto")[0]) < 2):
+        log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
+                 "as in Atropos", nodelist)
+        slurm = False
+    return configs, server_class, slurm
+
+
+_testing_stub_lock = threading.Lock()
+_testing_stub_urls: List[str] = []
+
+
+def testing_stub_url() -> str:
+    """The URL of this process' stub server, for ``ServerManager(testing=True)``.
+
+    Atropos' ``testing=True`` swaps in a harness of canned responses (which its own manager's
+    calls then crash on); here the manager is the real one, talking to a ``StubServer`` on
+    127.0.0.1 that runs in a daemon thread with its own event loop, started on first use and
+    shared by every testing manager of the process.
+    """
+    with _testing_stub_lock:
+        if not _testing_stub_urls:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="atropos-slurm-testing-stub", daemon=True).start()
+            stub = asyncio.run_coroutine_threadsafe(StubServer(model="testing").start(), loop).result(30)
+            _testing_stub_urls.append(f"http://127.0.0.1:{stub.port}/v1")
+        return _testing_stub_urls[0]
+
+
+def reasoning_extra_body(reasoning_config: Any, base_url: str) -> Optional[Dict[str, Any]]:
+    """What Atropos merges into a chat request's ``extra_body`` for its ``ReasoningConfig``
+    (read by field: ``enabled``, ``effort``, ``max_tokens``), or None for nothing.
+
+    OpenAI's own API gets ``reasoning_effort`` (default "medium"); every other server
+    ``reasoning: {enabled, effort | max_tokens}`` (OpenRouter's shape; effort wins).
+    """
+    if reasoning_config is None:
+        return None
+    effort = getattr(reasoning_config, "effort", None)
+    max_tokens = getattr(reasoning_config, "max_tokens", None)
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ConfigError(f"reasoning effort={effort!r} is not one of {', '.join(REASONING_EFFORTS)}")
+    if not (getattr(reasoning_config, "enabled", False) or effort is not None or max_tokens is not None):
+        return None
+    if "api.openai.com" in base_url:
+        return {"reasoning_effort": effort or "medium"}
+    reasoning: Dict[str, Any] = {"enabled": True}
+    if effort is not None:
+        reasoning["effort"] = effort
+    elif max_tokens is not None:
+        reasoning["max_tokens"] = max_tokens
+    return {"reasoning": reasoning}
+
+
+def weighted_cap(cap: int, weight: float) -> int:
+    """``ceil(cap * weight)``, as Atropos' weighted semaphores admit (rounding error ignored:
+    10 x 0.3 is 3, not 4)."""
+    return math.ceil(round(cap * weight, 9))
+
+
+class DedicatedServer:
+    """One server held for a multi-turn episode, from ``ServerManager.dedicated_server()``.
+
+    The episode holds one "train" slot of one healthy server from start to end, as Atropos'
+    does; its calls (``chat_completion``, ``completion``, with ``split`` and ``n`` as the
+    manager's) run in that slot one at a time, so the server's caps still hold, and are retried
+    as any call.  When its server goes down, the episode moves to another healthy one.
+    """
+
+    def __init__(self, manager: "ServerManager", server: OpenAIServer):
+        self._manager, self.server = manager, server
+        self._turn = asyncio.Semaphore(1)
+
+    @property
+    def config(self) -> APIServerConfig:
+        return self.server.config
+
+    @property
+    def server_healthy(self) -> bool:
+        return self.server.healthy
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        return await self._manager._generate("/chat/completions", kwargs, self)
+
+    async def completion(self, **kwargs: Any) -> Any:
+        return await self._manager._generate("/completions", kwargs, self)
+
+    # The slot interface of ServerManager._request (as ServerManager._acquire and Slots.give_back).
+
+    async def acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
+        await self._turn.acquire()
+        try:
+            if self.server is None or not self.server.healthy:  # down (or a move failed): move
+                old, self.server = self.server, None
+                if old is not None:
+                    self._manager.slots.give_back(old, "train")
+                self.server = await self._manager._acquire("train", old)
+            return self.server
+        except BaseException:
+            self._turn.release()
+            raise
+
+    def give_back(self, server: OpenAIServer, split: str) -> None:
+        self._turn.release()
+
+    def end(self) -> None:
+        if self.server is not None:
+            self._manager.slots.give_back(self.server, "train")
+            self.server = None
+
+
+# Where atroposlib keeps the ServerManager that BaseEnv (and code importing it later) builds.
+ATROPOS_MANAGER_MODULES = ("atroposlib.envs.server_handling.server_manager", "atroposlib.envs.base")
+
+
+def patch_atropos() -> None:
+    """Make atroposlib build this module's ``ServerManager``: every ``BaseEnv`` created after
+    this call, and code that imports ``ServerManager`` from atroposlib afterwards, gets ours.
+
+    Idempotent.  atroposlib is imported here only.  Its pydantic ``ServerBaseline`` and
+    ``APIServerConfig`` stay as they are (BaseEnv's command line is built from their pydantic
+    fields); ours reads them by field.
+    """
+    import importlib
+
+    try:
+        modules = [importlib.import_module(name) for name in ATROPOS_MANAGER_MODULES]
+    except ImportError as e:
+        raise ConfigError(f"cannot import atroposlib ({e}); pip install atroposlib") from None
+    original = getattr(modules[0], "ServerManager")
+    for module in modules + [m for name, m in list(sys.modules.items()) if name.startswith("atroposlib.")]:
+        if getattr(module, "ServerManager", None) in (original, ServerManager):
+            module.ServerManager = ServerManager
+
+
+def run_env(script: str, argv: Sequence[str]) -> None:
+    """Run an Atropos environment script as ``python script ARGS`` would, on our manager."""
+    if not os.path.isfile(script):
+        raise ConfigError(f"environment script {script!r} is not a file")
+    patch_atropos()
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
 
 
 # =============================================================================================
@@ -3095,6 +3448,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_env(args: argparse.Namespace) -> int:
+    run_env(args.script, args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="atropos-slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
@@ -3136,6 +3494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="stub")
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
     p.set_defaults(func=cmd_stub_server)
+
+    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on this ServerManager")
+    p.add_argument("script", help="the environment's .py file, run as __main__ after patch_atropos()")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments, e.g. serve --slurm true")
+    p.set_defaults(func=cmd_run_env)
 
     p = commands.add_parser("demo", help="8 stub servers, discovery, load, failover: no Slurm needed")
     p.add_argument("--requests", default="4000")

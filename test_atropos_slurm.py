@@ -427,9 +427,7 @@ class Configs(unittest.TestCase):
         manager = ServerManager(configs=ServerBaseline())
         self.assertEqual([s.url for s in manager.servers], [f"http://localhost:{p}/v1" for p in range(9004, 9008)])
 
-    def test_manager_rejects_testing_mode_and_bad_configs(self):
-        with self.assertRaises(a.ConfigError):
-            ServerManager(configs=ServerBaseline(), testing=True)
+    def test_manager_rejects_bad_configs(self):
         with self.assertRaises(a.ConfigError):
             ServerManager(configs=[])
         with self.assertRaises(a.ConfigError):
