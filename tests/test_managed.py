@@ -721,5 +721,70 @@ class AtroposBaseEnvTests(VLLMCheck):
             await self.check_sequence(node.tokens, node.masked_tokens, node.logprobs, prompt_ids)
 
 
+class AtroposControlTests(VLLMCheck):
+    """The control: Atropos' own ``ManagedServer`` over its ``VLLMServer`` and ours, each against a
+    fake of Atropos' ``/generate`` server, run the same calls: the same requests reach the
+    server and the same nodes and choices come back."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        try:
+            import atroposlib.envs.server_handling.vllm_server  # noqa: F401
+        except ImportError:
+            require("atroposlib", False, "bash tests/atropos/setup.sh, then run this file with "
+                                         "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+
+    async def run_calls(self, managed):
+        chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        replies = [await managed.chat_completion(messages=chat, n=2, max_tokens=3, temperature=1.0)]
+        replies.append(await managed.completion(prompt="Once upon", max_tokens=2, stop=["\n"]))
+        extended = managed.get_state()["nodes"][-1].full_text + " more"
+        replies.append(await managed.completion(prompt=extended, max_tokens=4))
+        choices = [(r.object, c.index, c.finish_reason, c.message.content if r.object == "chat.completion" else c.text)
+                   for r in replies for c in r.choices]
+        return choices, [node.model_dump() for node in managed.get_state()["nodes"]]
+
+    async def test_vllm_type_same_requests_nodes_and_choices_as_atropos_own_managed_server(self):
+        from atroposlib.envs.server_handling.vllm_server import VLLMServer
+        await self.compare("vllm", "atropos", VLLMServer)
+
+    async def test_sglang_type_same_requests_nodes_and_choices_as_atropos_own_managed_server(self):
+        from atroposlib.envs.server_handling.sglang_server import SGLangServer
+        await self.compare("sglang", "sglang", SGLangServer)
+
+    async def compare(self, server_type, shape, atropos_server_class):
+        from atroposlib.envs.server_handling.managed_server import ManagedServer as AtroposManagedServer
+        from atroposlib.envs.server_handling.server_baseline import APIServerConfig as AtroposServerConfig
+
+        theirs, ours = await fake(self, TokenShapes(shape)), await fake(self, TokenShapes(shape))
+        config = AtroposServerConfig(base_url=theirs.url, model_name="m", tokenizer_name=self.tokenizer_dir,
+                                     server_type=server_type, timeout=10, health_check=False, api_key="x")
+        their_choices, their_nodes = await self.run_calls(
+            AtroposManagedServer(server=atropos_server_class(config), tokenizer=self.tokenizer))
+        manager = ServerManager([APIServerConfig(base_url=ours.url, model_name="m", server_type=server_type,
+                                                 timeout=10, api_key="x")])
+        self.addAsyncCleanup(manager.close)
+        async with manager.managed_server(tokenizer=self.tokenizer) as managed:
+            our_choices, our_nodes = await self.run_calls(managed)
+        self.assertEqual([(r.path, r.json()) for r in ours.posts], [(r.path, r.json()) for r in theirs.posts])
+        self.assertEqual(len(ours.posts), 3)
+        self.assertEqual(our_choices, their_choices)
+        self.assertEqual(len(our_nodes), 3)  # two chat choices, then one completion node extended in place
+        self.assertEqual(our_nodes[:2], their_nodes[:2])
+        # The one difference (README): Atropos' completion() masks the whole extended prompt, so
+        # the first turn's completion, whose own node was replaced, is trained nowhere; ours
+        # keeps it unmasked, as Atropos' chat_completion() does.
+        ours_ext, theirs_ext = our_nodes[2], their_nodes[2]
+        for key in ("full_text", "tokens", "metadata"):
+            self.assertEqual(ours_ext[key], theirs_ext[key])
+        first_turn = [i for i, m in enumerate(ours_ext["masked_tokens"][:-4]) if m != -100]
+        self.assertEqual(len(first_turn), 2)  # the 2 tokens of "Once upon"'s completion
+        for i, (mine, atropos) in enumerate(zip(ours_ext["masked_tokens"], theirs_ext["masked_tokens"])):
+            self.assertEqual(atropos, -100 if i in first_turn else mine)
+        for i, (mine, atropos) in enumerate(zip(ours_ext["logprobs"], theirs_ext["logprobs"])):
+            self.assertEqual(atropos, 1.0 if i in first_turn else mine)
+
+
 if __name__ == "__main__":
     unittest.main()
