@@ -2487,11 +2487,16 @@ class ManagedServer:
         self.current_nodes.clear()
 
     async def chat_completion(self, **kwargs: Any) -> APIResponse:
-        """Chat through the tokenizer's chat template; Atropos' ChatCompletion (``tools`` ignored,
-        as Atropos does without a tool parser)."""
+        """Chat through the tokenizer's chat template; Atropos' ChatCompletion.  ``tools`` are
+        ignored, as Atropos does without a ``tool_parser``; with one, Atropos parses tool calls
+        out of the raw text with vLLM's parsers, which this module does not have: refused."""
         kwargs = dict(kwargs)
-        kwargs.pop("tools", None)
+        tools = kwargs.pop("tools", None)
         kwargs.pop("tool_choice", None)
+        if tools and getattr(self.manager, "tool_parser", None):
+            raise ManagedServerUnsupportedError(
+                f"tools= with tool_parser={self.manager.tool_parser!r}: parsing tool calls out of the generated "
+                "text needs vLLM's tool parsers, which atropos_slurm does not have")
         prompt = self.chat_prompt(kwargs.pop("messages", []))
         return await self._complete("chat", prompt, kwargs)
 

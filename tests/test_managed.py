@@ -36,6 +36,7 @@ from atropos_slurm import (  # noqa: E402
     ManagedServerUnsupportedError,
     SequenceNode,
     ServerManager,
+    ServerTimeoutError,
     TokenProtocolError,
 )
 
@@ -373,6 +374,27 @@ class ProtocolTests(LoopbackTestCase):
         with self.assertRaises(ManagedServerUnsupportedError):
             await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1)
         self.assertEqual(self.requests(fake), [])
+
+    async def test_tools_ignored_without_a_tool_parser_and_refused_with_one(self):
+        fake = await self.fake("atropos")
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        async with self.manager(fake).managed_server(tokenizer=TOKENIZER) as managed:
+            await managed.chat_completion(messages=[{"role": "user", "content": "x"}], tools=tools, max_tokens=1)
+        self.assertNotIn("tools", self.requests(fake)[0][1])
+        async with self.manager(fake, tool_parser="hermes").managed_server(tokenizer=TOKENIZER) as managed:
+            with self.assertRaisesRegex(ManagedServerUnsupportedError, "tool_parser='hermes'"):
+                await managed.chat_completion(messages=[{"role": "user", "content": "x"}], tools=tools, max_tokens=1)
+        self.assertEqual(len(fake.posts), 1)
+
+    async def test_timeout_and_split_are_options_of_the_call(self):
+        fake = await self.fake("atropos", delay=lambda body: 2.0 if body.get("max_tokens") == 9 else 0)
+        manager = self.manager(fake, max_retries=0)
+        await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=1, split="eval", timeout=5)
+        self.assertEqual(self.requests(fake)[0][1], {"prompt": {"prompt_token_ids": [1, 20]}, "logprobs": 0,
+                                                     "max_tokens": 1})
+        self.assertEqual(manager.servers[0].split_counts["eval"][0], 1)
+        with self.assertRaises(ServerTimeoutError):
+            await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=9, timeout=0.2)
 
     async def test_trl_type_refuses(self):
         fake = await self.fake("atropos")
