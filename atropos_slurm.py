@@ -1910,8 +1910,10 @@ class ServerManager:
         """One token request through the slots and retries, in the protocol of whichever server
         takes it: on a 404 the server's next protocol is tried (once per server, said once)."""
         prompt, params = token_prompt(kwargs), sampling_params(kwargs)
-        if prompt_logprobs:
-            top_k = max(1, int(params.pop("top_k", params.pop("top_logprobs", 1))))
+        if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
+            top_k = params.pop("top_k", params.pop("top_logprobs", 1))
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ConfigError(f"top_k={top_k!r} must be a positive integer")
 
         async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any]:
             protocols = token_protocols(server.config.server_type)

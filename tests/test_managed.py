@@ -7,9 +7,11 @@ Two parts:
   and node bookkeeping (default and tree mode, n split, masks, BOS), with a small character
   tokenizer.  Standard library only; Python 3.9 to 3.13.
 * Against the real vLLM of tests/vllm (``bash tests/vllm/setup.sh all``), with the tiny model's
-  own tokenizer loaded by ``transformers`` (run under a Python that has it, e.g. the vLLM venv):
-  every node's tokens are the prompt's ids followed by exactly the ids vLLM generated, and its
-  logprobs are vLLM's, cross-checked by direct requests to vLLM.
+  own tokenizer loaded by ``transformers`` (run under a Python that has it: the Atropos venv of
+  tests/atropos/setup.sh): every node's tokens are the prompt's ids followed by exactly the ids
+  vLLM generated, and its logprobs are vLLM's, cross-checked by direct requests to vLLM; the
+  same through Atropos' own ``BaseEnv`` after ``patch_atropos()``; and Atropos' own
+  ``ManagedServer`` as the control (same requests on the wire, same nodes).
 """
 
 import asyncio
@@ -410,6 +412,8 @@ class ProtocolTests(LoopbackTestCase):
                 pass
         with self.assertRaisesRegex(ConfigError, "input_ids"):
             await manager.tokens_and_logprobs_completion(input_ids=["a"])
+        with self.assertRaisesRegex(ConfigError, "top_k"):
+            await manager.get_logprobs(input_ids=[1], top_k="3")
         with self.assertRaisesRegex(ConfigError, "give input_ids"):
             await manager.tokens_and_logprobs_completion(max_tokens=1)
         with self.assertRaisesRegex(ConfigError, "base_url"):
