@@ -11,8 +11,28 @@ OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, 
   JSON lines (``run_watcher``, ``inference_watcher.py``).
 
 Standard library only (``wandb`` is optional and imported lazily): copying this file onto a
-cluster is a supported install.  Sections follow the data: errors, hostlists, discovery,
-config, HTTP, server, manager, stub server, watcher, CLI.
+cluster is a supported install.  The sections follow the data; each begins with a banner:
+
+=================  ==========================================================================
+Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
+Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
+Discovery          nodelist -> server URLs; scontrol through an argument list
+Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
+HTTP protocol      pure functions over bytes: request heads, response heads, body framing
+                   (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, urllib for sync GETs
+Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
+Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
+Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
+Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
+Manager            ``ServerManager``: composes slots, retry policy, servers and probes
+Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
+                   exact token ids and logprobs of each ``server_type``'s protocol
+Atropos compat     ``patch_atropos``, ``run_env``: atroposlib's ``BaseEnv`` on this manager
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Watcher            per inference node: probes -> W&B or JSON lines
+CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|demo``
+=================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -47,6 +67,23 @@ from collections import deque
 from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
+__all__ = [
+    # errors
+    "AtroposSlurmError", "ConfigError", "HostlistError", "ServerError", "ServerConnectionError",
+    "StaleConnectionError", "ServerTimeoutError", "ProtocolError", "ResponseTooLargeError",
+    "GenerationAbortedError", "APIStatusError", "NoHealthyServerError", "TokenProtocolError",
+    "ManagedServerUnsupportedError",
+    # discovery and config
+    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
+    "ServerBaseline", "APIServerConfig", "configs_for_urls",
+    # dispatch
+    "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
+    "HealthProber", "wait_for_servers", "StubServer",
+    # exact tokens and logprobs
+    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    # watcher and CLI
+    "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
+]
 
 log = logging.getLogger("atropos_slurm")
 
@@ -87,6 +124,11 @@ class ServerError(AtroposSlurmError):
 
 class ServerConnectionError(ServerError):
     """The server could not be reached, or closed or reset the connection."""
+
+
+class StaleConnectionError(ServerConnectionError):
+    """A reused keep-alive connection ended before any response byte, most likely closed by
+    the server while idle: worth resending at once, and no sign that the server is down."""
 
 
 class ServerTimeoutError(ServerError):
@@ -1148,11 +1190,6 @@ class _ReadingBody:
         return False
 
 
-class StaleConnectionError(ServerConnectionError):
-    """A reused keep-alive connection ended before any response byte, most likely closed by
-    the server while idle: worth resending at once, and no sign that the server is down."""
-
-
 # Clusters set http_proxy for pip and W&B; the trainer API is on the job's own network.
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -1509,6 +1546,11 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+# =============================================================================================
+# Health probes: one GET per server on a fresh connection, bounded; the manager's, wait's, watcher's
+# =============================================================================================
+
+
 async def probe_http(base_url: str, path: str, timeout: float) -> int:
     """GET ``path`` at the root of ``base_url``'s server on a fresh connection; return the status.
 
@@ -1548,7 +1590,7 @@ class HealthProber:
         try:
             status = await probe_http(self.urls[i], self.paths[i], self.timeout)
             if status == 404 and self.paths[i] != self.fallback_path:
-                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
+                log.info("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
                 self.paths[i] = self.fallback_path
                 status = await probe_http(self.urls[i], self.paths[i], self.timeout)
         except ServerError as e:
@@ -1556,6 +1598,31 @@ class HealthProber:
             return False
         self.errors[i] = "" if 200 <= status < 300 else f"HTTP {status} from {self.urls[i]} {self.paths[i]}"
         return not self.errors[i]
+
+
+async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
+                           health_path: str, probe_timeout: float, out=None) -> List[str]:
+    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
+
+    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
+    """
+    out = out or sys.stderr
+    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
+    started, shown = time.monotonic(), None
+    while True:
+        # A server that accepts and never answers must not stretch the wait past --timeout.
+        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
+        health = await prober.probe()
+        count, elapsed = sum(health), time.monotonic() - started
+        if count != shown:
+            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
+            shown = count
+        if count >= min_healthy:
+            return []
+        if elapsed + interval > timeout:
+            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
+        await asyncio.sleep(interval)
+
 
 
 # =============================================================================================
@@ -3289,30 +3356,6 @@ def cmd_hostnames(args: argparse.Namespace) -> int:
     names, _ = resolve_hostnames(args.hostlist, args.hostlist_backend or "python")
     print("\n".join(names))
     return 0
-
-
-async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
-                           health_path: str, probe_timeout: float, out=None) -> List[str]:
-    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
-
-    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
-    """
-    out = out or sys.stderr
-    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
-    started, shown = time.monotonic(), None
-    while True:
-        # A server that accepts and never answers must not stretch the wait past --timeout.
-        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
-        health = await prober.probe()
-        count, elapsed = sum(health), time.monotonic() - started
-        if count != shown:
-            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
-            shown = count
-        if count >= min_healthy:
-            return []
-        if elapsed + interval > timeout:
-            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
-        await asyncio.sleep(interval)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
