@@ -11,8 +11,27 @@ OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, 
   JSON lines (``run_watcher``, ``inference_watcher.py``).
 
 Standard library only (``wandb`` is optional and imported lazily): copying this file onto a
-cluster is a supported install.  Sections follow the data: errors, hostlists, discovery,
-config, HTTP, server, manager, stub server, watcher, CLI.
+cluster is a supported install.  The sections follow the data; each begins with a banner:
+
+=================  ==========================================================================
+Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
+Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
+Discovery          nodelist -> server URLs; scontrol through an argument list
+Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
+HTTP protocol      pure functions over bytes: request heads, response heads, body framing
+                   (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, urllib for sync GETs
+Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
+Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
+Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
+Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
+Manager            ``ServerManager``: composes slots, retry policy, servers and probes
+Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
+                   reasoning settings, ``testing=True``, ``DedicatedServer``
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Watcher            per inference node: probes -> W&B or JSON lines
+CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
+=================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -45,6 +64,20 @@ from collections import deque
 from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
+__all__ = [
+    # errors
+    "AtroposSlurmError", "ConfigError", "HostlistError", "ServerError", "ServerConnectionError",
+    "StaleConnectionError", "ServerTimeoutError", "ProtocolError", "ResponseTooLargeError",
+    "GenerationAbortedError", "APIStatusError", "NoHealthyServerError",
+    # discovery and config
+    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
+    "ServerBaseline", "APIServerConfig", "configs_for_urls",
+    # dispatch
+    "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
+    "HealthProber", "wait_for_servers", "StubServer",
+    # watcher and CLI
+    "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
+]
 
 log = logging.getLogger("atropos_slurm")
 
@@ -85,6 +118,11 @@ class ServerError(AtroposSlurmError):
 
 class ServerConnectionError(ServerError):
     """The server could not be reached, or closed or reset the connection."""
+
+
+class StaleConnectionError(ServerConnectionError):
+    """A reused keep-alive connection ended before any response byte, most likely closed by
+    the server while idle: worth resending at once, and no sign that the server is down."""
 
 
 class ServerTimeoutError(ServerError):
@@ -1135,11 +1173,6 @@ class _ReadingBody:
         return False
 
 
-class StaleConnectionError(ServerConnectionError):
-    """A reused keep-alive connection ended before any response byte, most likely closed by
-    the server while idle: worth resending at once, and no sign that the server is down."""
-
-
 # Clusters set http_proxy for pip and W&B; the trainer API is on the job's own network.
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -1195,13 +1228,10 @@ class AttrDict(dict):
                 return None
             raise AttributeError(name) from None
 
-    def to_dict(self) -> Dict[str, Any]:
-        """A deep copy made of plain dicts and lists."""
-        return json.loads(json.dumps(self))
-
     def model_dump(self, exclude_none: bool = False) -> Dict[str, Any]:
-        """Plain data, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
-        return _without_none(self.to_dict()) if exclude_none else self.to_dict()
+        """Plain dicts and lists, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
+        data = json.loads(json.dumps(self))
+        return _without_none(data) if exclude_none else data
 
 
 def _without_none(data: Any) -> Any:
@@ -1488,6 +1518,11 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+# =============================================================================================
+# Health probes: one GET per server on a fresh connection, bounded; the manager's, wait's, watcher's
+# =============================================================================================
+
+
 async def probe_http(base_url: str, path: str, timeout: float) -> int:
     """GET ``path`` at the root of ``base_url``'s server on a fresh connection; return the status.
 
@@ -1527,7 +1562,7 @@ class HealthProber:
         try:
             status = await probe_http(self.urls[i], self.paths[i], self.timeout)
             if status == 404 and self.paths[i] != self.fallback_path:
-                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
+                log.info("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
                 self.paths[i] = self.fallback_path
                 status = await probe_http(self.urls[i], self.paths[i], self.timeout)
         except ServerError as e:
@@ -1535,6 +1570,31 @@ class HealthProber:
             return False
         self.errors[i] = "" if 200 <= status < 300 else f"HTTP {status} from {self.urls[i]} {self.paths[i]}"
         return not self.errors[i]
+
+
+async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
+                           health_path: str, probe_timeout: float, out=None) -> List[str]:
+    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
+
+    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
+    """
+    out = out or sys.stderr
+    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
+    started, shown = time.monotonic(), None
+    while True:
+        # A server that accepts and never answers must not stretch the wait past --timeout.
+        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
+        health = await prober.probe()
+        count, elapsed = sum(health), time.monotonic() - started
+        if count != shown:
+            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
+            shown = count
+        if count >= min_healthy:
+            return []
+        if elapsed + interval > timeout:
+            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
+        await asyncio.sleep(interval)
+
 
 
 # =============================================================================================
@@ -2626,7 +2686,7 @@ def run_watcher(options: WatcherOptions) -> int:
 
 
 # =============================================================================================
-# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | demo
+# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | run-env | demo
 # =============================================================================================
 
 
@@ -2681,30 +2741,6 @@ def cmd_hostnames(args: argparse.Namespace) -> int:
     names, _ = resolve_hostnames(args.hostlist, args.hostlist_backend or "python")
     print("\n".join(names))
     return 0
-
-
-async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
-                           health_path: str, probe_timeout: float, out=None) -> List[str]:
-    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
-
-    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
-    """
-    out = out or sys.stderr
-    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
-    started, shown = time.monotonic(), None
-    while True:
-        # A server that accepts and never answers must not stretch the wait past --timeout.
-        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
-        health = await prober.probe()
-        count, elapsed = sum(health), time.monotonic() - started
-        if count != shown:
-            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
-            shown = count
-        if count >= min_healthy:
-            return []
-        if elapsed + interval > timeout:
-            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
-        await asyncio.sleep(interval)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -2902,6 +2938,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="8 stub servers, discovery, load, failover: no Slurm needed")
     p.add_argument("--requests", default="4000")
     p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def watcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for the watcher alone (``inference_watcher.py``), reporting errors as ``main`` does."""
+    parser = _ArgumentParser(prog=prog, description=description)
+    add_watcher_flags(parser)
+    parser.set_defaults(func=cmd_watch)
     return parser
 
 

@@ -5,8 +5,6 @@ The differential test runs the real ``scontrol`` from Debian's slurm-client; wit
 test is skipped locally, and fails when ``ATROPOS_TEST_REQUIRE`` names ``scontrol`` (CI).
 """
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -23,23 +21,7 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
-from support import require  # noqa: E402
-
-
-def run_cli(*argv, env=None):
-    """Run ``main`` in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            mock.patch.dict(os.environ, env or {}, clear=env is not None):
-        code = a.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def run_module(*argv, env=None, cwd=None, timeout=60):
-    """Run ``python -m atropos_slurm`` as a subprocess."""
-    full_env = dict(os.environ if env is None else env, PYTHONPATH=HERE)
-    return subprocess.run([sys.executable, "-m", "atropos_slurm", *argv], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or HERE, timeout=timeout)
+from support import require, run_cli, run_module  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
