@@ -75,6 +75,8 @@ __all__ = [
     # dispatch
     "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
     "HealthProber", "wait_for_servers", "StubServer",
+    # Atropos compatibility
+    "patch_atropos", "run_env", "DedicatedServer",
     # watcher and CLI
     "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
 ]
@@ -1494,12 +1496,14 @@ class OpenAIServer:
         """
         name = server_name or "server"
         metrics = {} if metrics_dict is None else metrics_dict
-        for split, prefix, attempts_name in (("train", "", "average_num_attempts"), ("eval", "eval_", "eval_retry_rate")):
+        for split, prefix, attempts_name in (("train", "", "average_num_attempts"),
+                                             ("eval", "eval_", "eval_retry_rate")):
             times = sorted(self.split_latencies[split])
             if times:
                 mean = sum(times) / len(times)
                 metrics[f"server/{name}_{prefix}request_time_avg"] = mean
-                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(sum((t - mean) ** 2 for t in times) / len(times))
+                variance = sum((t - mean) ** 2 for t in times) / len(times)
+                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(variance)
                 metrics[f"server/{name}_{prefix}request_time_99p"] = percentile(times, 99)
             done, failed = self.split_counts[split]
             if done:
@@ -2163,8 +2167,9 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
         slurm = True
+    backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
     if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
-            and len(resolve_hostnames(nodelist, os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto")[0]) < 2):
+            and len(resolve_hostnames(nodelist, backend)[0]) < 2):
         log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
                  "as in Atropos", nodelist)
         slurm = False
@@ -2930,7 +2935,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
     p.set_defaults(func=cmd_stub_server)
 
-    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on this ServerManager")
+    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")
     p.add_argument("script", help="the environment's .py file, run as __main__ after patch_atropos()")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments, e.g. serve --slurm true")
     p.set_defaults(func=cmd_run_env)

@@ -13,32 +13,18 @@ import asyncio
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import unittest
 from unittest import mock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from support import AsyncCase, RecordingStub, run_module, stub_url  # noqa: E402
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402
 
-LIMIT = 30.0
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-class RecordingStub(a.StubServer):
-    """The module's stub server, keeping each completion request as (path, JSON body)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.requests = []
-
-    async def _complete(self, path, body, writer, close):
-        self.requests.append((path, json.loads(body)))
-        return await super()._complete(path, body, writer, close)
 
 
 class AtroposLike:
@@ -48,20 +34,14 @@ class AtroposLike:
         self.__dict__.update(fields)
 
 
-class Case(unittest.IsolatedAsyncioTestCase):
-    async def asyncSetUp(self):
-        self._timeout = asyncio.get_running_loop().call_later(LIMIT, asyncio.current_task().cancel)
-
-    async def asyncTearDown(self):
-        self._timeout.cancel()
-
+class Case(AsyncCase):
     async def stub(self, **kwargs):
         stub = await RecordingStub(**kwargs).start()
         self.addAsyncCleanup(stub.stop)
         return stub
 
     def manager(self, stubs, cap=8, eval_cap=8, **kwargs):
-        configs = [APIServerConfig(base_url=f"http://127.0.0.1:{s.port}/v1", model_name="m",
+        configs = [APIServerConfig(base_url=stub_url(s), model_name="m",
                                    num_max_requests_at_once=cap, num_requests_for_eval=eval_cap,
                                    **kwargs.pop("config", {})) for s in stubs]
         manager = ServerManager(configs, **kwargs)
@@ -192,7 +172,8 @@ class Constructor(unittest.TestCase):
     def test_every_keyword_base_env_passes(self):
         reasoning = AtroposLike(enabled=False, effort=None, max_tokens=None)
         manager = ServerManager([APIServerConfig(base_url="http://127.0.0.1:9/v1")], slurm=False, testing=False,
-                                server_class=atropos_class("APIServer"), reasoning_config=reasoning, tool_parser="hermes")
+                                server_class=atropos_class("APIServer"), reasoning_config=reasoning,
+                                tool_parser="hermes")
         self.assertIsInstance(manager.servers[0], a.OpenAIServer)
         self.assertEqual((manager.reasoning_config, manager.tool_parser), (reasoning, "hermes"))
         with self.assertRaisesRegex(a.ConfigError, "proxy"):
@@ -378,8 +359,7 @@ class WithoutAtroposlib(unittest.TestCase):
                 f.write("raise SystemExit(7)\n")
             for path, expected in ((os.path.join(tmp, "missing.py"), "is not a file"),
                                    (script, "cannot import atroposlib")):
-                result = subprocess.run([sys.executable, "-m", "atropos_slurm", "run-env", path, "serve"], cwd=ROOT,
-                                        capture_output=True, text=True, timeout=60)
+                result = run_module("run-env", path, "serve")
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
                 self.assertIn(expected, result.stderr)
