@@ -2149,9 +2149,10 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     baseline then means localhost:9004-9007, a list is used as given), unless
     ``NUM_TRAINING_NODES=0`` says that node serves.
     """
+    proxy_url = proxy_url or os.environ.get("ATROPOS_PROXY_URL")
     if proxy_url or use_proxy:
-        raise ConfigError(f"proxy_url={proxy_url!r}, use_proxy={use_proxy!r}: Atropos' ManagedServer proxy "
-                          "is not supported")
+        raise ConfigError(f"proxy_url={proxy_url!r} (or ATROPOS_PROXY_URL), use_proxy={use_proxy!r}: Atropos' "
+                          "ManagedServer proxy is not supported")
     lone = not isinstance(configs, (list, tuple))
     configs = [own_config(c) for c in ([configs] if lone else configs)]
     is_atropos, server_type = atropos_server_type(server_class)

@@ -178,6 +178,9 @@ class Constructor(unittest.TestCase):
         self.assertEqual((manager.reasoning_config, manager.tool_parser), (reasoning, "hermes"))
         with self.assertRaisesRegex(a.ConfigError, "proxy"):
             ServerManager([APIServerConfig(base_url="http://h/v1")], proxy_url="http://proxy:9100")
+        with mock.patch.dict(os.environ, {"ATROPOS_PROXY_URL": "http://proxy:9100"}):
+            with self.assertRaisesRegex(a.ConfigError, "ATROPOS_PROXY_URL"):
+                ServerManager([APIServerConfig(base_url="http://h/v1")])
 
     def test_atropos_server_classes_map_through_server_type(self):
         for name, server_type in (("OpenAIServer", "openai"), ("VLLMServer", "vllm"), ("SGLangServer", "sglang"),

@@ -306,6 +306,7 @@ else:
             out = os.path.join(TMP.name, "testing-atropos.jsonl")
             result = self.process("chat_env.py", "atropos", out, "--testing", "true")
             self.assertNotEqual(result.returncode, 0, "Atropos' harness cannot serve its own manager's calls")
+            self.assertIn("AttributeError: 'Semaphore' object has no attribute 'max_val'", result.stderr)
             self.assertFalse(os.path.exists(out) and os.path.getsize(out))
 
 
