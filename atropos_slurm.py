@@ -28,10 +28,11 @@ Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or 
 Manager            ``ServerManager``: composes slots, retry policy, servers and probes
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
                    exact token ids and logprobs of each ``server_type``'s protocol
-Atropos compat     ``patch_atropos``, ``run_env``: atroposlib's ``BaseEnv`` on this manager
+Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
+                   reasoning settings, ``testing=True``, ``DedicatedServer``
 Stub server        a model-less OpenAI server for the demo, tests and benchmarks
 Watcher            per inference node: probes -> W&B or JSON lines
-CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|demo``
+CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
 """
 
@@ -71,8 +72,8 @@ __all__ = [
     # errors
     "AtroposSlurmError", "ConfigError", "HostlistError", "ServerError", "ServerConnectionError",
     "StaleConnectionError", "ServerTimeoutError", "ProtocolError", "ResponseTooLargeError",
-    "GenerationAbortedError", "APIStatusError", "NoHealthyServerError", "TokenProtocolError",
-    "ManagedServerUnsupportedError",
+    "GenerationAbortedError", "APIStatusError", "StreamError", "NoHealthyServerError", "ManagerClosedError",
+    "TokenProtocolError", "ManagedServerUnsupportedError",
     # discovery and config
     "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
@@ -81,6 +82,8 @@ __all__ = [
     "HealthProber", "wait_for_servers", "StubServer",
     # exact tokens and logprobs
     "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    # Atropos compatibility
+    "patch_atropos", "run_env", "DedicatedServer",
     # watcher and CLI
     "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
 ]
@@ -159,6 +162,15 @@ class APIStatusError(ServerError):
         self.status = status
         self.message = message
         self.retry_after = retry_after
+
+
+class StreamError(ServerError):
+    """The server reported an error inside a stream (``data: {"error": ...}``, as vLLM and SGLang
+    do when a generation fails after the first event): the text so far is not a finished answer."""
+
+
+class ManagerClosedError(AtroposSlurmError):
+    """A call was made on a ``ServerManager`` after ``close()``."""
 
 
 class NoHealthyServerError(ServerError):
@@ -834,18 +846,18 @@ def error_message(body: bytes, limit: int = 500) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:limit] or "(empty body)"
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or err.get("msg")
-            if msg:
-                return str(msg)[:limit]
+            if isinstance(msg, str) and msg:
+                return msg[:limit]
         elif isinstance(err, str):
             return err[:limit]
-        if "detail" in data:
-            return str(data["detail"])[:limit]
+        if isinstance(data.get("detail"), str):
+            return data["detail"][:limit]
     return text[:limit]
 
 
@@ -889,18 +901,32 @@ class SSEParser:
 # =============================================================================================
 
 
+class _Expired(Exception):
+    """Thrown into a task whose ``_Deadline`` passed (Python < 3.11); never leaves ``_Deadline``."""
+
+
+_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: a task counts the cancellations it was sent
+
+
 class _Deadline:
-    """Cancel the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
+    """Interrupt the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
 
     ``asyncio.timeout()`` exists only from Python 3.11, and ``asyncio.wait_for()`` costs a
     task per call; this costs one timer handle, or less with ``timers`` (see ``_DeadlineQueue``).
+
+    A cancellation from outside must never be swallowed, even one that lands in the same loop
+    iteration as the deadline.  From 3.11 the task counts cancellations (``uncancel``).  Before,
+    a second ``cancel()`` would merge into ours without a trace, so there the deadline does not
+    cancel: it fails the future the task waits on with ``_Expired``.  An outside cancellation
+    that comes later still turns that into ``CancelledError``, and one that came first has
+    cancelled the future already, so the deadline stands down.
     """
 
-    __slots__ = ("_seconds", "_message", "_url", "_timers", "_task", "_handle", "expired")
+    __slots__ = ("_seconds", "_message", "_url", "_timers", "_task", "_handle", "expired", "_cancelled")
 
     def __init__(self, seconds: float, message: str, url: str = "", timers: Optional["_DeadlineQueue"] = None):
         self._seconds, self._message, self._url, self._timers = seconds, message, url, timers
-        self.expired = False
+        self.expired = self._cancelled = False
 
     def __enter__(self) -> "_Deadline":
         self._task = asyncio.current_task()
@@ -911,15 +937,29 @@ class _Deadline:
         return self
 
     def _expire(self) -> None:
+        if _UNCANCEL:
+            self.expired = self._cancelled = True
+            self._task.cancel()
+            return
+        waiter = self._task._fut_waiter  # what the task awaits now (readable on 3.9 and 3.10)
+        if waiter is not None and waiter.done():
+            return  # cancelled from outside already, or its result is in: nothing to interrupt
         self.expired = True
-        self._task.cancel()
+        if waiter is None or isinstance(waiter, asyncio.Task):
+            self._cancelled = True  # not waiting on a plain future (rare): cancel after all
+            self._task.cancel()
+        else:
+            waiter.set_exception(_Expired())
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._handle.cancel()
-        if self.expired and exc_type is asyncio.CancelledError:
-            uncancel = getattr(self._task, "uncancel", None)  # 3.11+: was it also cancelled by others?
-            if uncancel is not None and uncancel() > 0:
-                return False
+        if not self.expired:
+            return False
+        if exc_type is _Expired:
+            raise ServerTimeoutError(self._message, self._url) from None
+        if exc_type is asyncio.CancelledError and self._cancelled:
+            if _UNCANCEL and self._task.uncancel() > 0:
+                return False  # cancelled by others too: theirs goes on
             raise ServerTimeoutError(self._message, self._url) from None
         return False
 
@@ -1004,6 +1044,22 @@ class _Connection:
         reader = self.reader
         return not (reader._buffer or reader.at_eof() or self.writer.is_closing() or reader.exception())
 
+    def keep_what_arrived(self) -> bool:
+        """After the connection broke: make the bytes received before it readable, then EOF.
+
+        A server may answer early and close without reading the whole request (413 on a large
+        body); the reset that follows would hide that answer behind the reader's exception.
+        Returns False when nothing had arrived.
+        """
+        data = bytes(self.reader._buffer)
+        if not data:
+            return False
+        if self.reader.exception() is not None:
+            self.reader = asyncio.StreamReader(limit=MAX_HEADER_BYTES)
+            self.reader.feed_data(data)
+            self.reader.feed_eof()
+        return True
+
     def close(self) -> None:
         try:
             self.writer.close()
@@ -1033,6 +1089,7 @@ class ConnectionPool:
         self._idle: List[_Connection] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
+        self.closed = False
 
     async def _connect(self) -> _Connection:
         try:
@@ -1047,12 +1104,12 @@ class ConnectionPool:
 
     def _take_idle(self) -> Optional[_Connection]:
         if self._idle and self._loop is not asyncio.get_running_loop():
-            self.close()  # opened in an earlier event loop: unusable in this one
+            self.drop_idle()  # opened in an earlier event loop: unusable in this one
         while self._idle:
             conn = self._idle.pop()  # the newest: if it idled too long, so did all the others
             if time.monotonic() - conn.idle_since > POOL_IDLE_SECONDS:
                 conn.close()
-                self.close()
+                self.drop_idle()
                 return None
             if conn.usable():
                 return conn
@@ -1060,7 +1117,7 @@ class ConnectionPool:
         return None
 
     def release(self, conn: _Connection, reusable: bool) -> None:
-        if reusable and conn.usable():
+        if reusable and not self.closed and conn.usable():
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -1084,7 +1141,7 @@ class ConnectionPool:
             conn.close()
             if not stale:
                 raise ServerConnectionError(f"connection closed before any response byte ({e})", self.url) from None
-            self.close()  # its idle siblings were likely closed too (idle timeout, or the server died)
+            self.drop_idle()  # its idle siblings were likely closed too (idle timeout, or the server died)
             raise StaleConnectionError(f"pooled connection closed before any response byte ({e})", self.url) from None
         except BaseException:
             conn.close()
@@ -1092,10 +1149,19 @@ class ConnectionPool:
 
     async def _exchange(self, conn: _Connection, request: bytes) -> ResponseHead:
         try:
-            conn.writer.write(request)
-            await conn.writer.drain()
+            try:
+                conn.writer.write(request)
+                await conn.writer.drain()
+            except (ConnectionError, OSError):
+                if not conn.keep_what_arrived():  # e.g. a 413 sent before the server stopped reading
+                    raise
             while True:
-                block = await conn.reader.readuntil(b"\r\n\r\n")
+                try:
+                    block = await conn.reader.readuntil(b"\r\n\r\n")
+                except (ConnectionError, OSError):
+                    if not conn.keep_what_arrived():
+                        raise
+                    continue
                 head = parse_response_head(block[:-4])
                 if not 100 <= head.status < 200:
                     return head
@@ -1155,10 +1221,15 @@ class ConnectionPool:
             raise asyncio.IncompleteReadError(b"", None)
         return []
 
-    def close(self) -> None:
+    def drop_idle(self) -> None:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+    def close(self) -> None:
+        """Close the idle connections, and from now on every connection a call gives back."""
+        self.closed = True
+        self.drop_idle()
 
 
 class _NothingReceived(Exception):
@@ -1245,13 +1316,10 @@ class AttrDict(dict):
                 return None
             raise AttributeError(name) from None
 
-    def to_dict(self) -> Dict[str, Any]:
-        """A deep copy made of plain dicts and lists."""
-        return json.loads(json.dumps(self))
-
     def model_dump(self, exclude_none: bool = False) -> Dict[str, Any]:
-        """Plain data, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
-        return _without_none(self.to_dict()) if exclude_none else self.to_dict()
+        """Plain dicts and lists, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
+        data = json.loads(json.dumps(self))
+        return _without_none(data) if exclude_none else data
 
 
 def _without_none(data: Any) -> Any:
@@ -1281,18 +1349,40 @@ def _loads_attr(data: Any) -> Any:
     return _ATTR_DECODER.decode(data)
 
 
-def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> APIResponse:
-    """The JSON object of a response body; with ``array_ok`` a JSON array of them too (SGLang's
-    ``/generate`` with ``n > 1``)."""
+def decode_object(data: Any, url: str, what: str) -> AttrDict:
+    """One JSON object from the server (a body, a stream event), shaped as OpenAI's, or ``ProtocolError``.
+
+    Nesting is bounded by what json's decoder can hold (Python's recursion limit, about 1,000
+    levels); a ``choices`` that is not a list of objects is refused here, so that nothing
+    downstream meets a ``TypeError``.
+    """
     try:
-        data = _loads_attr(body)
+        value = _loads_attr(data)
     except ValueError:
-        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
-    if array_ok and isinstance(data, list):
-        return data
-    if not isinstance(data, dict):
-        raise ProtocolError(f"response body is not a JSON object: {body[:80]!r}", url)
-    response = APIResponse(data)
+        raise ProtocolError(f"{what} is not JSON: {data[:80]!r}", url) from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is JSON nested deeper than Python's recursion limit "
+                            f"({sys.getrecursionlimit()})", url) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object: {data[:80]!r}", url)
+    choices = value.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+        raise ProtocolError(f"{what} has 'choices' that are not a list of objects: {data[:80]!r}", url)
+    return value
+
+
+def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> Any:
+    """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
+    ``/generate`` with ``n > 1``)."""
+    if array_ok and body.lstrip()[:1] == b"[":
+        try:
+            items = _loads_attr(body)
+        except (ValueError, RecursionError):
+            raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
+        if not all(isinstance(item, dict) for item in items):
+            raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
+        return items
+    response = APIResponse(decode_object(body, url, "response body"))
     response.raw = body
     return response
 
@@ -1310,14 +1400,28 @@ class EventStream:
     """The events of a ``stream=True`` response, as ``AttrDict`` chunks, ending at ``[DONE]``.
 
     Use ``async for chunk in stream`` (or ``async with stream``).  It holds its server slot and
-    connection until the last event, an error, or ``aclose()``; the whole stream is bounded by
-    the config's ``timeout``.
+    connection until the last event, an error, ``aclose()``, or until it is dropped; the whole
+    stream is bounded by the config's ``timeout``.  An error event raises ``StreamError``.
     """
 
     def __init__(self, body: AsyncIterator[bytes], conn: _Connection, deadline: float, url: str, on_close=None):
         self._body, self._conn, self._deadline, self.url = body, conn, deadline, url
         self._parser, self._pending = SSEParser(), deque()
         self._on_close, self._closed, self._started = on_close, False, False
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self) -> None:
+        """Dropped without ``aclose()`` (never read, left after ``break``, lost in a cancelled
+        ``gather``): give back the slot and close the connection, as openai's streams do."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close()
+        if self._on_close is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_close)
+            except RuntimeError:  # the loop is closed: nobody waits for the slot any more
+                pass
 
     def __aiter__(self) -> "EventStream":
         return self
@@ -1343,10 +1447,9 @@ class EventStream:
             if data.strip() == "[DONE]":
                 await self._finish()
                 raise StopAsyncIteration
-            try:
-                chunk = _loads_attr(data)
-            except ValueError:
-                raise ProtocolError(f"stream event is not JSON: {data[:80]!r}", self.url) from None
+            chunk = decode_object(data, self.url, "stream event")
+            if "error" in chunk:
+                raise StreamError(f"error event in the stream: {error_message(data.encode())}", self.url)
             check_not_aborted(chunk, self.url)
             return chunk
         except StopAsyncIteration:
@@ -1522,12 +1625,14 @@ class OpenAIServer:
         """
         name = server_name or "server"
         metrics = {} if metrics_dict is None else metrics_dict
-        for split, prefix, attempts_name in (("train", "", "average_num_attempts"), ("eval", "eval_", "eval_retry_rate")):
+        for split, prefix, attempts_name in (("train", "", "average_num_attempts"),
+                                             ("eval", "eval_", "eval_retry_rate")):
             times = sorted(self.split_latencies[split])
             if times:
                 mean = sum(times) / len(times)
                 metrics[f"server/{name}_{prefix}request_time_avg"] = mean
-                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(sum((t - mean) ** 2 for t in times) / len(times))
+                variance = sum((t - mean) ** 2 for t in times) / len(times)
+                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(variance)
                 metrics[f"server/{name}_{prefix}request_time_99p"] = percentile(times, 99)
             done, failed = self.split_counts[split]
             if done:
@@ -1684,12 +1789,12 @@ class Slots:
     def leave(self, waiter: "asyncio.Future", split: str) -> None:
         """A waiter gives up (cancelled, timed out): out of the line, and a slot it was just
         handed goes to the next one."""
-        if waiter.done() and not waiter.cancelled():
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             server = waiter.result()
             if server is not None:
                 self.give_back(server, split)
             return
-        waiter.cancel()
+        waiter.cancel()  # a no-op on a waiter a deadline failed: it is done
         try:
             self._waiters[split].remove(waiter)
         except ValueError:
@@ -1862,7 +1967,10 @@ class ServerManager:
     * A failed request is handled as ``RetryPolicy`` decides: connection errors, timeouts,
       408, 429 and 5xx are retried with capped exponential backoff and jitter, on another server
       when one is healthy, honouring ``Retry-After``: at most ``max_retries + 1`` HTTP requests
-      per call.  Other 4xx are raised at once.  A stale pooled connection is resent at once.
+      per call, and per part of a split call (the first part that fails for good cancels the
+      others).  Other 4xx are raised at once.  A stale pooled connection is resent at once.
+    * A call waits for a slot at most the config's ``timeout``; a stream holds its slot until
+      it ends, is closed, or is dropped.
     * A connection error, timeout or 5xx marks the server down at once; a background probe of
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
@@ -1902,8 +2010,10 @@ class ServerManager:
         self.no_server_timeout = no_server_timeout
         self.health_probe_interval = health_probe_interval
         self.slots = Slots(self.servers)
+        self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._closed = False
         self._tokens_via: Dict[OpenAIServer, int] = {}  # the protocol each server answered (see _token_call)
 
     @property
@@ -2041,7 +2151,8 @@ class ServerManager:
     async def update_weight(self, weight: float) -> None:
         """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
         which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
-        new caps at once.  ``weight=0`` holds new calls until a larger weight comes."""
+        new caps at once.  ``weight=0`` holds new calls until a larger weight comes (each for at
+        most the manager's slot wait)."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"weight={weight!r} must be a number >= 0")
         for server in self.servers:
@@ -2061,7 +2172,12 @@ class ServerManager:
             episode.end()
 
     async def close(self) -> None:
-        """Stop the health probes and close every pooled connection."""
+        """Stop the health probes and close every pooled connection.
+
+        Calls still running finish, and their connections are closed as they do; new calls
+        raise ``ManagerClosedError``.
+        """
+        self._closed = True
         probes = list(self._probes.values())
         self._probes.clear()
         for task in probes:
@@ -2085,6 +2201,8 @@ class ServerManager:
     async def _split_n(self, kwargs: Dict[str, Any], call) -> list:
         """``[await call(kwargs)]``, or, for ``n`` over the per-request cap, ``call`` once per
         chunk of ``n`` (concurrently), the results in chunk order."""
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
             self._loop = loop
@@ -2176,7 +2294,9 @@ class ServerManager:
             try:
                 if self.slots.healthy_count:
                     all_down_since = None
-                    server = await waiter
+                    with _Deadline(self._slot_timeout, f"no free slot within timeout={self._slot_timeout:g} s "
+                                                       f"(every healthy server at its cap for split={split!r})"):
+                        server = await waiter
                 else:
                     all_down_since = all_down_since or time.monotonic()
                     self._probe_all_down()
@@ -2211,6 +2331,8 @@ class ServerManager:
                 self._start_probe(server)
 
     def _start_probe(self, server: OpenAIServer) -> None:
+        if self._closed:
+            return
         key = id(server)
         if key not in self._probes or self._probes[key].done():
             self._probes[key] = asyncio.ensure_future(self._probe_until_healthy(server))
@@ -2221,7 +2343,7 @@ class ServerManager:
         A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
         """
         delay = min(0.1, self.health_probe_interval)
-        while not server.healthy:
+        while not server.healthy and not self._closed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.health_probe_interval)
             if await server.check_health():
@@ -2760,9 +2882,10 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     baseline then means localhost:9004-9007, a list is used as given), unless
     ``NUM_TRAINING_NODES=0`` says that node serves.
     """
+    proxy_url = proxy_url or os.environ.get("ATROPOS_PROXY_URL")
     if proxy_url or use_proxy:
-        raise ConfigError(f"proxy_url={proxy_url!r}, use_proxy={use_proxy!r}: Atropos' ManagedServer proxy "
-                          "is not supported")
+        raise ConfigError(f"proxy_url={proxy_url!r} (or ATROPOS_PROXY_URL), use_proxy={use_proxy!r}: Atropos' "
+                          "ManagedServer proxy is not supported")
     lone = not isinstance(configs, (list, tuple))
     configs = [own_config(c) for c in ([configs] if lone else configs)]
     is_atropos, server_type = atropos_server_type(server_class)
@@ -2778,8 +2901,9 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
         slurm = True
+    backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
     if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
-            and len(resolve_hostnames(nodelist, os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto")[0]) < 2):
+            and len(resolve_hostnames(nodelist, backend)[0]) < 2):
         log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
                  "as in Atropos", nodelist)
         slurm = False
@@ -3301,7 +3425,7 @@ def run_watcher(options: WatcherOptions) -> int:
 
 
 # =============================================================================================
-# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | demo
+# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | run-env | demo
 # =============================================================================================
 
 
@@ -3545,7 +3669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
     p.set_defaults(func=cmd_stub_server)
 
-    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on this ServerManager")
+    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")
     p.add_argument("script", help="the environment's .py file, run as __main__ after patch_atropos()")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments, e.g. serve --slurm true")
     p.set_defaults(func=cmd_run_env)

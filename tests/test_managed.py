@@ -15,10 +15,12 @@ Two parts:
 """
 
 import asyncio
+import importlib.util
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -810,6 +812,28 @@ class AtroposControlTests(VLLMCheck):
             self.assertEqual(atropos, -100 if i in first_turn else mine)
         for i, (mine, atropos) in enumerate(zip(ours_ext["logprobs"], theirs_ext["logprobs"])):
             self.assertEqual(atropos, 1.0 if i in first_turn else mine)
+
+
+VENV = os.environ.get("ATROPOS_VENV", "/opt/atropos-env-venv")
+IN_VENV_CLASSES = ("RealVLLMTests", "AtroposBaseEnvTests", "AtroposControlTests")
+
+if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("atroposlib") is None:
+    # This Python lacks them: the classes above run in the Atropos venv instead, through one test.
+    del RealVLLMTests, AtroposBaseEnvTests, AtroposControlTests, VLLMCheck
+
+    class ManagedInAtroposVenv(unittest.TestCase):
+        def test_the_vllm_and_base_env_tests_pass_in_the_atropos_venv(self):
+            python = os.path.join(VENV, "bin", "python")
+            require("atroposlib", os.access(python, os.X_OK),
+                    f"bash tests/atropos/setup.sh makes the venv {VENV} (or set ATROPOS_VENV)")
+            result = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                                     os.path.abspath(__file__), "-k", " or ".join(IN_VENV_CLASSES)],
+                                    cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=900)
+            lines = result.stdout.strip().splitlines()
+            tail = "\n".join(lines[-30:]) + "\n" + result.stderr[-2000:]
+            self.assertEqual(result.returncode, 0, tail)
+            self.assertRegex(lines[-1], r"^=* ?\d+ passed", tail)
+            self.assertNotRegex(lines[-1], r"failed|skipped|error", tail)
 
 
 if __name__ == "__main__":
