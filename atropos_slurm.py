@@ -2080,8 +2080,7 @@ class ServerManager:
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
         "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
         token_prompt(kwargs)
-        kwargs = dict(kwargs, n=1)
-        return await self._token_call(kwargs, True)
+        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True)))[0]
 
     async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> Any:
         """One token request through the slots and retries, in the protocol of whichever server
@@ -2092,7 +2091,7 @@ class ServerManager:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ConfigError(f"top_k={top_k!r} must be a positive integer")
 
-        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any]:
+        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any, str]:
             protocols = token_protocols(server.config.server_type)
             index = self._tokens_via.get(server, 0)
             while True:

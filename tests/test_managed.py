@@ -38,6 +38,7 @@ from atropos_slurm import (  # noqa: E402
     ConfigError,
     GenerationAbortedError,
     ManagedServerUnsupportedError,
+    ManagerClosedError,
     SequenceNode,
     ServerManager,
     ServerTimeoutError,
@@ -414,6 +415,11 @@ class ProtocolTests(LoopbackTestCase):
                 pass
         with self.assertRaisesRegex(ConfigError, "input_ids"):
             await manager.tokens_and_logprobs_completion(input_ids=["a"])
+        closed = self.manager(fake)
+        await closed.close()
+        for call in (closed.tokens_and_logprobs_completion, closed.get_logprobs):
+            with self.assertRaises(ManagerClosedError):
+                await call(input_ids=[1], max_tokens=1)
         with self.assertRaisesRegex(ConfigError, "top_k"):
             await manager.get_logprobs(input_ids=[1], top_k="3")
         with self.assertRaisesRegex(ConfigError, "give input_ids"):
