@@ -393,5 +393,88 @@ class CloseWhileRunning(AsyncCase):
         self.assertEqual(len(server.gets), gets, "no probe after close()")
 
 
+# =============================================================================================
+# Item 19: what the suite missed when the module was broken on purpose
+# =============================================================================================
+
+
+class MissedBefore(AsyncCase):
+    def test_connect_and_health_timeouts_must_be_positive(self):
+        for name in ("connect_timeout", "health_timeout"):
+            for value in (0, -1, 0.0):
+                with self.subTest(name=name, value=value), self.assertRaisesRegex(a.ConfigError, name):
+                    a.ServerBaseline(**{name: value})
+
+    def test_idle_limit_stays_under_the_servers_keep_alive(self):
+        self.assertLess(a.POOL_IDLE_SECONDS, 5.0, "uvicorn and llama.cpp close idle connections after 5 s")
+
+    async def test_an_idle_connection_past_the_limit_is_not_reused(self):
+        stubs = await start_stubs(self, 1, keep_alive_timeout=60)
+        direct = server_for(stub_url(stubs[0]))
+        self.addCleanup(direct.close)
+        await direct.chat_completion(messages=MESSAGES)
+        direct._pool._idle[-1].idle_since -= a.POOL_IDLE_SECONDS + 0.01
+        await direct.chat_completion(messages=MESSAGES)
+        self.assertEqual(direct._pool.opened, 2)
+        direct._pool._idle[-1].idle_since -= a.POOL_IDLE_SECONDS - 0.5
+        await direct.chat_completion(messages=MESSAGES)
+        self.assertEqual(direct._pool.opened, 2, "younger than the limit: reused")
+
+    async def test_waiting_for_a_slot_schedules_no_periodic_timers(self):
+        server = await fake(self, stall)
+        manager = make_manager([server.url], cap=1, timeout=20)
+        self.addAsyncCleanup(manager.close)
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await until(lambda: len(server.posts) == 1, what="the first call at the server")
+        waiting = [asyncio.ensure_future(manager.chat_completion(messages=MESSAGES)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        timers = len(loop._scheduled)
+        await asyncio.sleep(0.5)
+        self.assertEqual(len(loop._scheduled), timers, "no timer re-armed while waiting (no polling)")
+        self.assertEqual(manager.slots.waiting("train"), 5)
+        for task in [first, *waiting]:
+            task.cancel()
+        await asyncio.gather(first, *waiting, return_exceptions=True)
+        self.assertEqual(manager.slots.waiting("train"), 0)
+        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+
+    async def test_a_server_back_after_seconds_down_is_healthy_within_twice_the_probe_interval(self):
+        interval = 1.0
+        stubs = await start_stubs(self, 1)
+        port = stubs[0].port
+        manager = make_manager([stub_url(stubs[0])], health_probe_interval=interval, max_retries=0)
+        self.addAsyncCleanup(manager.close)
+        await stubs[0].stop()
+        with self.assertRaises(a.ServerConnectionError):
+            await manager.chat_completion(messages=MESSAGES)
+        self.assertFalse(manager.servers[0].healthy)
+        await asyncio.sleep(3.0)  # the probe backs off to its interval meanwhile
+        loop = asyncio.get_running_loop()
+        back = await a.StubServer("127.0.0.1", port).start()
+        self.addAsyncCleanup(back.stop)
+        started = loop.time()
+        await until(lambda: manager.servers[0].healthy, timeout=10, what="the server to be probed back")
+        self.assertLess(loop.time() - started, 2 * interval + 1.0, "the probe's backoff is capped by its interval")
+
+    async def test_a_call_queued_behind_a_full_server_gets_no_healthy_server_when_it_dies(self):
+        async def stall_then_die(fake_server, request, writer):
+            await asyncio.sleep(0.3)
+            return False  # closes without answering: connection error, server marked down
+
+        server = await fake(self, stall_then_die, health_status=503)
+        manager = make_manager([server.url], cap=1, max_retries=0, no_server_timeout=0.5)
+        self.addAsyncCleanup(manager.close)
+        first = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await until(lambda: len(server.posts) == 1, what="the first call at the server")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with self.assertRaises(a.NoHealthyServerError):
+            await manager.chat_completion(messages=MESSAGES)
+        self.assertLess(loop.time() - started, 0.3 + 0.5 + 3, "bounded by no_server_timeout after the death")
+        with self.assertRaises(a.ServerConnectionError):
+            await first
+
+
 if __name__ == "__main__":
     unittest.main()
