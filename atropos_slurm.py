@@ -2034,6 +2034,8 @@ class ServerManager:
 
         ``async with manager.dedicated_server() as server: await server.chat_completion(...)``
         """
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
         episode = DedicatedServer(self, await self._acquire("train", None))
         try:
             yield episode
