@@ -1547,19 +1547,19 @@ class OpenAIServer:
         """
         body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
         body["model"] = self.config.model_name
-        extra = kwargs.get("extra_body") or {}
-        for name in ("extra_headers", "extra_query"):
-            if name in kwargs:
-                raise ConfigError(f"{name}= is not supported (only extra_body is)")
-        if not isinstance(extra, dict):
+        if "extra_headers" in body or "extra_query" in body:
+            raise ConfigError("extra_headers= and extra_query= are not supported (extra_body= is)")
+        extra = kwargs.get("extra_body")
+        if extra is not None and not isinstance(extra, dict):
             raise ConfigError(f"extra_body={extra!r} must be a dict")
         if self.reasoning is not None and path == "/chat/completions" and not kwargs.get("skip_reasoning"):
-            extra = {**extra, **self.reasoning}
+            extra = {**(extra or {}), **self.reasoning}
             if "api.openai.com" in self.url:  # OpenAI's reasoning models, as Atropos calls them
                 body["temperature"] = 1.0
                 if body.get("max_tokens"):
                     body["max_completion_tokens"] = body.pop("max_tokens")
-        body.update(extra)
+        if extra:
+            body.update(extra)
         return body
 
     async def chat_completion(self, **kwargs: Any) -> Any:
@@ -2164,6 +2164,8 @@ class ServerManager:
 
         ``async with manager.dedicated_server() as server: await server.chat_completion(...)``
         """
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
         episode = DedicatedServer(self, await self._acquire("train", None))
         try:
             yield episode

@@ -315,6 +315,10 @@ class Dedicated(Case):
             self.assertTrue(server.server_healthy)
         self.assertEqual(sorted(len(s.requests) for s in stubs), [0, 5], "every turn went to the held server")
         self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 2)
+        await manager.close()
+        with self.assertRaises(a.ManagerClosedError):
+            async with manager.dedicated_server():
+                pass
 
     async def test_episodes_beyond_the_caps_wait_for_a_slot(self):
         stubs = [await self.stub(latency=0.1), await self.stub(latency=0.1)]

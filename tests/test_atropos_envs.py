@@ -3,8 +3,9 @@
 Small environments written the way Atropos' are (``tests/atropos/tiny_envs.py``: chat with
 ``split="eval"``, completion, ``dedicated_server`` multi-turn) run through real ``BaseEnv``
 code after ``patch_atropos()``: ``collect_trajectories``, ``evaluate``, ``wandb_log`` (real
-wandb, offline), ``update_weight`` through ``get_status`` (a trainer API on loopback), and
-Atropos' ``process`` subcommand end to end, writing groups to a file.  Each runs a second time
+wandb, offline), ``update_weight`` through ``get_status`` (a trainer API on loopback),
+Atropos' ``process`` subcommand end to end, writing groups to a file, and ``serve`` feeding
+Atropos' real trainer API (``run-api``) batches.  Each runs a second time
 on Atropos' own manager, and the two are compared: the same shapes, the same requests seen
 by the server (``RecordingStub``, the module's stub server on loopback).  Atropos' manager is
 compared with health checks off, since its health check is a generation request of its own.
@@ -26,7 +27,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
+import urllib.request
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +67,7 @@ else:
     import tiny_envs
 
     ATROPOS_MANAGER = atropos_server_manager.ServerManager  # kept before patching, for the control runs
+    NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     a.patch_atropos()
     KINDS = ("ours", "atropos")
     TMP = tempfile.TemporaryDirectory(prefix="atropos-envs-")
@@ -219,6 +223,16 @@ else:
             self.assertEqual(logged["ours"]["server/server_0_average_num_attempts"], 1.0)
             self.assertEqual(logged["ours"]["eval/percent_correct"], logged["atropos"]["eval/percent_correct"])
 
+    class Patching(unittest.TestCase):
+        def test_patch_is_idempotent_and_reaches_later_imports(self):
+            a.patch_atropos()
+            a.patch_atropos()
+            import atroposlib.envs.eval as atropos_eval  # imports ServerManager from server_manager
+
+            for module in (atropos_base, atropos_server_manager, atropos_eval):
+                self.assertIs(module.ServerManager, a.ServerManager, module.__name__)
+            self.assertIs(atropos_base.APIServerConfig, APIServerConfig, "Atropos' pydantic configs stay")
+
     class CallsOnTheWire(unittest.TestCase):
         """Manager calls as environments make them, ours and Atropos', compared request by request."""
 
@@ -308,6 +322,78 @@ else:
             self.assertNotEqual(result.returncode, 0, "Atropos' harness cannot serve its own manager's calls")
             self.assertIn("AttributeError: 'Semaphore' object has no attribute 'max_val'", result.stderr)
             self.assertFalse(os.path.exists(out) and os.path.getsize(out))
+
+    class ServeSubcommand(unittest.TestCase):
+        """``serve`` against Atropos' real trainer API (``atroposlib.cli.run_api``) and a trainer
+        that registers and takes batches: ``BaseEnv`` polls ``/status-env`` (``update_weight``),
+        logs to W&B (offline) with the servers' metrics, and sends scored groups."""
+
+        def api(self, port, method, path, body=None):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                             data=None if body is None else json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with NO_PROXY.open(request, timeout=10) as response:
+                return json.loads(response.read())
+
+        def serve(self, kind):
+            port = support.free_port_block(1)
+            log = open(os.path.join(TMP.name, f"serve-{kind}.log"), "w")
+            self.addCleanup(log.close)
+            api = subprocess.Popen([sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1",
+                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=TMP.name)
+            self.addCleanup(support.stop_process, api)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self.api(port, "GET", "/")
+                    break
+                except OSError:
+                    self.assertLess(time.monotonic(), deadline, "run-api did not come up")
+                    time.sleep(0.2)
+            self.api(port, "POST", "/register", {
+                "wandb_group": "g", "wandb_project": "tiny-serve", "batch_size": 8, "max_token_len": 2048,
+                "checkpoint_dir": "", "save_checkpoint_interval": -1, "starting_step": 0, "num_steps": 10})
+            self.api(port, "GET", "/batch")  # the trainer has started
+            command = [sys.executable, os.path.join(ROOT, "tests", "atropos", "chat_env.py"), "serve",
+                       "--env.rollout_server_url", f"http://127.0.0.1:{port}", "--env.use_wandb", "true",
+                       "--env.total_steps", "10", "--openai.base_url", url(STUBS[0]), "--openai.health_check", "false"]
+            if kind == "ours":
+                command[1:2] = ["-m", "atropos_slurm", "run-env", command[1]]
+            env = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=TMP.name,
+                                   env=dict(os.environ, PYTHONPATH=ROOT))
+            self.addCleanup(support.stop_process, env)
+            batches, deadline = [], time.monotonic() + 180
+            while len(batches) < 2:
+                self.assertIsNone(env.poll(), f"the environment exited; see {log.name}")
+                self.assertLess(time.monotonic(), deadline, f"no batches within 180 s; see {log.name}")
+                batch = self.api(port, "GET", "/batch")["batch"]
+                if batch:
+                    batches.append(batch)
+                else:
+                    time.sleep(0.3)
+            status = self.api(port, "GET", "/status")
+            support.stop_process(env)
+            log.flush()
+            with open(log.name) as f:
+                output = f.read()
+            self.assertNotIn("Traceback", output)
+            self.assertIn('"GET /status-env HTTP/1.1" 200', output, "get_status ran (update_weight)")
+            return batches, status
+
+        def test_serve_feeds_a_trainer(self):
+            for kind in KINDS:
+                with self.subTest(kind):
+                    batches, status = self.serve(kind)
+                    self.assertGreaterEqual(status["current_step"], 2)
+                    for batch in batches:
+                        sequences = [t for group in batch for t in group["tokens"]]
+                        self.assertEqual(len(sequences), 8)
+                        for group in batch:
+                            self.assertEqual(len(group["tokens"]), 4)
+                            for tokens, masks in zip(group["tokens"], group["masks"]):
+                                self.assertEqual(len(tokens), len(masks))
+                                self.assertEqual(masks[0], -100)
+                    seen()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
 # apply_chat_template(tokenize=True)).  No torch: atroposlib imports none for BaseEnv,
 # ServerManager and its servers, and transformers' tokenizers work without it.
 #
+# Measured on the 2-core CI machine (shared, load 4-6): 114-148 s for a fresh venv (135 s with
+# pip's cache off), 101 packages, 1.0 GB; 8.5 s when the venv is already complete.
+#
 # Knobs: ATROPOS_VENV (default /opt/atropos-env-venv), ATROPOS_PYTHON (a Python >= 3.10;
 # default: PYENV_VERSION=3.11.7 python, else python3.11, else python3).
 set -euo pipefail
