@@ -168,8 +168,8 @@ class LoopThread:
     def run(self, coro, timeout=10.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start_stub(self, port: int = 0, **options: Any) -> a.StubServer:
-        stub = self.run(a.StubServer("127.0.0.1", port, **options).start())
+    def start_stub(self, port: int = 0, stub_class: type = a.StubServer, **options: Any) -> a.StubServer:
+        stub = self.run(stub_class("127.0.0.1", port, **options).start())
         self.stubs.append(stub)
         return stub
 
@@ -182,6 +182,19 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+class RecordingStub(a.StubServer):
+    """A ``StubServer`` that keeps every completion request it got as (path, JSON body): what a
+    client sent, to compare clients on the wire."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.requests: List[tuple] = []
+
+    async def _complete(self, path, body, writer, close):
+        self.requests.append((path, json.loads(body)))
+        return await super()._complete(path, body, writer, close)
 
 
 class AsyncCase(unittest.IsolatedAsyncioTestCase):
@@ -565,7 +578,8 @@ class TrainerAPIStub:
     """Atropos' ``run-api`` with its real schemas, driven by the test (a thread, any host/port).
 
     ``GET /wandb_info`` -> ``{"group", "project"}``, both null until ``register``;
-    ``GET /status`` -> ``{"current_step", "queue_size"}``, the step reading 0 until registered.
+    ``GET /status`` -> ``{"current_step", "queue_size"}``, the step reading 0 until registered;
+    ``GET /status-env`` -> what ``BaseEnv.get_status`` reads, with ``env_weight``.
     ``go_away`` stops listening (connections are refused), ``come_back`` listens again on the
     same port, ``garbage`` makes every answer a different kind of nonsense.  ``hits`` counts
     requests per path; ``status_calls`` logs (time, client address) of each ``/status``.
@@ -580,6 +594,7 @@ class TrainerAPIStub:
         self.host, self.port = host, port
         self.project = self.group = None  # type: Optional[str]
         self.step = 0
+        self.env_weight = 1.0
         self.garbage = False
         self.hits = collections.Counter()  # type: collections.Counter
         self.status_calls = []  # type: List[tuple]
@@ -606,6 +621,10 @@ class TrainerAPIStub:
                 status, ctype = 200, "application/json"
                 step = self.step if self.project is not None else 0
                 body = json.dumps({"current_step": step, "queue_size": 0}).encode()
+            elif path == "/status-env":
+                status, ctype = 200, "application/json"
+                body = json.dumps({"current_step": self.step, "queue_size": 0, "unallocated_fraction": 1.0,
+                                   "self_queue_size": 0, "max_group_size": 1, "env_weight": self.env_weight}).encode()
             else:
                 status, ctype, body = 404, "application/json", b'{"detail": "Not Found"}'
             self.cond.notify_all()

@@ -289,8 +289,8 @@ class Dispatch(AsyncCase):
         await asyncio.gather(eval_full, train)
         self.assertEqual(stubs[0].max_in_flight, 7, "eval traffic does not take training slots")
         self.assertEqual(manager.servers[0].in_flight, {"train": 0, "eval": 0})
-        with self.assertRaisesRegex(a.ConfigError, "split="):
-            await manager.chat_completion(messages=MESSAGES, split="test")
+        await asyncio.gather(*(manager.chat_completion(messages=MESSAGES, split=s) for s in ("validation", "test")))
+        self.assertEqual(manager.servers[0].split_counts["eval"][0], 6 + 4 + 2, "any split but 'train' is eval (Atropos)")
 
     async def test_n_is_split_over_requests_and_merged(self):
         stubs = await start_stubs(self, 2)
