@@ -1576,7 +1576,10 @@ class OpenAIServer:
         ``skip_reasoning``; ``extra_body`` is merged in last, its keys winning, as in the SDK.
         Other keys pass through (vLLM's ``ignore_eos``, ...).
         """
-        body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
+        if _NOT_SENT.isdisjoint(kwargs):  # the usual call: a plain copy
+            body = dict(kwargs)
+        else:
+            body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
         body["model"] = self.config.model_name
         if "extra_headers" in body or "extra_query" in body:
             raise ConfigError("extra_headers= and extra_query= are not supported (extra_body= is)")
@@ -2301,7 +2304,8 @@ class ServerManager:
                 else:
                     result = await server.post(path, server.request_body(path, kwargs), fresh=resend,
                                                timeout=kwargs.get("timeout"),
-                                               on_stream_close=lambda s=server: slots.give_back(s, split))
+                                               on_stream_close=(lambda s=server: slots.give_back(s, split))
+                                               if kwargs.get("stream") else None)
             except ServerError as error:
                 decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
                 self._record_failure(server, error, decision)
