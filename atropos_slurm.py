@@ -2405,10 +2405,9 @@ class ServerManager:
 
         A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
         """
-        delay = min(0.1, self.health_probe_interval)
+        waits = probe_waits(self.health_probe_interval)
         while not server.healthy and not self._closed:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.health_probe_interval)
+            await asyncio.sleep(next(waits))
             if await server.check_health():
                 log.info("server %s is healthy again", server.url)
                 self.slots.set_healthy(server, True)
