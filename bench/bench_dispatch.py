@@ -461,8 +461,9 @@ def verdicts(cells, clients):
         for key, runs in cells.items():
             ours, bare = median_of(runs["ours"], "cpu_us"), median_of(runs["bare"], "cpu_us")
             ratio = ours / bare
-            lines.append(f"| ours CPU/request ≤ 2× bare loop | {key[0]*1000:.0f} ms, {key[1]}, {key[2]} | "
-                         f"{ours:.0f} / {bare:.0f} µs = {ratio:.2f}× | {'PASS' if ratio <= 2 else 'FAIL'} |")
+            target = 1.5 if key[0] == 0 else 2  # issue 12: 1.5x at 0 ms (the earlier target, 2x, elsewhere)
+            lines.append(f"| ours CPU/request ≤ {target:g}× bare loop | {key[0]*1000:.0f} ms, {key[1]}, {key[2]} | "
+                         f"{ours:.0f} / {bare:.0f} µs = {ratio:.2f}× | {'PASS' if ratio <= target else 'FAIL'} |")
     for key, runs in cells.items():
         lat, k, conc = key
         if conc == 512 and lat == 0.05:
@@ -472,8 +473,8 @@ def verdicts(cells, clients):
                 if c in runs:
                     parts.append(f"{c} {median_of(runs[c], 'rps'):,.0f} = {median_of(runs[c], 'rps') / ceiling:.0%}")
             ours = median_of(runs["ours"], "rps") / ceiling if "ours" in runs else float("nan")
-            lines.append(f"| ≥ 90% of ceiling {ceiling:,.0f} req/s | 50 ms, {k}, 512 | {'; '.join(parts)} | "
-                         f"{'PASS' if ours >= 0.9 else 'FAIL'} |")
+            lines.append(f"| ≥ 95% of ceiling {ceiling:,.0f} req/s | 50 ms, {k}, 512 | {'; '.join(parts)} | "
+                         f"{'PASS' if ours >= 0.95 else 'FAIL'} |")
     if {"ours", "atropos"} <= have:
         for key, runs in cells.items():
             lat, k, conc = key

@@ -198,8 +198,19 @@ async def worker_memory(urls) -> dict:
             "rss_idle_conn": (rss2 - rss0) / count, "heap_idle_conn": (heap2 - heap0) / count}
 
 
-async def worker_probes(urls, down, interval: float, watch: float, recover_after: float, ports_down) -> dict:
-    """Half the servers down: count health probes (client side) before and after they come back."""
+def steady_waits(interval: float, rng=None):
+    """The probe waits before jitter (0.1 s doubling up to the interval), for the comparison row."""
+    step = min(0.1, interval)
+    while True:
+        yield step
+        step = min(step * 2, interval)
+
+
+async def worker_probes(urls, down, interval: float, recover_after: float, ports_down, jitter: bool) -> dict:
+    """Half the servers marked down at one instant (a switch blip): count the health probes
+    (client side) until they come back, and when each comes back."""
+    if not jitter:
+        a.probe_waits = steady_waits
     manager = make_manager(urls, 512, health_probe_interval=interval, retry_backoff=0.01, retry_backoff_max=0.05)
     loop = asyncio.get_running_loop()
     probes, recovered = [], {}
@@ -215,7 +226,7 @@ async def worker_probes(urls, down, interval: float, watch: float, recover_after
     a.OpenAIServer.check_health = counted
     stop = asyncio.Event()
 
-    async def load():  # keeps requests flowing, so the down servers are found and skipped
+    async def load():  # 64 requests in flight throughout, as a trainer would keep them
         async def worker():
             while not stop.is_set():
                 try:
@@ -224,15 +235,17 @@ async def worker_probes(urls, down, interval: float, watch: float, recover_after
                     pass
         await asyncio.gather(*(worker() for _ in range(64)))
     cpu0 = time.process_time()
-    t0 = loop.time()
     load_task = asyncio.ensure_future(load())
-    while sum(not s.healthy for s in manager.servers) < len(down) and loop.time() - t0 < 30:
-        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
     marked = loop.time()
+    for i in down:  # the blip: every request to these failed at once
+        server = manager.servers[i]
+        server.last_error = "benchmark: connection reset"
+        manager._mark_down(server)
     await asyncio.sleep(recover_after)
     server_b = Servers(ports_down)  # the down half comes back
     back = loop.time()
-    while len(recovered) < len(down) and loop.time() - back < watch:
+    while len(recovered) < len(down) and loop.time() - back < 3 * interval + 5:
         await asyncio.sleep(0.05)
     done = loop.time()
     stop.set()
@@ -242,20 +255,21 @@ async def worker_probes(urls, down, interval: float, watch: float, recover_after
     server_b.stop()
     a.OpenAIServer.check_health = original
 
-    steady = [t for t in probes if marked + interval <= t < back]  # after the first backoff steps
-    span = back - (marked + interval)
-    buckets = {}
+    start = marked + 2 * interval  # past the first backoff steps
+    steady = [t for t in probes if start <= t < back]
+    buckets = [0] * max(1, int((back - start) / 0.1))
     for t in steady:
-        buckets[int((t - marked) / 0.1)] = buckets.get(int((t - marked) / 0.1), 0) + 1
-    rate = len(steady) / span if span > 0 else float("nan")
+        buckets[min(len(buckets) - 1, int((t - start) / 0.1))] += 1
+    rate = len(steady) / (back - start)
     times = sorted(recovered.values())
-    return {"servers": len(urls), "down": len(down), "interval": interval, "mark_down_s": marked - t0,
-            "probes_per_s": rate, "peak_per_100ms": max(buckets.values(), default=0),
-            "mean_per_100ms": rate / 10, "recovered": len(recovered),
+    return {"servers": len(urls), "down": len(down), "interval": interval, "jitter": jitter,
+            "probes_per_s": rate, "peak_per_100ms": max(buckets), "mean_per_100ms": rate / 10,
+            "recovered": len(recovered),
             "recovery_first_s": times[0] - back if times else None,
             "recovery_spread_s": times[-1] - times[0] if times else None,
             "recovery_last_s": times[-1] - back if times else None,
-            "client_cpu_s": cpu, "wall_s": done - t0}
+            "recovered_first_500ms": sum(t - times[0] < 0.5 for t in times) if times else 0,
+            "client_cpu_s": cpu, "wall_s": done - marked + 1.0}
 
 
 # =============================================================================================
@@ -334,19 +348,24 @@ def report(cpu, build, memory, probes, meta) -> str:
                        f" | {m['rss_idle_conn'] / 1024:.1f} KiB | {m['heap_idle_conn'] / 1024:.1f} KiB |")
         out.append("")
     if probes:
-        p = probes
+        p = probes[0]
         out += ["## Health probes with half of 4,096 servers down\n",
-                f"{p['down']:,} of {p['servers']:,} servers down (every other node of 8: nothing listens), "
-                f"`health_probe_interval={p['interval']:g}`, 64 requests in flight throughout; all marked down "
-                f"{p['mark_down_s']:.2f} s after the load began; probes counted in the client after the first "
-                f"interval. Then a server process starts on the down ports.\n",
-                "| probes/s (steady) | expected down/interval | busiest 100 ms | mean per 100 ms | peak / mean "
-                "| recovered | first / last back after restart | spread of recoveries | client CPU |",
-                "|---|---|---|---|---|---|---|---|---|",
-                f"| {p['probes_per_s']:,.0f} | {p['down'] / p['interval']:,.0f} | {p['peak_per_100ms']:,} | "
-                f"{p['mean_per_100ms']:,.1f} | {p['peak_per_100ms'] / p['mean_per_100ms']:.1f}× | "
-                f"{p['recovered']:,} / {p['down']:,} | {p['recovery_first_s']:.2f} s / {p['recovery_last_s']:.2f} s | "
-                f"{p['recovery_spread_s']:.2f} s | {p['client_cpu_s']:.1f} s in {p['wall_s']:.0f} s |", ""]
+                f"{p['down']:,} of {p['servers']:,} servers (every other node of 8; nothing listens on their ports) "
+                f"marked down at one instant, as a switch blip would, with 64 requests in flight throughout; "
+                f"`health_probe_interval={p['interval']:g}`. Probes counted in the client from two intervals after "
+                f"the blip; after three intervals a server process starts on the down ports. "
+                f"*without jitter*: the waits of the code before this change (0.1 s doubling to the interval), "
+                f"*with jitter*: `probe_waits` (each wait × [0.5, 1.5]).\n",
+                "| probe waits | probes/s (steady) | down / interval | busiest 100 ms | mean per 100 ms | peak / mean "
+                "| recovered | back in the first 500 ms | first / last back after restart | client CPU |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in probes:
+            out.append(f"| {'with jitter' if p['jitter'] else 'without jitter'} | {p['probes_per_s']:,.0f} | "
+                       f"{p['down'] / p['interval']:,.0f} | {p['peak_per_100ms']:,} | {p['mean_per_100ms']:,.1f} | "
+                       f"{p['peak_per_100ms'] / p['mean_per_100ms']:.1f}× | {p['recovered']:,} / {p['down']:,} | "
+                       f"{p['recovered_first_500ms']:,} | {p['recovery_first_s']:.2f} s / {p['recovery_last_s']:.2f} s | "
+                       f"{p['client_cpu_s']:.1f} s in {p['wall_s']:.0f} s |")
+        out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -371,8 +390,8 @@ def main(argv=None) -> int:
         elif args.worker == "memory":
             r = asyncio.run(worker_memory(w["urls"]))
         else:
-            r = asyncio.run(worker_probes(w["urls"], w["down"], w["interval"], w["watch"], w["recover_after"],
-                                          w["ports_down"]))
+            r = asyncio.run(worker_probes(w["urls"], w["down"], w["interval"], w["recover_after"], w["ports_down"],
+                                          w["jitter"]))
         print(json.dumps(r))
         return 0
 
@@ -389,19 +408,20 @@ def main(argv=None) -> int:
                 memory.append(run_worker("memory", {"urls": urls_for(base, k)}))
             finally:
                 servers.stop()
-    probes = None
+    probes = []
     if "probes" in parts:
         k = max(SIZES)
         down = [i for i in range(k) if (i // PER_NODE) % 2 == 1]
         up = [base + i for i in range(k) if (i // PER_NODE) % 2 == 0]
-        servers = Servers(up)
-        try:
-            probes = run_worker("probes", {"urls": urls_for(base, k), "down": down, "interval": args.probe_interval,
-                                           "watch": 3 * args.probe_interval + 5,
-                                           "recover_after": 3 * args.probe_interval,
-                                           "ports_down": [base + i for i in down]})
-        finally:
-            servers.stop()
+        for jitter in (False, True):
+            servers = Servers(up)
+            try:
+                probes.append(run_worker("probes", {"urls": urls_for(base, k), "down": down,
+                                                    "interval": args.probe_interval,
+                                                    "recover_after": 3 * args.probe_interval,
+                                                    "ports_down": [base + i for i in down], "jitter": jitter}))
+            finally:
+                servers.stop()
     load = (bd._machine_busy() - busy0) / (time.perf_counter() - wall0)
     meta = (f"- {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
             f"`python3 bench/bench_scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
