@@ -759,6 +759,44 @@ class AtroposBaseEnvTests(VLLMCheck):
             await self.check_sequence(node.tokens, node.masked_tokens, node.logprobs, prompt_ids)
 
 
+    async def test_process_subcommand_through_run_env_writes_complete_groups(self):
+        """Atropos' own ``process`` subcommand (its CLI, its jsonl writer) through ``run-env``, on
+        servers A and B (server_type vllm: /generate 404s, then /v1/completions with token ids)."""
+        work = tempfile.mkdtemp(prefix="managed-process-")
+        self.addCleanup(shutil.rmtree, work, True)
+        out = os.path.join(work, "groups.jsonl")
+        group_size, steps = 5, 2
+        command = [sys.executable, "-m", "atropos_slurm", "run-env", os.path.join(HERE, "atropos", "managed_env.py"),
+                   "process", "--env.data_path_to_save_groups", out, "--env.total_steps", str(steps),
+                   "--env.group_size", str(group_size), "--openai.base_url", self.urls[0],
+                   "--openai.model_name", self.vllm["ATROPOS_VLLM_MODEL"], "--openai.server_type", "vllm",
+                   "--openai.timeout", "120"]
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), TINY_TOKENIZER_DIR=self.tokenizer_dir,
+                   TINY_API_KEY=self.vllm["ATROPOS_VLLM_API_KEY"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=work, TOKENIZERS_PARALLELISM="false")
+        env.pop("TINY_BASE_URL", None)
+        result = await asyncio.to_thread(subprocess.run, command,
+                                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        with open(out) as f:
+            groups = [json.loads(line) for line in f]
+        self.assertEqual(len(groups), steps)
+        questions = ["hello world", "what is the answer?"]  # tiny_envs.QUESTIONS, in order
+        for group, question in zip(groups, questions):
+            for key in ("tokens", "masks", "scores", "inference_logprobs", "messages"):
+                self.assertEqual(len(group[key]), group_size, key)
+            messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+            prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True))
+            for tokens, masks, logprobs, chat in zip(group["tokens"], group["masks"], group["inference_logprobs"],
+                                                     group["messages"]):
+                self.assertEqual(chat[:2], messages)
+                self.assertEqual(chat[2]["content"], self.tokenizer.decode(tokens[len(prompt_ids):],
+                                                                           skip_special_tokens=True))
+                await self.check_sequence(tokens, masks, logprobs, prompt_ids)
+
+
 class AtroposControlTests(VLLMCheck):
     """The control: Atropos' own ``ManagedServer`` over its ``VLLMServer`` and ours, each against a
     fake of Atropos' ``/generate`` server, run the same calls: the same requests reach the
