@@ -4,7 +4,8 @@ Small environments written the way Atropos' are (``tests/atropos/tiny_envs.py``:
 ``split="eval"``, completion, ``dedicated_server`` multi-turn) run through real ``BaseEnv``
 code after ``patch_atropos()``: ``collect_trajectories``, ``evaluate``, ``wandb_log`` (real
 wandb, offline), ``update_weight`` through ``get_status`` (a trainer API on loopback),
-Atropos' ``process`` subcommand end to end, writing groups to a file, and ``serve`` feeding
+Atropos' ``process`` subcommand end to end, writing groups to a file, its ``evaluate``
+subcommand (``metrics.json``, ``samples.jsonl``), and ``serve`` feeding
 Atropos' real trainer API (``run-api``) batches.  Each runs a second time
 on Atropos' own manager, and the two are compared: the same shapes, the same requests seen
 by the server (``RecordingStub``, the module's stub server on loopback).  Atropos' manager is

@@ -10,7 +10,8 @@ Two parts:
   own tokenizer loaded by ``transformers`` (run under a Python that has it: the Atropos venv of
   tests/atropos/setup.sh): every node's tokens are the prompt's ids followed by exactly the ids
   vLLM generated, and its logprobs are vLLM's, cross-checked by direct requests to vLLM; the
-  same through Atropos' own ``BaseEnv`` after ``patch_atropos()``; and Atropos' own
+  same through Atropos' own ``BaseEnv`` after ``patch_atropos()``, and through Atropos'
+  ``process`` subcommand run by ``run-env`` (the groups it writes); and Atropos' own
   ``ManagedServer`` as the control (same requests on the wire, same nodes).
 """
 
@@ -669,7 +670,8 @@ class RealVLLMTests(VLLMCheck):
 class AtroposBaseEnvTests(VLLMCheck):
     """Atropos' own ``BaseEnv`` (atroposlib 0.4.0) after ``patch_atropos()``, running the
     collect_trajectories pattern of its gsm8k_server environment (``managed_server`` chat with
-    ``n`` = group size) and of math_server_zero (``managed_server`` completion) against vLLM.
+    ``n`` = group size) and of math_server_zero (``managed_server`` completion) against vLLM,
+    and Atropos' ``process`` subcommand through ``run-env`` (``tests/atropos/managed_env.py``).
     Run under the Atropos venv: ``bash tests/atropos/setup.sh`` then
     ``/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py``."""
 
