@@ -3030,12 +3030,16 @@ class DedicatedServer:
     The episode holds one "train" slot of one healthy server from start to end, as Atropos'
     does; its calls (``chat_completion``, ``completion``, with ``split`` and ``n`` as the
     manager's) run in that slot one at a time, so the server's caps still hold, and are retried
-    as any call.  When its server goes down, the episode moves to another healthy one.
+    as any call.  When its server goes down, the episode moves to another healthy one.  A
+    stream keeps the slot until it ends: the episode's next call waits for it (at most the
+    manager's slot wait), and a stream still open when the episode ends holds the server's slot
+    until it ends.  Calls after the episode ended raise ``ConfigError``.
     """
 
     def __init__(self, manager: "ServerManager", server: OpenAIServer):
         self._manager, self.server = manager, server
         self._turn = asyncio.Semaphore(1)
+        self._ended = False
 
     @property
     def config(self) -> APIServerConfig:
@@ -3054,8 +3058,14 @@ class DedicatedServer:
     # The slot interface of ServerManager._request (as ServerManager._acquire and Slots.give_back).
 
     async def acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
-        await self._turn.acquire()
+        wait = self._manager._slot_timeout
+        with _Deadline(wait, f"the episode's slot was still in use after timeout={wait:g} s "
+                             "(by an unfinished stream of this episode?)"):
+            await self._turn.acquire()
         try:
+            if self._ended:
+                raise ConfigError("this dedicated_server() episode has ended: make its calls inside its "
+                                  "`async with` block")
             if self.server is None or not self.server.healthy:  # down (or a move failed): move
                 old, self.server = self.server, None
                 if old is not None:
@@ -3068,8 +3078,15 @@ class DedicatedServer:
 
     def give_back(self, server: OpenAIServer, split: str) -> None:
         self._turn.release()
+        if self._ended:  # the stream that outlived its episode ended
+            self._leave_server()
 
     def end(self) -> None:
+        self._ended = True
+        if not self._turn.locked():  # else a stream still runs in the slot: it ends the episode
+            self._leave_server()
+
+    def _leave_server(self) -> None:
         if self.server is not None:
             self._manager.slots.give_back(self.server, "train")
             self.server = None

@@ -40,10 +40,10 @@ class Case(AsyncCase):
         self.addAsyncCleanup(stub.stop)
         return stub
 
-    def manager(self, stubs, cap=8, eval_cap=8, **kwargs):
+    def manager(self, stubs, cap=8, eval_cap=8, config=None, **kwargs):
         configs = [APIServerConfig(base_url=stub_url(s), model_name="m",
                                    num_max_requests_at_once=cap, num_requests_for_eval=eval_cap,
-                                   **kwargs.pop("config", {})) for s in stubs]
+                                   **(config or {})) for s in stubs]
         manager = ServerManager(configs, **kwargs)
         self.addAsyncCleanup(manager.close)
         return manager
@@ -346,6 +346,52 @@ class Dedicated(Case):
             self.assertIsNot(server.server, first)
             self.assertTrue(chat.choices[0].message.content)
         self.assertEqual([s.in_flight["train"] for s in manager.servers], [0, 0])
+
+    async def test_a_stream_in_an_episode_holds_the_episodes_slot_until_it_ends(self):
+        stubs = [await self.stub(), await self.stub()]
+        manager = self.manager(stubs, cap=1, config={"timeout": 1.0})  # the slot wait: 1 s
+        async with manager.dedicated_server() as server:
+            held = server.server
+            stream = await server.chat_completion(messages=MESSAGES, stream=True, max_tokens=4, timeout=60)
+            self.assertEqual(sum(s.in_flight["train"] for s in manager.servers), 1, "the stream takes no other slot")
+            # Until the stream ends, the episode's next call waits for the slot (here past its bound).
+            with self.assertRaisesRegex(a.ServerTimeoutError, "episode"):
+                await server.chat_completion(messages=MESSAGES)
+            waiting = asyncio.ensure_future(server.completion(prompt="p"))
+            text = "".join([chunk.choices[0].delta.content async for chunk in stream if chunk.choices])
+            self.assertRegex(text, "^stub reply from")
+            self.assertTrue((await waiting).choices[0].text, "the waiting call ran once the stream ended")
+            # A stream closed early gives the slot back too.
+            stream = await server.chat_completion(messages=MESSAGES, stream=True)
+            async for chunk in stream:
+                break
+            await stream.aclose()
+            await server.chat_completion(messages=MESSAGES)
+            self.assertIs(server.server, held)
+        self.assertEqual(sorted(s.received for s in stubs), [0, 4], "every call went to the held server")
+        self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 2)
+
+    async def test_a_stream_open_when_its_episode_ends_keeps_the_servers_slot_until_it_ends(self):
+        stub = await self.stub()
+        manager = self.manager([stub], cap=1)
+        async with manager.dedicated_server() as server:
+            stream = await server.chat_completion(messages=MESSAGES, stream=True, timeout=60)
+        self.assertEqual(manager.servers[0].in_flight["train"], 1, "the stream still runs on the cap's one slot")
+        other = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        self.assertEqual(len([chunk async for chunk in stream]), 2)
+        self.assertTrue((await other).choices, "the slot went to the waiting call when the stream ended")
+        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(stub.max_in_flight, 1)
+
+    async def test_an_ended_episode_refuses_calls_and_takes_no_slot(self):
+        stub = await self.stub()
+        manager = self.manager([stub], cap=1)
+        async with manager.dedicated_server() as server:
+            await server.chat_completion(messages=MESSAGES)
+        with self.assertRaisesRegex(a.ConfigError, "episode has ended"):
+            await server.chat_completion(messages=MESSAGES)
+        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(stub.received, 1)
 
 
 # =============================================================================================

@@ -4,7 +4,8 @@ Small environments written the way Atropos' are (``tests/atropos/tiny_envs.py``:
 ``split="eval"``, completion, ``dedicated_server`` multi-turn) run through real ``BaseEnv``
 code after ``patch_atropos()``: ``collect_trajectories``, ``evaluate``, ``wandb_log`` (real
 wandb, offline), ``update_weight`` through ``get_status`` (a trainer API on loopback),
-Atropos' ``process`` subcommand end to end, writing groups to a file, and ``serve`` feeding
+Atropos' ``process`` subcommand end to end, writing groups to a file, its ``evaluate``
+subcommand (``metrics.json``, ``samples.jsonl``), and ``serve`` feeding
 Atropos' real trainer API (``run-api``) batches.  Each runs a second time
 on Atropos' own manager, and the two are compared: the same shapes, the same requests seen
 by the server (``RecordingStub``, the module's stub server on loopback).  Atropos' manager is
@@ -276,18 +277,21 @@ else:
         return {k: v for k, v in data.items() if k not in ("id", "created")}
 
     class ProcessSubcommand(unittest.TestCase):
-        """``python ENV.py process`` as Atropos documents it, and the same through ``run-env``."""
+        """``python ENV.py process|evaluate`` as Atropos documents them, and the same through ``run-env``."""
 
-        def process(self, script, kind, out, *flags, stub=None):
-            command = [sys.executable, os.path.join(ROOT, "tests", "atropos", script), "process"]
+        def subcommand(self, script, kind, name, *flags, stub=None):
+            command = [sys.executable, os.path.join(ROOT, "tests", "atropos", script), name]
             if kind == "ours":
                 command[1:2] = ["-m", "atropos_slurm", "run-env", command[1]]
-            command += ["--env.data_path_to_save_groups", out, "--env.total_steps", "2", "--env.group_size", "3",
-                        "--openai.health_check", "false", *flags]
+            command += ["--openai.health_check", "false", *flags]
             if stub is not None:
                 command += ["--openai.base_url", url(stub)]
             env = dict(os.environ, PYTHONPATH=ROOT)
             return subprocess.run(command, cwd=TMP.name, env=env, capture_output=True, text=True, timeout=300)
+
+        def process(self, script, kind, out, *flags, stub=None):
+            return self.subcommand(script, kind, "process", "--env.data_path_to_save_groups", out,
+                                   "--env.total_steps", "2", "--env.group_size", "3", *flags, stub=stub)
 
         def groups(self, path):
             with open(path) as f:
@@ -322,6 +326,39 @@ else:
             self.assertNotEqual(result.returncode, 0, "Atropos' harness cannot serve its own manager's calls")
             self.assertIn("AttributeError: 'Semaphore' object has no attribute 'max_val'", result.stderr)
             self.assertFalse(os.path.exists(out) and os.path.getsize(out))
+
+        def test_evaluate_writes_the_same_metrics_and_samples(self):
+            """``evaluate``: ``setup`` then ``evaluate`` (``split="eval"`` calls), whose
+            ``evaluate_log`` writes metrics.json and samples.jsonl; Atropos' manager the control."""
+            outputs = {}
+            for kind in KINDS:
+                out = os.path.join(TMP.name, f"evals-{kind}")
+                result = self.subcommand("chat_env.py", kind, "evaluate", "--env.data_dir_to_save_evals", out,
+                                         stub=STUBS[0])
+                self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+                self.assertNotIn("Traceback", result.stderr)
+                with open(os.path.join(out, "metrics.json")) as f:
+                    metrics = json.load(f)
+                self.assertGreaterEqual(float(metrics["config_general"].pop("total_evaluation_time_seconds")), 0)
+                outputs[kind] = (metrics, self.groups(os.path.join(out, "samples.jsonl")), seen(),
+                                 os.path.exists(os.path.join(out, "evaluate_config.yaml")))
+            metrics, samples, requests, config_dumped = outputs["ours"]
+            self.assertEqual(metrics, {
+                "config_general": {"model_name": "tiny",
+                                   "generation_parameters": {"max_new_tokens": 512, "temperature": 0.0,
+                                                             "max_tokens": 8}},
+                "results": {"atropos|tiny_chat_eval|0": {"eval/percent_correct": 1.0},
+                            "all": {"eval/percent_correct": 1.0}}})
+            self.assertEqual([s["messages"][0]["content"] for s in samples], tiny_envs.QUESTIONS[:3])
+            for sample in samples:
+                self.assertRegex(sample["messages"][1]["content"], r"^stub reply from")
+                self.assertEqual(sample["score"], 1.0)
+            self.assertEqual(len(requests), 3)
+            for body in bodies(requests):
+                self.assertEqual((body["n"], body["max_tokens"], body["temperature"]), (1, 8, 0.0))
+                self.assertNotIn("split", body)
+            self.assertTrue(config_dumped)
+            self.assertEqual(outputs["ours"], outputs["atropos"], "the same metrics, samples and requests")
 
     class ServeSubcommand(unittest.TestCase):
         """``serve`` against Atropos' real trainer API (``atroposlib.cli.run_api``) and a trainer

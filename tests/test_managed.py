@@ -10,7 +10,8 @@ Two parts:
   own tokenizer loaded by ``transformers`` (run under a Python that has it: the Atropos venv of
   tests/atropos/setup.sh): every node's tokens are the prompt's ids followed by exactly the ids
   vLLM generated, and its logprobs are vLLM's, cross-checked by direct requests to vLLM; the
-  same through Atropos' own ``BaseEnv`` after ``patch_atropos()``; and Atropos' own
+  same through Atropos' own ``BaseEnv`` after ``patch_atropos()``, and through Atropos'
+  ``process`` subcommand run by ``run-env`` (the groups it writes); and Atropos' own
   ``ManagedServer`` as the control (same requests on the wire, same nodes).
 """
 
@@ -669,7 +670,8 @@ class RealVLLMTests(VLLMCheck):
 class AtroposBaseEnvTests(VLLMCheck):
     """Atropos' own ``BaseEnv`` (atroposlib 0.4.0) after ``patch_atropos()``, running the
     collect_trajectories pattern of its gsm8k_server environment (``managed_server`` chat with
-    ``n`` = group size) and of math_server_zero (``managed_server`` completion) against vLLM.
+    ``n`` = group size) and of math_server_zero (``managed_server`` completion) against vLLM,
+    and Atropos' ``process`` subcommand through ``run-env`` (``tests/atropos/managed_env.py``).
     Run under the Atropos venv: ``bash tests/atropos/setup.sh`` then
     ``/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py``."""
 
@@ -757,6 +759,44 @@ class AtroposBaseEnvTests(VLLMCheck):
             self.assertEqual(node.full_text, "Question: 1 + 1 =" + choice.text)
             self.assertEqual(node.metadata["finish_reason"], choice.finish_reason)
             await self.check_sequence(node.tokens, node.masked_tokens, node.logprobs, prompt_ids)
+
+
+    async def test_process_subcommand_through_run_env_writes_complete_groups(self):
+        """Atropos' own ``process`` subcommand (its CLI, its jsonl writer) through ``run-env``, on
+        servers A and B (server_type vllm: /generate 404s, then /v1/completions with token ids)."""
+        work = tempfile.mkdtemp(prefix="managed-process-")
+        self.addCleanup(shutil.rmtree, work, True)
+        out = os.path.join(work, "groups.jsonl")
+        group_size, steps = 5, 2
+        command = [sys.executable, "-m", "atropos_slurm", "run-env", os.path.join(HERE, "atropos", "managed_env.py"),
+                   "process", "--env.data_path_to_save_groups", out, "--env.total_steps", str(steps),
+                   "--env.group_size", str(group_size), "--openai.base_url", self.urls[0],
+                   "--openai.model_name", self.vllm["ATROPOS_VLLM_MODEL"], "--openai.server_type", "vllm",
+                   "--openai.timeout", "120"]
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), TINY_TOKENIZER_DIR=self.tokenizer_dir,
+                   TINY_API_KEY=self.vllm["ATROPOS_VLLM_API_KEY"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=work, TOKENIZERS_PARALLELISM="false")
+        env.pop("TINY_BASE_URL", None)
+        result = await asyncio.to_thread(subprocess.run, command,
+                                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        with open(out) as f:
+            groups = [json.loads(line) for line in f]
+        self.assertEqual(len(groups), steps)
+        questions = ["hello world", "what is the answer?"]  # tiny_envs.QUESTIONS, in order
+        for group, question in zip(groups, questions):
+            for key in ("tokens", "masks", "scores", "inference_logprobs", "messages"):
+                self.assertEqual(len(group[key]), group_size, key)
+            messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+            prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True))
+            for tokens, masks, logprobs, chat in zip(group["tokens"], group["masks"], group["inference_logprobs"],
+                                                     group["messages"]):
+                self.assertEqual(chat[:2], messages)
+                self.assertEqual(chat[2]["content"], self.tokenizer.decode(tokens[len(prompt_ids):],
+                                                                           skip_special_tokens=True))
+                await self.check_sequence(tokens, masks, logprobs, prompt_ids)
 
 
 class AtroposControlTests(VLLMCheck):

@@ -2,13 +2,20 @@
 
 Each is a real ``atroposlib`` ``BaseEnv`` with in-memory data and a tokenizer built locally
 (``TINY_TOKENIZER_DIR``, see ``make_tokenizer``), talking to the servers of its config
-(``TINY_BASE_URL``, or ``--openai.base_url``):
+(``TINY_BASE_URL``, or ``--openai.base_url``; its key ``TINY_API_KEY``):
 
 * ``ChatEnv`` (as gsm8k_eval, text_reversal): ``chat_completion(n=group_size)`` per item,
   ``tokenize_for_trainer``; ``evaluate`` with ``split="eval"``; its own ``wandb_log`` metrics.
 * ``CompletionEnv`` (as mcqa_thinking): ``completion(prompt=..., n=group_size)``, ``.text``.
 * ``DedicatedEnv`` (as gym_taxi): a multi-turn episode per trajectory inside
   ``dedicated_server()``; tokens and masks from the chat template.
+* ``ManagedEnv`` (as gsm8k_server): ``managed_server`` chat with ``n=group_size``; tokens,
+  masks and ``inference_logprobs`` from its nodes (a server with token ids: ``server_type``
+  vllm or sglang).
+
+``TinyEnv.evaluate`` ends, as Atropos' environments do, with ``evaluate_log`` (the
+``evaluate`` subcommand's ``metrics.json`` and ``samples.jsonl``, with
+``--env.data_dir_to_save_evals``).
 
 Run one as Atropos runs its environments: ``python tests/atropos/chat_env.py process ...``
 (Atropos' own manager) or ``python -m atropos_slurm run-env tests/atropos/chat_env.py process ...``.
@@ -16,6 +23,7 @@ Run one as Atropos runs its environments: ``python tests/atropos/chat_env.py pro
 
 import os
 import sys
+import time
 from typing import List, Optional, Tuple
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup, ScoredDataItem
@@ -46,8 +54,8 @@ class TinyEnv(BaseEnv):
             total_steps=2, steps_per_eval=100, wandb_name=cls.name, ensure_scores_are_not_same=False,
         )
         server_configs = [APIServerConfig(model_name="tiny", base_url=os.environ.get("TINY_BASE_URL", ""),
-                                          api_key="x", num_requests_for_eval=4, num_max_requests_at_once=8,
-                                          health_check=False)]
+                                          api_key=os.environ.get("TINY_API_KEY", "x"), num_requests_for_eval=4,
+                                          num_max_requests_at_once=8, health_check=False)]
         return env_config, server_configs
 
     async def setup(self):
@@ -64,10 +72,19 @@ class TinyEnv(BaseEnv):
         return float(len(text) % 3 == i % 3)
 
     async def evaluate(self, *args, **kwargs):
+        start, samples = time.time(), []
         for question in QUESTIONS[:3]:
-            resp = await self.server.chat_completion(messages=[{"role": "user", "content": question}], n=1,
-                                                     max_tokens=8, temperature=0.0, split="eval")
-            self.eval_scores.append(float(resp.choices[0].message.content is not None))
+            messages = [{"role": "user", "content": question}]
+            resp = await self.server.chat_completion(messages=messages, n=1, max_tokens=8, temperature=0.0,
+                                                     split="eval")
+            reply = resp.choices[0].message.content
+            self.eval_scores.append(float(reply is not None))
+            samples.append({"messages": messages + [{"role": "assistant", "content": reply}],
+                            "finish_reason": resp.choices[0].finish_reason, "score": self.eval_scores[-1]})
+        scores = self.eval_scores[-len(samples):]
+        await self.evaluate_log(metrics={"eval/percent_correct": sum(scores) / len(scores)}, samples=samples,
+                                start_time=start, end_time=time.time(),
+                                generation_parameters={"temperature": 0.0, "max_tokens": 8})
 
     async def wandb_log(self, wandb_metrics: Optional[dict] = None):
         wandb_metrics = wandb_metrics or {}
@@ -137,3 +154,26 @@ class DedicatedEnv(TinyEnv):
             masks.extend(upto[len(masks):] if message["role"] == "assistant" else [-100] * (len(upto) - len(masks)))
         return ScoredDataItem(tokens=tokens, masks=masks, scores=self.score(messages[-1]["content"], item["index"]),
                               messages=messages), []
+
+
+class ManagedEnv(TinyEnv):
+    """gsm8k_server's pattern: ``managed_server`` chat, the group's tokens, masks and
+    ``inference_logprobs`` taken from its nodes (the ids and logprobs the server generated)."""
+
+    name = "tiny_managed"
+
+    async def collect_trajectories(self, item) -> Tuple[Optional[ScoredDataGroup], list]:
+        messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": item["question"]}]
+        async with self.server.managed_server(tokenizer=self.tokenizer) as managed:
+            chat_completions = await managed.chat_completion(messages=messages, n=self.config.group_size,
+                                                             max_tokens=8, temperature=1.0)
+            state = managed.get_state()
+            nodes = state["nodes"]
+        group = ScoredDataGroup(tokens=[], masks=[], scores=[], inference_logprobs=[], messages=[])
+        for i, choice in enumerate(chat_completions.choices):
+            group["tokens"].append(nodes[i].tokens)
+            group["masks"].append(nodes[i].masked_tokens)
+            group["inference_logprobs"].append(nodes[i].logprobs)
+            group["scores"].append(self.score(choice.message.content, i))
+            group["messages"].append(messages + [{"role": "assistant", "content": choice.message.content}])
+        return group, []
