@@ -671,18 +671,13 @@ def parse_response_head(block: bytes) -> ResponseHead:
     headers: Dict[str, str] = {}
     lengths = set()
     for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or " " in name or name != name.strip(_BYTES_WHITESPACE):
-            raise ProtocolError(f"invalid header line {line[:80].encode('latin-1')!r}")
-        key, text = name.lower(), value.strip(_BYTES_WHITESPACE)
+        key, text, length = _HEADER_LINES.get(line) or _parse_header_line(line)
         if key in headers:
             headers[key] = f"{headers[key]}, {text}"
         else:
             headers[key] = text
-        if key == "content-length":
-            if not (text.isdigit() and text.isascii() and len(text) <= 18):  # [0-9]{1,18}
-                raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
-            lengths.add(int(text))
+        if length is not None:
+            lengths.add(length)
     if len(lengths) > 1:
         raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
     http11 = version == "1"
@@ -697,6 +692,29 @@ def parse_response_head(block: bytes) -> ResponseHead:
     length = None if chunked or not lengths else lengths.pop()
     return ResponseHead(status, reason or "", headers,
                         keep_alive and (chunked or length is not None), length, chunked)
+
+
+_HEADER_LINES: Dict[str, Tuple[str, str, Optional[int]]] = {}  # line -> _parse_header_line(line)
+
+
+def _parse_header_line(line: str) -> Tuple[str, str, Optional[int]]:
+    """``Name: value`` -> (lowercase name, value, the length if it is Content-Length).
+
+    Servers repeat most lines in every response (content-type, server, often the length and the
+    date), so valid lines are remembered: up to 512, then the memory starts again.
+    """
+    name, sep, value = line.partition(":")
+    if not sep or not name or " " in name or name != name.strip(_BYTES_WHITESPACE):
+        raise ProtocolError(f"invalid header line {line[:80].encode('latin-1')!r}")
+    key, text, length = name.lower(), value.strip(_BYTES_WHITESPACE), None
+    if key == "content-length":
+        if not (text.isdigit() and text.isascii() and len(text) <= 18):  # [0-9]{1,18}
+            raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
+        length = int(text)
+    if len(_HEADER_LINES) >= 512:
+        _HEADER_LINES.clear()
+    _HEADER_LINES[line] = (key, text, length)
+    return key, text, length
 
 
 def parse_chunk_size(line: bytes) -> int:
