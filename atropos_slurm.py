@@ -1393,6 +1393,13 @@ def _loads_attr(data: Any) -> Any:
         data = data.decode("utf-8" if utf8 else json.detect_encoding(data), "surrogatepass")
     elif data.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    if data[:1] == "{" and data[-1:] == "}":  # no whitespace around: decode()'s scan, without its wrapping
+        try:
+            obj, end = _ATTR_DECODER.scan_once(data, 0)
+        except StopIteration:
+            end = -1
+        if end == len(data):
+            return obj
     return _ATTR_DECODER.decode(data)
 
 
