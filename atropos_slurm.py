@@ -967,7 +967,9 @@ class _Deadline:
         self.expired = self._cancelled = False
 
     def __enter__(self) -> "_Deadline":
-        self._task = asyncio.current_task()
+        # With a queue its loop is the running one (post checks): current_task(loop) spares the
+        # getpid() system call that finding the running loop costs before Python 3.12.
+        self._task = asyncio.current_task(self._timers.loop if self._timers is not None else None)
         if self._timers is not None:
             self._handle = self._timers.call_later(self._seconds, self._expire)
         else:
@@ -1140,8 +1142,8 @@ class ConnectionPool:
         self._loop = asyncio.get_running_loop()
         return _Connection(reader, writer)
 
-    def _take_idle(self) -> Optional[_Connection]:
-        if self._idle and self._loop is not asyncio.get_running_loop():
+    def _take_idle(self, loop: asyncio.AbstractEventLoop) -> Optional[_Connection]:
+        if self._idle and self._loop is not loop:
             self.drop_idle()  # opened in an earlier event loop: unusable in this one
         while self._idle:
             conn = self._idle.pop()  # the newest: if it idled too long, so did all the others
@@ -1165,12 +1167,15 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def send(self, request: bytes, fresh: bool = False) -> Tuple[_Connection, ResponseHead]:
+    async def send(self, request: bytes, fresh: bool = False,
+                   loop: Optional[asyncio.AbstractEventLoop] = None) -> Tuple[_Connection, ResponseHead]:
         """Write ``request`` once and read the response head; the caller reads the body and releases.
 
         ``fresh`` skips the idle connections: a resend after a stale one must not meet another.
+        ``loop``, the running loop if the caller has it at hand: finding it costs a getpid()
+        system call per call before Python 3.12.
         """
-        conn = None if fresh else self._take_idle()
+        conn = None if fresh else self._take_idle(loop or asyncio.get_running_loop())
         stale = conn is not None
         conn = conn or await self._connect()
         try:
@@ -1655,7 +1660,7 @@ class OpenAIServer:
                 self._timeout_message = f"no response within timeout={timeout:g} s"
             message = self._timeout_message
         with _Deadline(timeout, message, self.url, timers):
-            conn, head = await self._pool.send(request, fresh)
+            conn, head = await self._pool.send(request, fresh, loop)  # the running loop, known here
             if head.status >= 300 or not body.get("stream"):
                 data = await self._pool.read_body(conn, head)
                 if head.status >= 300:

@@ -140,7 +140,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     server = manager.servers[0]
     pool = server._pool
     response = await manager.chat_completion(**KWARGS)  # opens the connection, fills the caches
-    conn = pool._take_idle()
+    conn = pool._take_idle(asyncio.get_running_loop())
     pool.release(conn, True)
     raw = response.raw
     stages = {}
@@ -156,12 +156,12 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     stages["build (body dict, JSON encode, request bytes)"] = per_call_us(build, n, batches)
 
     def pool_take_release():
-        c = pool._take_idle()
+        c = pool._take_idle(asyncio.get_running_loop())
         pool.release(c, True)
     stages["pool (take idle + release)"] = per_call_us(pool_take_release, n, batches)
 
     # write: timed in place during an end-to-end run (write_in_place); here only an answer to keep
-    conn = pool._take_idle()
+    conn = pool._take_idle(asyncio.get_running_loop())
     reader, writer = conn.reader, conn.writer
     # one whole answer, as it sits in the reader's buffer after the event loop read it
     writer.write(request)
