@@ -146,7 +146,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     stages = {}
 
     # build: the body dict, its JSON, the request bytes (as OpenAIServer.post does)
-    start = server._post_heads["/chat/completions"]
+    start = server._post_heads[server._prefix + "/chat/completions"]
 
     def build():
         body = server.request_body(KWARGS)
