@@ -149,7 +149,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     start = server._post_heads[server._prefix + "/chat/completions"]
 
     def build():
-        body = server.request_body(KWARGS)
+        body = server.request_body("/chat/completions", KWARGS)
         payload = a._JSON_ENCODER.encode(body).encode()
         return b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
     request = build()
@@ -231,7 +231,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     # the manager's layers: chat_completion -> _generate -> _request with post() answering at once
     canned = a.decode_response(raw, url)
 
-    async def post(path, body, on_stream_close=None, fresh=False):
+    async def post(*args, **kwargs):
         return canned
     server.post = post
     layers = per_call_us(lambda: drive(manager.chat_completion(**KWARGS)), n, batches)
