@@ -354,8 +354,8 @@ def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = 
     else:
         text = str(raw).strip()
         if not _INTEGER_TEXT.match(text):
-            too_long = re.fullmatch(r"[+-]?[0-9]+", text)
-            raise ConfigError(f"{name}={_shown(raw)} " + ("has more than 18 digits" if too_long else "is not an integer"))
+            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
+            raise ConfigError(f"{name}={_shown(raw)} {problem}")
         value = int(text)
     if value < minimum:
         raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
