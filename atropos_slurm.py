@@ -611,14 +611,14 @@ def parse_base_url(url: str) -> Tuple[str, str, int, str]:
     shown = _shown_url(url)
     if not isinstance(url, str) or not _SENDABLE.match(url):
         raise ConfigError(f"base_url={shown} must be printable ASCII without spaces or control characters")
+    if "@" in url:  # anywhere: 'http://u:pa/ss@h' splits into host 'u' and a path
+        raise ConfigError(f"base_url={shown} must not carry credentials (user:password@): "
+                          "put the key in api_key, sent as 'Authorization: Bearer'")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as e:
         raise ConfigError(f"base_url={shown} is not a valid URL: {e}") from None
-    if "@" in parts.netloc:
-        raise ConfigError(f"base_url={shown} must not carry credentials (user:password@): "
-                          "put the key in api_key, sent as 'Authorization: Bearer'")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"base_url={shown} must look like http://host:port/v1")
     if parts.query or parts.fragment:
