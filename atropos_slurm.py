@@ -11,16 +11,39 @@ OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, 
   JSON lines (``run_watcher``, ``inference_watcher.py``).
 
 Standard library only (``wandb`` is optional and imported lazily): copying this file onto a
-cluster is a supported install.  Sections follow the data: errors, hostlists, discovery,
-config, HTTP, server, manager, stub server, watcher, CLI.
+cluster is a supported install.  The sections follow the data; each begins with a banner:
+
+=================  ==========================================================================
+Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
+Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
+Discovery          nodelist -> server URLs; scontrol through an argument list
+Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
+HTTP protocol      pure functions over bytes: request heads, response heads, body framing
+                   (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
+Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
+Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
+Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
+Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
+Manager            ``ServerManager``: composes slots, retry policy, servers and probes
+Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
+                   exact token ids and logprobs of each ``server_type``'s protocol
+Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
+                   reasoning settings, ``testing=True``, ``DedicatedServer``
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Watcher            per inference node: probes -> W&B or JSON lines
+CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
+=================  ==========================================================================
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
+import functools
 import itertools
 import json
 import logging
@@ -28,6 +51,7 @@ import math
 import os
 import random
 import re
+import runpy
 import signal
 import socket
 import ssl
@@ -36,10 +60,31 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
+import warnings
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
+__all__ = [
+    # errors
+    "AtroposSlurmError", "ConfigError", "HostlistError", "ServerError", "ServerConnectionError",
+    "StaleConnectionError", "ServerTimeoutError", "ProtocolError", "ResponseTooLargeError",
+    "GenerationAbortedError", "APIStatusError", "StreamError", "NoHealthyServerError", "ManagerClosedError",
+    "TokenProtocolError", "ManagedServerUnsupportedError",
+    # discovery and config
+    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
+    "ServerBaseline", "APIServerConfig", "configs_for_urls",
+    # dispatch
+    "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
+    "HealthProber", "wait_for_servers", "StubServer",
+    # exact tokens and logprobs
+    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    # Atropos compatibility
+    "patch_atropos", "run_env", "DedicatedServer",
+    # watcher and CLI
+    "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
+]
 
 log = logging.getLogger("atropos_slurm")
 
@@ -82,6 +127,11 @@ class ServerConnectionError(ServerError):
     """The server could not be reached, or closed or reset the connection."""
 
 
+class StaleConnectionError(ServerConnectionError):
+    """A reused keep-alive connection ended before any response byte, most likely closed by
+    the server while idle: worth resending at once, and no sign that the server is down."""
+
+
 class ServerTimeoutError(ServerError):
     """The server did not answer within the configured timeout."""
 
@@ -112,8 +162,28 @@ class APIStatusError(ServerError):
         self.retry_after = retry_after
 
 
+class StreamError(ServerError):
+    """The server reported an error inside a stream (``data: {"error": ...}``, as vLLM and SGLang
+    do when a generation fails after the first event): the text so far is not a finished answer."""
+
+
+class ManagerClosedError(AtroposSlurmError):
+    """A call was made on a ``ServerManager`` after ``close()``."""
+
+
 class NoHealthyServerError(ServerError):
     """No server became healthy before the deadline; the message lists each one's last failure."""
+
+
+class TokenProtocolError(ServerError):
+    """A 2xx answer lacks the token ids or logprobs its protocol promises (a wrong ``server_type``?).
+
+    Not retried: the same server would answer the same way.
+    """
+
+
+class ManagedServerUnsupportedError(ConfigError, NotImplementedError):
+    """This ``server_type`` gives no token ids and logprobs (Atropos raised ``NotImplementedError``)."""
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -905,18 +975,18 @@ def error_message(body: bytes, limit: int = 500) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:limit] or "(empty body)"
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or err.get("msg")
-            if msg:
-                return str(msg)[:limit]
+            if isinstance(msg, str) and msg:
+                return msg[:limit]
         elif isinstance(err, str):
             return err[:limit]
-        if "detail" in data:
-            return str(data["detail"])[:limit]
+        if isinstance(data.get("detail"), str):
+            return data["detail"][:limit]
     return text[:limit]
 
 
@@ -974,18 +1044,32 @@ class SSEParser:
 # =============================================================================================
 
 
+class _Expired(Exception):
+    """Thrown into a task whose ``_Deadline`` passed (Python < 3.11); never leaves ``_Deadline``."""
+
+
+_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: a task counts the cancellations it was sent
+
+
 class _Deadline:
-    """Cancel the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
+    """Interrupt the running task after ``seconds`` and raise ``ServerTimeoutError`` instead.
 
     ``asyncio.timeout()`` exists only from Python 3.11, and ``asyncio.wait_for()`` costs a
     task per call; this costs one timer handle, or less with ``timers`` (see ``_DeadlineQueue``).
+
+    A cancellation from outside must never be swallowed, even one that lands in the same loop
+    iteration as the deadline.  From 3.11 the task counts cancellations (``uncancel``).  Before,
+    a second ``cancel()`` would merge into ours without a trace, so there the deadline does not
+    cancel: it fails the future the task waits on with ``_Expired``.  An outside cancellation
+    that comes later still turns that into ``CancelledError``, and one that came first has
+    cancelled the future already, so the deadline stands down.
     """
 
-    __slots__ = ("_seconds", "_message", "_url", "_timers", "_task", "_handle", "expired")
+    __slots__ = ("_seconds", "_message", "_url", "_timers", "_task", "_handle", "expired", "_cancelled")
 
     def __init__(self, seconds: float, message: str, url: str = "", timers: Optional["_DeadlineQueue"] = None):
         self._seconds, self._message, self._url, self._timers = seconds, message, url, timers
-        self.expired = False
+        self.expired = self._cancelled = False
 
     def __enter__(self) -> "_Deadline":
         self._task = asyncio.current_task()
@@ -996,15 +1080,29 @@ class _Deadline:
         return self
 
     def _expire(self) -> None:
+        if _UNCANCEL:
+            self.expired = self._cancelled = True
+            self._task.cancel()
+            return
+        waiter = self._task._fut_waiter  # what the task awaits now (readable on 3.9 and 3.10)
+        if waiter is not None and waiter.done():
+            return  # cancelled from outside already, or its result is in: nothing to interrupt
         self.expired = True
-        self._task.cancel()
+        if waiter is None or isinstance(waiter, asyncio.Task):
+            self._cancelled = True  # not waiting on a plain future (rare): cancel after all
+            self._task.cancel()
+        else:
+            waiter.set_exception(_Expired())
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._handle.cancel()
-        if self.expired and exc_type is asyncio.CancelledError:
-            uncancel = getattr(self._task, "uncancel", None)  # 3.11+: was it also cancelled by others?
-            if uncancel is not None and uncancel() > 0:
-                return False
+        if not self.expired:
+            return False
+        if exc_type is _Expired:
+            raise ServerTimeoutError(self._message, self._url) from None
+        if exc_type is asyncio.CancelledError and self._cancelled:
+            if _UNCANCEL and self._task.uncancel() > 0:
+                return False  # cancelled by others too: theirs goes on
             raise ServerTimeoutError(self._message, self._url) from None
         return False
 
@@ -1089,6 +1187,22 @@ class _Connection:
         reader = self.reader
         return not (reader._buffer or reader.at_eof() or self.writer.is_closing() or reader.exception())
 
+    def keep_what_arrived(self) -> bool:
+        """After the connection broke: make the bytes received before it readable, then EOF.
+
+        A server may answer early and close without reading the whole request (413 on a large
+        body); the reset that follows would hide that answer behind the reader's exception.
+        Returns False when nothing had arrived.
+        """
+        data = bytes(self.reader._buffer)
+        if not data:
+            return False
+        if self.reader.exception() is not None:
+            self.reader = asyncio.StreamReader(limit=MAX_HEADER_BYTES)
+            self.reader.feed_data(data)
+            self.reader.feed_eof()
+        return True
+
     def close(self) -> None:
         try:
             self.writer.close()
@@ -1118,6 +1232,7 @@ class ConnectionPool:
         self._idle: List[_Connection] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
+        self.closed = False
 
     async def _connect(self) -> _Connection:
         try:
@@ -1132,12 +1247,12 @@ class ConnectionPool:
 
     def _take_idle(self) -> Optional[_Connection]:
         if self._idle and self._loop is not asyncio.get_running_loop():
-            self.close()  # opened in an earlier event loop: unusable in this one
+            self.drop_idle()  # opened in an earlier event loop: unusable in this one
         while self._idle:
             conn = self._idle.pop()  # the newest: if it idled too long, so did all the others
             if time.monotonic() - conn.idle_since > POOL_IDLE_SECONDS:
                 conn.close()
-                self.close()
+                self.drop_idle()
                 return None
             if conn.usable():
                 return conn
@@ -1145,7 +1260,7 @@ class ConnectionPool:
         return None
 
     def release(self, conn: _Connection, reusable: bool) -> None:
-        if reusable and conn.usable():
+        if reusable and not self.closed and conn.usable():
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -1169,7 +1284,7 @@ class ConnectionPool:
             conn.close()
             if not stale:
                 raise ServerConnectionError(f"connection closed before any response byte ({e})", self.url) from None
-            self.close()  # its idle siblings were likely closed too (idle timeout, or the server died)
+            self.drop_idle()  # its idle siblings were likely closed too (idle timeout, or the server died)
             raise StaleConnectionError(f"pooled connection closed before any response byte ({e})", self.url) from None
         except BaseException:
             conn.close()
@@ -1177,10 +1292,19 @@ class ConnectionPool:
 
     async def _exchange(self, conn: _Connection, request: bytes) -> ResponseHead:
         try:
-            conn.writer.write(request)
-            await conn.writer.drain()
+            try:
+                conn.writer.write(request)
+                await conn.writer.drain()
+            except (ConnectionError, OSError):
+                if not conn.keep_what_arrived():  # e.g. a 413 sent before the server stopped reading
+                    raise
             while True:
-                block = await conn.reader.readuntil(b"\r\n\r\n")
+                try:
+                    block = await conn.reader.readuntil(b"\r\n\r\n")
+                except (ConnectionError, OSError):
+                    if not conn.keep_what_arrived():
+                        raise
+                    continue
                 head = parse_response_head(block[:-4])
                 if not 100 <= head.status < 200:
                     return head
@@ -1240,10 +1364,15 @@ class ConnectionPool:
             raise asyncio.IncompleteReadError(b"", None)
         return []
 
-    def close(self) -> None:
+    def drop_idle(self) -> None:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+    def close(self) -> None:
+        """Close the idle connections, and from now on every connection a call gives back."""
+        self.closed = True
+        self.drop_idle()
 
 
 class _NothingReceived(Exception):
@@ -1275,11 +1404,6 @@ class _ReadingBody:
         return False
 
 
-class StaleConnectionError(ServerConnectionError):
-    """A reused keep-alive connection ended before any response byte, most likely closed by
-    the server while idle: worth resending at once, and no sign that the server is down."""
-
-
 async def http_get(base_url: str, path: str, timeout: float, max_body_bytes: int = 1 << 20) -> Tuple[int, bytes]:
     """GET ``path`` at the root of ``base_url``'s server on a fresh connection: (status, body).
 
@@ -1304,8 +1428,22 @@ async def http_get(base_url: str, path: str, timeout: float, max_body_bytes: int
 # =============================================================================================
 
 
+# The optional fields of the openai SDK's response types (ChatCompletion, Completion, their
+# choices, messages, deltas, logprobs and usage): absent from a server's JSON, they read as None,
+# as the SDK's objects give them (``message.tool_calls`` is None when the model called no tool).
+OPENAI_OPTIONAL_FIELDS = frozenset((
+    "service_tier", "system_fingerprint", "usage", "logprobs", "content", "refusal", "annotations", "audio",
+    "function_call", "tool_calls", "role", "finish_reason", "completion_tokens_details",
+    "prompt_tokens_details", "text_offset", "token_logprobs", "tokens", "top_logprobs", "bytes",
+))
+
+
 class AttrDict(dict):
-    """A JSON object readable both ways: ``resp.choices[0].message.content`` and ``resp["usage"]``."""
+    """A JSON object readable both ways: ``resp.choices[0].message.content`` and ``resp["usage"]``.
+
+    A missing key is an ``AttributeError``, except the openai SDK's optional fields, which read
+    as None (``OPENAI_OPTIONAL_FIELDS``).
+    """
 
     __slots__ = ()
 
@@ -1313,11 +1451,22 @@ class AttrDict(dict):
         try:
             return self[name]
         except KeyError:
+            if name in OPENAI_OPTIONAL_FIELDS:
+                return None
             raise AttributeError(name) from None
 
-    def to_dict(self) -> Dict[str, Any]:
-        """A deep copy made of plain dicts and lists."""
-        return json.loads(json.dumps(self))
+    def model_dump(self, exclude_none: bool = False) -> Dict[str, Any]:
+        """Plain dicts and lists, as the SDK's pydantic ``model_dump()``: the fields the server sent."""
+        data = json.loads(json.dumps(self))
+        return _without_none(data) if exclude_none else data
+
+
+def _without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_without_none(v) for v in data]
+    return data
 
 
 class APIResponse(AttrDict):
@@ -1339,14 +1488,40 @@ def _loads_attr(data: Any) -> Any:
     return _ATTR_DECODER.decode(data)
 
 
-def decode_response(body: bytes, url: str = "") -> APIResponse:
+def decode_object(data: Any, url: str, what: str) -> AttrDict:
+    """One JSON object from the server (a body, a stream event), shaped as OpenAI's, or ``ProtocolError``.
+
+    Nesting is bounded by what json's decoder can hold (Python's recursion limit, about 1,000
+    levels); a ``choices`` that is not a list of objects is refused here, so that nothing
+    downstream meets a ``TypeError``.
+    """
     try:
-        data = _loads_attr(body)
+        value = _loads_attr(data)
     except ValueError:
-        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"response body is not a JSON object: {body[:80]!r}", url)
-    response = APIResponse(data)
+        raise ProtocolError(f"{what} is not JSON: {data[:80]!r}", url) from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is JSON nested deeper than Python's recursion limit "
+                            f"({sys.getrecursionlimit()})", url) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object: {data[:80]!r}", url)
+    choices = value.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+        raise ProtocolError(f"{what} has 'choices' that are not a list of objects: {data[:80]!r}", url)
+    return value
+
+
+def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> Any:
+    """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
+    ``/generate`` with ``n > 1``)."""
+    if array_ok and body.lstrip()[:1] == b"[":
+        try:
+            items = _loads_attr(body)
+        except (ValueError, RecursionError):
+            raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
+        if not all(isinstance(item, dict) for item in items):
+            raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
+        return items
+    response = APIResponse(decode_object(body, url, "response body"))
     response.raw = body
     return response
 
@@ -1364,14 +1539,28 @@ class EventStream:
     """The events of a ``stream=True`` response, as ``AttrDict`` chunks, ending at ``[DONE]``.
 
     Use ``async for chunk in stream`` (or ``async with stream``).  It holds its server slot and
-    connection until the last event, an error, or ``aclose()``; the whole stream is bounded by
-    the config's ``timeout``.
+    connection until the last event, an error, ``aclose()``, or until it is dropped; the whole
+    stream is bounded by the config's ``timeout``.  An error event raises ``StreamError``.
     """
 
     def __init__(self, body: AsyncIterator[bytes], conn: _Connection, deadline: float, url: str, on_close=None):
         self._body, self._conn, self._deadline, self.url = body, conn, deadline, url
         self._parser, self._pending = SSEParser(), deque()
         self._on_close, self._closed, self._started = on_close, False, False
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self) -> None:
+        """Dropped without ``aclose()`` (never read, left after ``break``, lost in a cancelled
+        ``gather``): give back the slot and close the connection, as openai's streams do."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.close()
+        if self._on_close is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_close)
+            except RuntimeError:  # the loop is closed: nobody waits for the slot any more
+                pass
 
     def __aiter__(self) -> "EventStream":
         return self
@@ -1397,10 +1586,9 @@ class EventStream:
             if data.strip() == "[DONE]":
                 await self._finish()
                 raise StopAsyncIteration
-            try:
-                chunk = _loads_attr(data)
-            except ValueError:
-                raise ProtocolError(f"stream event is not JSON: {data[:80]!r}", self.url) from None
+            chunk = decode_object(data, self.url, "stream event")
+            if "error" in chunk:
+                raise StreamError(f"error event in the stream: {error_message(data.encode())}", self.url)
             check_not_aborted(chunk, self.url)
             return chunk
         except StopAsyncIteration:
@@ -1440,6 +1628,10 @@ class EventStream:
         await self.aclose()
 
 
+# Call arguments that are options of the call, not part of the JSON body (see request_body).
+_NOT_SENT = frozenset(("split", "timeout", "skip_reasoning", "extra_body"))
+
+
 class OpenAIServer:
     """One OpenAI-compatible server: HTTP calls, a health check, and the state the manager keeps.
 
@@ -1447,12 +1639,13 @@ class OpenAIServer:
     health tracking live in ``ServerManager``.
     """
 
-    def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES, reasoning_config: Any = None):
         if not config.base_url:
             raise ConfigError("APIServerConfig.base_url is empty")
         scheme, host, port, prefix = parse_base_url(config.base_url)
         self.config = config
         self.url = config.base_url
+        self.reasoning = reasoning_extra_body(reasoning_config, config.base_url)  # merged into chat bodies
         self._prefix = prefix
         self._host_header = host_header(scheme, host, port)
         self._pool = ConnectionPool(scheme, host, port, connect_timeout=config.connect_timeout,
@@ -1461,7 +1654,7 @@ class OpenAIServer:
         self._headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
         if config.api_key:
             self._headers.append(("Authorization", f"Bearer {config.api_key}"))
-        self._post_heads: Dict[str, bytes] = {}  # path -> request_head(), made once per path
+        self._post_heads: Dict[str, bytes] = {}  # target -> request_head(), made once per target
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         # State kept by the ServerManager.
         self.healthy = True
@@ -1470,41 +1663,82 @@ class OpenAIServer:
         self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
+        # Per split, for Atropos' W&B metrics: [requests done, attempts failed], latencies of the done.
+        self.split_counts = {"train": [0, 0], "eval": [0, 0]}
+        self.split_latencies = {split: deque(maxlen=config.rolling_buffer_length) for split in ("train", "eval")}
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"down ({self.last_error})"
         return f"<OpenAIServer {self.url} {state} in_flight={sum(self.in_flight.values())} done={self.done}>"
 
-    def request_body(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The OpenAI body: the caller's keys, ``model`` from the config unless given."""
-        body = {k: v for k, v in kwargs.items() if k != "split"}
-        body.setdefault("model", self.config.model_name)
+    @property
+    def server_healthy(self) -> bool:
+        """Atropos' name for ``healthy``."""
+        return self.healthy
+
+    def request_body(self, path: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The JSON body that Atropos' servers send through the openai SDK for these arguments.
+
+        ``model`` is the config's; ``split``, ``timeout`` (the call's own limit, see ``post``)
+        and ``skip_reasoning`` are not sent; chat bodies get Atropos' reasoning settings unless
+        ``skip_reasoning``; ``extra_body`` is merged in last, its keys winning, as in the SDK.
+        Other keys pass through (vLLM's ``ignore_eos``, ...).
+        """
+        body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
+        body["model"] = self.config.model_name
+        if "extra_headers" in body or "extra_query" in body:
+            raise ConfigError("extra_headers= and extra_query= are not supported (extra_body= is)")
+        extra = kwargs.get("extra_body")
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError(f"extra_body={extra!r} must be a dict")
+        if self.reasoning is not None and path == "/chat/completions" and not kwargs.get("skip_reasoning"):
+            extra = {**(extra or {}), **self.reasoning}
+            if "api.openai.com" in self.url:  # OpenAI's reasoning models, as Atropos calls them
+                body["temperature"] = 1.0
+                if body.get("max_tokens"):
+                    body["max_completion_tokens"] = body.pop("max_tokens")
+        if extra:
+            body.update(extra)
         return body
 
     async def chat_completion(self, **kwargs: Any) -> Any:
-        return await self.post("/chat/completions", self.request_body(kwargs))
+        return await self.post("/chat/completions", self.request_body("/chat/completions", kwargs),
+                               timeout=kwargs.get("timeout"))
 
     async def completion(self, **kwargs: Any) -> Any:
-        return await self.post("/completions", self.request_body(kwargs))
+        return await self.post("/completions", self.request_body("/completions", kwargs), timeout=kwargs.get("timeout"))
 
-    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False) -> Any:
-        """POST JSON to ``base_url + path``; an ``APIResponse``, or an ``EventStream`` if streaming."""
+    async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
+                   timeout: Optional[float] = None, root: bool = False) -> Any:
+        """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming.
+
+        ``timeout`` (seconds) replaces the config's for this request, as the SDK's ``timeout=``.
+        """
+        if timeout is None:
+            timeout = self.config.timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
         payload = _JSON_ENCODER.encode(body).encode()
-        start = self._post_heads.get(path)
+        target = path if root else self._prefix + path
+        start = self._post_heads.get(target)
         if start is None:
-            start = self._post_heads[path] = request_head("POST", self._prefix + path, self._host_header, self._headers)
+            start = self._post_heads[target] = request_head("POST", target, self._host_header, self._headers)
         request = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
-        deadline = time.monotonic() + self.config.timeout
+        deadline = time.monotonic() + timeout
         timers, loop = self._timers, asyncio.get_running_loop()
-        if timers is None or timers.loop is not loop or timers.seconds != self.config.timeout:
-            timers = self._timers = _DeadlineQueue(loop, self.config.timeout)
-        with _Deadline(self.config.timeout, f"no response within timeout={self.config.timeout:g} s", self.url,
-                       timers):
+        if timeout != self.config.timeout:
+            timers = None  # the queue serves the config's timeout only
+        elif timers is None or timers.loop is not loop or timers.seconds != timeout:
+            timers = self._timers = _DeadlineQueue(loop, timeout)
+        with _Deadline(timeout, f"no response within timeout={timeout:g} s", self.url, timers):
             conn, head = await self._pool.send(request, fresh)
             if head.status >= 300 or not body.get("stream"):
                 data = await self._pool.read_body(conn, head)
                 if head.status >= 300:
                     raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
+                if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
+                    return decode_response(data, self.url, array_ok=True)
                 return check_not_aborted(decode_response(data, self.url), self.url)
         return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
 
@@ -1519,8 +1753,46 @@ class OpenAIServer:
     def health_error(self) -> str:
         return self._prober.errors[0]
 
+    async def wandb_metrics(self, metrics_dict: Optional[Dict[str, Any]], server_name: Optional[str]) -> Dict[str, Any]:
+        """Atropos' per-server W&B metrics, added to ``metrics_dict`` (and returned).
+
+        ``server/{name}_request_time_avg|std|99p`` (and ``eval_request_time_*``) over this
+        server's last ``rolling_buffer_length`` successful requests of each split, in seconds;
+        ``server/{name}_average_num_attempts`` (and, Atropos' name for the eval one,
+        ``eval_retry_rate``): HTTP requests per successful request.  A split without
+        requests yet adds nothing, as in Atropos.
+        """
+        name = server_name or "server"
+        metrics = {} if metrics_dict is None else metrics_dict
+        for split, prefix, attempts_name in (("train", "", "average_num_attempts"),
+                                             ("eval", "eval_", "eval_retry_rate")):
+            times = sorted(self.split_latencies[split])
+            if times:
+                mean = sum(times) / len(times)
+                metrics[f"server/{name}_{prefix}request_time_avg"] = mean
+                variance = sum((t - mean) ** 2 for t in times) / len(times)
+                metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(variance)
+                metrics[f"server/{name}_{prefix}request_time_99p"] = percentile(times, 99)
+            done, failed = self.split_counts[split]
+            if done:
+                metrics[f"server/{name}_{attempts_name}"] = (done + failed) / done
+        return metrics
+
     def close(self) -> None:
         self._pool.close()
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of sorted values, interpolated linearly (numpy's default)."""
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+# =============================================================================================
+# Health probes: one GET per server on a fresh connection, bounded; the manager's, wait's, watcher's
+# =============================================================================================
 
 
 async def probe_http(base_url: str, path: str, timeout: float) -> int:
@@ -1552,7 +1824,7 @@ class HealthProber:
         try:
             status = await probe_http(self.urls[i], self.paths[i], self.timeout)
             if status == 404 and self.paths[i] != self.fallback_path:
-                log.warning("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
+                log.info("%s has no %s (404): probing %s instead", self.urls[i], self.paths[i], self.fallback_path)
                 self.paths[i] = self.fallback_path
                 status = await probe_http(self.urls[i], self.paths[i], self.timeout)
         except ServerError as e:
@@ -1560,6 +1832,31 @@ class HealthProber:
             return False
         self.errors[i] = "" if 200 <= status < 300 else f"HTTP {status} from {self.urls[i]} {self.paths[i]}"
         return not self.errors[i]
+
+
+async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
+                           health_path: str, probe_timeout: float, out=None) -> List[str]:
+    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
+
+    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
+    """
+    out = out or sys.stderr
+    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
+    started, shown = time.monotonic(), None
+    while True:
+        # A server that accepts and never answers must not stretch the wait past --timeout.
+        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
+        health = await prober.probe()
+        count, elapsed = sum(health), time.monotonic() - started
+        if count != shown:
+            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
+            shown = count
+        if count >= min_healthy:
+            return []
+        if elapsed + interval > timeout:
+            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
+        await asyncio.sleep(interval)
+
 
 
 # =============================================================================================
@@ -1621,12 +1918,12 @@ class Slots:
     def leave(self, waiter: "asyncio.Future", split: str) -> None:
         """A waiter gives up (cancelled, timed out): out of the line, and a slot it was just
         handed goes to the next one."""
-        if waiter.done() and not waiter.cancelled():
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             server = waiter.result()
             if server is not None:
                 self.give_back(server, split)
             return
-        waiter.cancel()
+        waiter.cancel()  # a no-op on a waiter a deadline failed: it is done
         try:
             self._waiters[split].remove(waiter)
         except ValueError:
@@ -1799,20 +2096,24 @@ class ServerManager:
     * A failed request is handled as ``RetryPolicy`` decides: connection errors, timeouts,
       408, 429 and 5xx are retried with capped exponential backoff and jitter, on another server
       when one is healthy, honouring ``Retry-After``: at most ``max_retries + 1`` HTTP requests
-      per call.  Other 4xx are raised at once.  A stale pooled connection is resent at once.
+      per call, and per part of a split call (the first part that fails for good cancels the
+      others).  Other 4xx are raised at once.  A stale pooled connection is resent at once.
+    * A call waits for a slot at most the config's ``timeout``; a stream holds its slot until
+      it ends, is closed, or is dropped.
     * A connection error, timeout or 5xx marks the server down at once; a background probe of
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
     * ``n > max_n_completions`` is split over several requests and merged.
     """
 
-    def __init__(self, configs: Any, server_class: type = OpenAIServer, slurm: bool = False,
-                 testing: bool = False, max_n_completions: int = 8, *, max_retries: int = 2,
-                 retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
+    def __init__(self, configs: Any, server_class: Any = OpenAIServer, slurm: bool = False,
+                 testing: bool = False, max_n_completions: int = 8, reasoning_config: Any = None,
+                 proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
+                 max_retries: int = 2, retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
                  no_server_timeout: float = 60.0, health_probe_interval: float = 5.0):
-        if testing:
-            raise ConfigError("testing=True (Atropos' mock harness) is not supported; run the stub server "
-                              "(python -m atropos_slurm stub-server) instead")
+        configs, server_class, slurm = manager_arguments(configs, server_class, slurm, testing, reasoning_config,
+                                                         proxy_url, use_proxy)
+        self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
         if isinstance(configs, ServerBaseline):
             configs = [configs]
         configs = list(configs)
@@ -1838,8 +2139,11 @@ class ServerManager:
         self.no_server_timeout = no_server_timeout
         self.health_probe_interval = health_probe_interval
         self.slots = Slots(self.servers)
+        self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._closed = False
+        self._tokens_via: Dict[OpenAIServer, int] = {}  # the protocol each server answered (see _token_call)
 
     @property
     def max_retries(self) -> int:
@@ -1859,6 +2163,103 @@ class ServerManager:
         """POST ``/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
         return await self._generate("/completions", kwargs)
 
+    # -- exact tokens and logprobs (the "Managed server" section) ------------------------------
+
+    @contextlib.asynccontextmanager
+    async def managed_server(self, tokenizer: Any = None, base_url: Optional[str] = None,
+                             preserve_think_blocks: bool = False, track_tree: bool = False):
+        """``async with manager.managed_server(tokenizer=tok) as managed:`` a ``ManagedServer``
+        whose completions are recorded as nodes (``managed.get_state()["nodes"]``); reset on exit.
+
+        ``server_type="openai"`` refuses, as in Atropos, unless ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER``
+        is set (then placeholder tokens, not fit for training); ``"trl"`` refuses.
+        """
+        if base_url is not None:
+            raise ConfigError(f"managed_server(base_url={base_url!r}): pinning a session to one server is not "
+                              "supported; its calls are dispatched, capped and retried like chat_completion")
+        types = {s.config.server_type for s in self.servers}
+        if types == {"openai"} and os.environ.get(DUMMY_MANAGED_ENV, "").lower() in ("1", "true", "yes"):
+            warnings.warn("managed_server with server_type='openai': placeholder token ids and logprobs, "
+                          "NOT fit for training")
+            managed: Any = DummyManagedServer(self, track_tree)
+        else:
+            for server_type in sorted(types):
+                token_protocols(server_type)
+            managed = ManagedServer(self, tokenizer, track_tree, preserve_think_blocks)
+        try:
+            yield managed
+        finally:
+            managed.reset()
+
+    async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
+        """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
+        for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
+        one list per choice, in choice order, ``n`` split as for ``completion``."""
+        token_prompt(kwargs)
+        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False))
+        outputs, logprobs, reasons = [], [], []
+        for _, part_outputs, part_logprobs, part_reasons in parts:
+            outputs += part_outputs
+            logprobs += part_logprobs
+            reasons += part_reasons
+        return parts[0][0], outputs, logprobs, reasons
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
+        ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
+        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
+        token_prompt(kwargs)
+        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True)))[0]
+
+    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> Any:
+        """One token request through the slots and retries, in the protocol of whichever server
+        takes it: on a 404 the server's next protocol is tried (once per server, said once)."""
+        prompt, params = token_prompt(kwargs), sampling_params(kwargs)
+        if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
+            top_k = params.pop("top_k", params.pop("top_logprobs", 1))
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+
+        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any, str]:
+            protocols = token_protocols(server.config.server_type)
+            index = self._tokens_via.get(server, 0)
+            while True:
+                protocol = protocols[index]
+                model = server.config.model_name
+                body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
+                        else protocol.completion_body(model, prompt, params))
+                try:
+                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root,
+                                             timeout=kwargs.get("timeout"))
+                except APIStatusError as error:
+                    if error.status != 404 or index + 1 >= len(protocols):
+                        raise
+                    index, fresh = index + 1, False
+                    if self._tokens_via.get(server, 0) < index:  # concurrent calls may all have met the 404
+                        log.warning("%s has no %s (404): using %s from now on", server.url, protocol.name,
+                                    protocols[index].name)
+                        self._tokens_via[server] = index
+                    continue
+                if protocol.aborted(data):
+                    raise GenerationAbortedError("the server aborted the generation", server.url)
+                return protocol, data, server.url
+
+        protocol, data, url = await self._request("", kwargs, send=send)
+        try:
+            result = (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, url)
+        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
+            raise TokenProtocolError(f"malformed {protocol.name} answer ({type(e).__name__}: {e})", url) from None
+        ids = prompt if isinstance(prompt, list) else self._reported(result[0], url)
+        if prompt_logprobs:
+            return {"prompt_tokens": ids, "prompt_topk_token_ids": result[1], "prompt_topk_logprobs": result[2]}
+        return (ids,) + tuple(result[1:])
+
+    @staticmethod
+    def _reported(ids: Optional[List[int]], url: str) -> List[int]:
+        if not ids:
+            raise TokenProtocolError("the server did not report the prompt's token ids; pass input_ids", url)
+        return list(ids)
+
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
         rows = []
@@ -1873,8 +2274,40 @@ class ServerManager:
             })
         return rows
 
+    # -- Atropos' members: weights and dedicated servers ----------------------------------------
+
+    async def update_weight(self, weight: float) -> None:
+        """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
+        which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
+        new caps at once.  ``weight=0`` holds new calls until a larger weight comes (each for at
+        most the manager's slot wait)."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ConfigError(f"weight={weight!r} must be a number >= 0")
+        for server in self.servers:
+            self.slots.set_caps(server, weighted_cap(server.config.num_max_requests_at_once, weight),
+                                weighted_cap(server.config.num_requests_for_eval, weight))
+
+    @contextlib.asynccontextmanager
+    async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
+        """Hold one healthy server for a multi-turn episode (see ``DedicatedServer``).
+
+        ``async with manager.dedicated_server() as server: await server.chat_completion(...)``
+        """
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
+        episode = DedicatedServer(self, await self._acquire("train", None))
+        try:
+            yield episode
+        finally:
+            episode.end()
+
     async def close(self) -> None:
-        """Stop the health probes and close every pooled connection."""
+        """Stop the health probes and close every pooled connection.
+
+        Calls still running finish, and their connections are closed as they do; new calls
+        raise ``ManagerClosedError``.
+        """
+        self._closed = True
         probes = list(self._probes.values())
         self._probes.clear()
         for task in probes:
@@ -1891,7 +2324,15 @@ class ServerManager:
 
     # -- n splitting --------------------------------------------------------------------------
 
-    async def _generate(self, path: str, kwargs: Dict[str, Any]) -> Any:
+    async def _generate(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"] = None) -> Any:
+        parts = await self._split_n(kwargs, lambda part: self._request(path, part, episode))
+        return parts[0] if len(parts) == 1 else merge_responses(parts)
+
+    async def _split_n(self, kwargs: Dict[str, Any], call) -> list:
+        """``[await call(kwargs)]``, or, for ``n`` over the per-request cap, ``call`` once per
+        chunk of ``n`` (concurrently), the results in chunk order."""
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
             self._loop = loop
@@ -1899,55 +2340,65 @@ class ServerManager:
         n = kwargs.get("n", 1)
         per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
         if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
-            return await self._request(path, kwargs)
+            return [await call(kwargs)]
         sizes = [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
-        tasks = [asyncio.ensure_future(self._request(path, dict(kwargs, n=k))) for k in sizes]
+        tasks = [asyncio.ensure_future(call(dict(kwargs, n=k))) for k in sizes]
         try:
-            parts = await asyncio.gather(*tasks)
+            return list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return merge_responses(parts)
 
     # -- one call: a slot, one HTTP request per attempt, the retry policy ---------------------
 
-    async def _request(self, path: str, kwargs: Dict[str, Any]) -> Any:
-        split = kwargs.get("split", "train")
-        if split not in SPLITS:
-            raise ConfigError(f"split={split!r} must be 'train' or 'eval'")
+    async def _request(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"] = None,
+                       send=None) -> Any:
+        """One call: a slot, the HTTP request, bounded retries.  ``send(server, fresh)``, when
+        given, makes the request instead of POSTing ``kwargs`` to ``path`` (token protocols)."""
+        split = "train" if kwargs.get("split", "train") == "train" else "eval"  # Atropos' rule
+        # Where slots come from: any server, or the one an episode holds (same interface).
+        acquire, slots = (self._acquire, self.slots) if episode is None else (episode.acquire, episode)
         attempts = self.retry_policy.max_retries + 1
         avoid: Optional[OpenAIServer] = None
         resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
         for attempt in range(1, attempts + 1):
             if not resend:
-                server = await self._acquire(split, avoid)
+                server = await acquire(split, avoid)
             started = time.monotonic()
             try:
-                result = await server.post(path, server.request_body(kwargs), fresh=resend,
-                                           on_stream_close=lambda s=server: self.slots.give_back(s, split))
+                if send is not None:
+                    result = await send(server, resend)
+                else:
+                    result = await server.post(path, server.request_body(path, kwargs), fresh=resend,
+                                               timeout=kwargs.get("timeout"),
+                                               on_stream_close=lambda s=server: slots.give_back(s, split))
             except ServerError as error:
                 decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
                 self._record_failure(server, error, decision)
+                server.split_counts[split][1] += 1
                 if decision.action == Retry.RAISE or attempt == attempts:
-                    self.slots.give_back(server, split)
+                    slots.give_back(server, split)
                     raise error.after_attempts(attempt, attempts)
                 server.retried += 1
                 resend = decision.action == Retry.RESEND
                 if resend:
                     continue  # in the same slot
-                self.slots.give_back(server, split)
+                slots.give_back(server, split)
                 avoid = server
                 await asyncio.sleep(decision.delay)
             except BaseException:
-                self.slots.give_back(server, split)
+                slots.give_back(server, split)
                 raise
             else:
                 if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
-                    self.slots.give_back(server, split)
+                    slots.give_back(server, split)
                 server.done += 1
-                server.latencies.append(time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                server.latencies.append(elapsed)
+                server.split_latencies[split].append(elapsed)
+                server.split_counts[split][0] += 1
                 return result
         raise AssertionError("the loop returns or raises on its last attempt")
 
@@ -1973,7 +2424,9 @@ class ServerManager:
             try:
                 if self.slots.healthy_count:
                     all_down_since = None
-                    server = await waiter
+                    with _Deadline(self._slot_timeout, f"no free slot within timeout={self._slot_timeout:g} s "
+                                                       f"(every healthy server at its cap for split={split!r})"):
+                        server = await waiter
                 else:
                     all_down_since = all_down_since or time.monotonic()
                     self._probe_all_down()
@@ -2008,6 +2461,8 @@ class ServerManager:
                 self._start_probe(server)
 
     def _start_probe(self, server: OpenAIServer) -> None:
+        if self._closed:
+            return
         key = id(server)
         if key not in self._probes or self._probes[key].done():
             self._probes[key] = asyncio.ensure_future(self._probe_until_healthy(server))
@@ -2018,7 +2473,7 @@ class ServerManager:
         A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
         """
         delay = min(0.1, self.health_probe_interval)
-        while not server.healthy:
+        while not server.healthy and not self._closed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.health_probe_interval)
             if await server.check_health():
@@ -2026,6 +2481,717 @@ class ServerManager:
                 self.slots.set_healthy(server, True)
             else:
                 server.last_error = f"health probe: {server.health_error}"
+
+
+# =============================================================================================
+# Managed server: exact tokens and logprobs
+# =============================================================================================
+
+DUMMY_MANAGED_ENV = "ATROPOS_ALLOW_DUMMY_MANAGED_SERVER"
+MASKED_TOKEN = -100  # masked_tokens over the prompt: ignored by the loss
+MASKED_LOGPROB = 1.0  # logprobs over the prompt: above 0, so never mistaken for a real one
+
+
+def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``params`` with ``max_tokens``/``max_new_tokens``/``max_completion_tokens`` called ``name``."""
+    params = dict(params)
+    for key in ("max_tokens", "max_new_tokens", "max_completion_tokens"):
+        if key in params and key != name:
+            params[name] = params.pop(key)
+    return params
+
+
+def _field(data: Any, path: str, url: str) -> Any:
+    """``data["a"]["b"]`` for ``path`` "a.b", or a ``TokenProtocolError`` naming what is missing."""
+    for key in path.split("."):
+        if not isinstance(data, dict) or data.get(key) is None:
+            raise TokenProtocolError(f"the answer has no {path!r}: is server_type right for this server?", url)
+        data = data[key]
+    return data
+
+
+def _topk(entry: Any) -> Tuple[List[int], List[float]]:
+    """One prompt position's logprobs as (ids, logprobs), in the server's order, from any of
+    ``{id: logprob}``, ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]``
+    (Atropos' server) or ``[[logprob, id, text], ...]`` (SGLang); ``None`` (position 0) -> empty."""
+    pairs: List[Tuple[Any, Any]] = []
+    for item in (entry if isinstance(entry, list) else [entry or {}]):
+        if isinstance(item, dict):
+            pairs.extend(item.items())
+        elif isinstance(item, list) and len(item) >= 2:
+            pairs.append((item[1], item[0]))
+    return ([int(k) for k, _ in pairs],
+            [float(v["logprob"] if isinstance(v, dict) else v) for _, v in pairs])
+
+
+class TokensProtocol:
+    """How one kind of server takes a prompt of token ids and answers with token ids and logprobs.
+
+    ``path`` is POSTed under ``base_url`` or, with ``root``, at the server's root.  Bodies are
+    built from the caller's sampling parameters; answers are read into plain lists.  A prompt is
+    a list of token ids, or text that the server tokenizes (then it reports the ids).
+    """
+
+    name = path = ""
+    root = False
+
+    def completion_body(self, model: str, prompt: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def completion_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list, list]:
+        """(prompt ids if the server reported them, output ids per choice, their logprobs, finish reasons)."""
+        raise NotImplementedError
+
+    def logprobs_body(self, model: str, prompt: Any, top_k: int, params: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def logprobs_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list]:
+        """(prompt ids if reported, top-k ids per prompt position, their logprobs)."""
+        raise NotImplementedError
+
+    def aborted(self, data: Any) -> bool:
+        return False
+
+
+class VLLMCompletionsTokens(TokensProtocol):
+    """Any vLLM OpenAI server: a token-id prompt on ``/completions`` with ``logprobs`` and
+    ``return_tokens_as_token_ids`` (tokens come back as ``"token_id:123"``), ``prompt_logprobs``
+    for prompt scoring, ``return_token_ids`` for the ids of a text prompt."""
+
+    name, path = "vLLM /v1/completions", "/completions"
+
+    def completion_body(self, model, prompt, params):
+        body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt,
+                    return_tokens_as_token_ids=True)
+        body.setdefault("logprobs", 0)
+        if isinstance(prompt, str):
+            body["return_token_ids"] = True
+        return body
+
+    def completion_result(self, data, url):
+        choices = sorted(_field(data, "choices", url), key=lambda c: c.get("index") or 0)
+        outputs, logprobs, reasons = [], [], []
+        for choice in choices:
+            tokens = _field(choice, "logprobs.tokens", url)
+            if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+                raise TokenProtocolError(f"logprobs.tokens are not 'token_id:N' ({tokens[:3]!r}...): "
+                                         "the server ignored return_tokens_as_token_ids", url)
+            outputs.append([int(t[len("token_id:"):]) for t in tokens])
+            logprobs.append(list(_field(choice, "logprobs.token_logprobs", url)))
+            reasons.append(choice.get("finish_reason"))
+        prompt_ids = choices[0].get("prompt_token_ids") if choices else None
+        return prompt_ids, outputs, logprobs, reasons
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt, prompt_logprobs=top_k,
+                    n=1, temperature=0.0, top_p=1.0)
+        body.setdefault("max_tokens", 1)
+        if isinstance(prompt, str):
+            body["return_token_ids"] = True
+        return body
+
+    def logprobs_result(self, data, url):
+        choice = _field(data, "choices", url)[0]
+        positions = _field(choice, "prompt_logprobs", url)
+        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
+        return choice.get("prompt_token_ids"), list(ids), list(lps)
+
+
+class AtroposGenerateTokens(TokensProtocol):
+    """Atropos' own vLLM server (``example_trainer/vllm_api_server.py``): ``POST /generate`` with
+    ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}``, answered with per-choice
+    ``logprobs`` ``[[{id: logprob}], ...]`` and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
+
+    name, path, root = "Atropos /generate", "/generate", True
+
+    def _prompt(self, prompt):
+        return prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+
+    def completion_body(self, model, prompt, params):
+        return dict({"prompt": self._prompt(prompt), "logprobs": 0}, **_max_tokens_named(params, "max_tokens"))
+
+    def completion_result(self, data, url):
+        outputs, logprobs = [], []
+        for positions in _field(data, "logprobs", url):
+            pairs = [next(iter(position[0].items())) for position in positions]  # the sampled token
+            outputs.append([int(k) for k, _ in pairs])
+            logprobs.append([float(v) for _, v in pairs])
+        return data.get("prompt_token_ids"), outputs, logprobs, list(_field(data, "finish_reasons", url))
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        body = dict({"prompt": self._prompt(prompt), "prompt_logprobs": top_k}, **_max_tokens_named(params, "max_tokens"))
+        if isinstance(prompt, str):
+            body.setdefault("logprobs", 0)  # the server reports prompt_token_ids only then
+        body.update(n=1, temperature=0.0, top_p=1.0)
+        body.setdefault("max_tokens", 1)
+        return body
+
+    def logprobs_result(self, data, url):
+        positions = _field(data, "prompt_logprobs", url)
+        if positions and isinstance(positions[0], list) and all(isinstance(p, list) for p in positions[0]):
+            positions = positions[0]  # [sequence][position]
+        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
+        return data.get("prompt_token_ids"), list(ids), list(lps)
+
+    def aborted(self, data):
+        return isinstance(data, dict) and "abort" in (data.get("finish_reasons") or ())
+
+
+class SGLangGenerateTokens(TokensProtocol):
+    """SGLang's native ``POST /generate``: ``input_ids``, ``sampling_params``, ``return_logprob``;
+    answered (a list when ``n > 1``) with ``meta_info.output_token_logprobs`` ``[[logprob, id,
+    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}``; prompt scoring with
+    ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``, ``input_top_logprobs``)."""
+
+    name, path, root = "SGLang /generate", "/generate", True
+
+    def _body(self, prompt, params, **extra):
+        body = {"text": prompt} if isinstance(prompt, str) else {"input_ids": prompt}
+        body.update(sampling_params=_max_tokens_named(params, "max_new_tokens"), return_logprob=True,
+                    return_text_in_logprobs=False, **extra)
+        return body
+
+    def completion_body(self, model, prompt, params):
+        return self._body(prompt, params, **({"logprob_start_len": 0} if isinstance(prompt, str) else {}))
+
+    def _prompt_ids(self, result):
+        positions = (result.get("meta_info") or {}).get("input_token_logprobs")
+        return [int(p[1]) for p in positions] if positions else None
+
+    def completion_result(self, data, url):
+        results = data if isinstance(data, list) else [data]
+        outputs, logprobs, reasons = [], [], []
+        for result in results:
+            positions = _field(result, "meta_info.output_token_logprobs", url)
+            outputs.append([int(p[1]) for p in positions])
+            logprobs.append([float(p[0]) for p in positions])
+            reasons.append(result["meta_info"].get("finish_reason"))
+        return (self._prompt_ids(results[0]) if results else None), outputs, logprobs, reasons
+
+    def logprobs_body(self, model, prompt, top_k, params):
+        params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)
+        params.setdefault("max_new_tokens", 1)
+        return self._body(prompt, params, logprob_start_len=0, top_logprobs_num=top_k)
+
+    def logprobs_result(self, data, url):
+        result = data[0] if isinstance(data, list) and data else data
+        ids = self._prompt_ids(result)
+        if ids is None:
+            raise TokenProtocolError("the answer has no 'meta_info.input_token_logprobs'", url)
+        tops = (result["meta_info"].get("input_top_logprobs") or [None] * len(ids))
+        topk_ids, topk_lps = zip(*map(_topk, tops)) if tops else ((), ())
+        return ids, list(topk_ids), list(topk_lps)
+
+    def aborted(self, data):
+        results = data if isinstance(data, list) else [data]
+        return any(isinstance(r, dict) and ((r.get("meta_info") or {}).get("finish_reason") or {}).get("type") == "abort"
+                   for r in results)
+
+
+# Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
+# "vllm" is Atropos' own /generate first (what Atropos' vllm type sends), then any vLLM's
+# OpenAI server; "openai" and "trl" give no token ids (Atropos raised NotImplementedError too).
+TOKEN_PROTOCOLS: Dict[str, Tuple[TokensProtocol, ...]] = {
+    "vllm": (AtroposGenerateTokens(), VLLMCompletionsTokens()),
+    "sglang": (SGLangGenerateTokens(),),
+}
+
+
+def token_protocols(server_type: str) -> Tuple[TokensProtocol, ...]:
+    protocols = TOKEN_PROTOCOLS.get(server_type)
+    if not protocols:
+        raise ManagedServerUnsupportedError(
+            f"server_type={server_type!r} gives no token ids or logprobs; use server_type 'vllm' or 'sglang' "
+            f"(for 'openai', {DUMMY_MANAGED_ENV}=1 allows managed_server with placeholder tokens)")
+    return protocols
+
+
+def token_prompt(kwargs: Dict[str, Any]) -> Any:
+    """The prompt of a token call: ``input_ids`` (a list of ints) or ``prompt`` text, checked."""
+    if kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"]
+        if not isinstance(ids, (list, tuple)) or not ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ConfigError(f"input_ids must be a non-empty list of token ids, got {str(ids)[:80]}")
+        return list(ids)
+    if not isinstance(kwargs.get("prompt"), str):
+        raise ConfigError(f"give input_ids=[...] or prompt='...', got prompt={kwargs.get('prompt')!r}")
+    return kwargs["prompt"]
+
+
+def sampling_params(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The caller's sampling parameters of a token call: everything but the prompt and ours."""
+    if kwargs.get("stream"):
+        raise ConfigError("stream=True is not supported for token ids and logprobs")
+    extra = kwargs.get("extra_body") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"extra_body={extra!r} must be a dict")
+    params = {k: v for k, v in kwargs.items() if k not in _NOT_SENT and k not in ("model", "prompt", "input_ids")}
+    params.update(extra)
+    return params
+
+
+@dataclasses.dataclass
+class SequenceNode:
+    """One tracked sequence, as Atropos' ``SequenceNode``: prompt + completion, aligned.
+
+    ``tokens`` are every id; ``masked_tokens`` the same with ``MASKED_TOKEN`` (-100) over the
+    prompt; ``logprobs`` the server's over the completion and ``MASKED_LOGPROB`` (1.0) over the
+    prompt; ``metadata`` holds ``finish_reason``.
+    """
+
+    full_text: str
+    tokens: List[int]
+    masked_tokens: List[int]
+    logprobs: List[float]
+    metadata: Optional[Dict[str, Any]] = None
+
+    def model_dump(self) -> Dict[str, Any]:
+        """Plain data, as pydantic's ``model_dump()``."""
+        return dataclasses.asdict(self)
+
+
+def _finish_reason(raw: Any) -> Any:
+    return raw.get("type", "stop") if isinstance(raw, dict) else raw
+
+
+def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
+    """A ChatCompletion/Completion as Atropos' managed server builds it (no usage; ``raw`` empty:
+    the server's own answer had another shape)."""
+    response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
+                           object="chat.completion" if kind == "chat" else "text_completion",
+                           choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
+                           usage=None)
+    response.raw = b""
+    return response
+
+
+def _chat_choice(index: int, text: str, finish_reason: Any) -> Dict[str, Any]:
+    message = AttrDict(content=text, role="assistant", refusal=None, annotations=None, audio=None,
+                       function_call=None, tool_calls=None)
+    return dict(finish_reason=finish_reason, index=index, logprobs=None, message=message)
+
+
+class ManagedServer:
+    """Atropos' ``ManagedServer`` over our ``ServerManager``: every completion is recorded as a
+    ``SequenceNode`` with the exact token ids and logprobs the server generated.
+
+    Prompts are token ids computed here with the environment's ``tokenizer`` (duck-typed:
+    ``apply_chat_template``, ``encode``, ``decode``, ``bos_token_id``), a doubled BOS dropped;
+    completions' ids and logprobs come from the server, never from re-tokenizing text.  Default
+    mode keeps a list and replaces the node whose ``full_text`` a new prompt extends (its tokens
+    are reused, its completions stay unmasked); ``track_tree=True`` keeps every sequence keyed
+    by ``full_text`` (a prompt equal to a node's text reuses that node's tokens).  Each call is
+    dispatched, capped and retried like ``chat_completion``.
+    """
+
+    _THINK = (("<think>", "__MNGD_THINK__"), ("</think>", "__MNGD_ENDTHINK__"))
+
+    def __init__(self, manager: "ServerManager", tokenizer: Any, track_tree: bool = False,
+                 preserve_think_blocks: bool = False):
+        if tokenizer is None or not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
+            raise ConfigError("managed_server needs tokenizer=, the environment's tokenizer (with encode and decode): "
+                              "atropos_slurm loads none itself")
+        self.manager, self.tokenizer = manager, tokenizer
+        self.track_tree, self.preserve_think_blocks = track_tree, preserve_think_blocks
+        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
+        self.current_nodes: List[SequenceNode] = []  # default mode
+
+    def get_state(self) -> Dict[str, Any]:
+        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
+        if self.track_tree:
+            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
+        return {"nodes": list(self.current_nodes)}
+
+    def reset(self) -> None:
+        self.sequences.clear()
+        self.current_nodes.clear()
+
+    async def chat_completion(self, **kwargs: Any) -> APIResponse:
+        """Chat through the tokenizer's chat template; Atropos' ChatCompletion.  ``tools`` are
+        ignored, as Atropos does without a ``tool_parser``; with one, Atropos parses tool calls
+        out of the raw text with vLLM's parsers, which this module does not have: refused."""
+        kwargs = dict(kwargs)
+        tools = kwargs.pop("tools", None)
+        kwargs.pop("tool_choice", None)
+        if tools and getattr(self.manager, "tool_parser", None):
+            raise ManagedServerUnsupportedError(
+                f"tools= with tool_parser={self.manager.tool_parser!r}: parsing tool calls out of the generated "
+                "text needs vLLM's tool parsers, which atropos_slurm does not have")
+        prompt = self.chat_prompt(kwargs.pop("messages", []))
+        return await self._complete("chat", prompt, kwargs)
+
+    async def completion(self, **kwargs: Any) -> APIResponse:
+        kwargs = dict(kwargs)
+        prompt = kwargs.pop("prompt", "")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be text, got {type(prompt).__name__}")
+        return await self._complete("completion", prompt, kwargs)
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        """The manager's ``get_logprobs``; ``messages`` become a prompt through the chat template,
+        and a prompt becomes ids with the tokenizer (a doubled BOS dropped), as for completions."""
+        kwargs = dict(kwargs)
+        if kwargs.get("messages") is not None:
+            kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
+        if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
+            kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
+        return await self.manager.get_logprobs(**kwargs)
+
+    def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
+        """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
+        last message is the assistant's; ``<think>`` blocks of earlier turns kept, as Atropos does."""
+        if not callable(getattr(self.tokenizer, "apply_chat_template", None)):
+            return "\n".join(f"{m['role']}: {m.get('content', '')}" for m in messages)
+        if not self.preserve_think_blocks:
+            messages = [self._think(m, 0, 1) for m in messages]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not messages or messages[-1].get("role") != "assistant")
+        for tag, placeholder in self._THINK:
+            prompt = prompt.replace(placeholder, tag)
+        return prompt
+
+    def _think(self, message: Dict[str, Any], old: int, new: int) -> Dict[str, Any]:
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, str) or "<think>" not in content:
+            return message
+        for pair in self._THINK:
+            content = content.replace(pair[old], pair[new])
+        return dict(message, content=content)
+
+    def _prompt_ids(self, prompt: str, base: Optional[SequenceNode]) -> List[int]:
+        """The prompt's ids: ``base``'s tokens plus the new text's, or the whole text encoded."""
+        if base is None:
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        elif len(prompt) > len(base.full_text):
+            ids = base.tokens + list(self.tokenizer.encode(prompt[len(base.full_text):], add_special_tokens=False))
+        else:
+            ids = list(base.tokens)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # a chat template that writes BOS, encoded with special tokens
+        return ids
+
+    async def _complete(self, kind: str, prompt: str, kwargs: Dict[str, Any]) -> APIResponse:
+        if self.track_tree:
+            parent, extending = self.sequences.get(prompt), None
+            base = parent
+        else:
+            parent = None
+            extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
+        prompt_ids = self._prompt_ids(prompt, base)
+        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
+            **dict(kwargs, input_ids=prompt_ids))
+        choices = []
+        for i, (output, output_logprobs) in enumerate(zip(outputs, logprobs)):
+            reason = _finish_reason(reasons[i] if i < len(reasons) else "stop")
+            text = self.tokenizer.decode(output, skip_special_tokens=True)
+            self._record(self._node(prompt, prompt_ids, output, output_logprobs, text, reason, extending), extending)
+            choices.append(_chat_choice(i, text, reason) if kind == "chat"
+                           else dict(finish_reason=reason, index=i, logprobs=None, text=text))
+        return _openai_response(kind, self.manager.configs[0].model_name, choices)
+
+    def _node(self, prompt: str, prompt_ids: List[int], output: List[int], output_logprobs: List[float],
+              text: str, reason: Any, extending: Optional[SequenceNode]) -> SequenceNode:
+        output_logprobs = (list(output_logprobs) + [MASKED_LOGPROB] * len(output))[:len(output)]
+        if extending is not None:  # earlier completions stay unmasked; the new text is prompt
+            new = len(prompt_ids) - len(extending.tokens)
+            masked = extending.masked_tokens + [MASKED_TOKEN] * new + output
+            logprobs = extending.logprobs + [MASKED_LOGPROB] * new + output_logprobs
+        else:
+            masked = [MASKED_TOKEN] * len(prompt_ids) + output
+            logprobs = [MASKED_LOGPROB] * len(prompt_ids) + output_logprobs
+        return SequenceNode(full_text=prompt + text, tokens=prompt_ids + output, masked_tokens=masked,
+                            logprobs=logprobs, metadata={"finish_reason": reason})
+
+    def _record(self, node: SequenceNode, extending: Optional[SequenceNode]) -> None:
+        """Tree: keyed by text.  Default: the first node of a call replaces the one it extends,
+        the others are appended (as Atropos does)."""
+        if self.track_tree:
+            self.sequences[node.full_text] = node
+            return
+        for i, current in enumerate(self.current_nodes):
+            if current is extending:
+                self.current_nodes[i] = node
+                return
+        self.current_nodes.append(node)
+
+
+class DummyManagedServer:
+    """What Atropos gives ``server_type="openai"`` when ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER`` is
+    set: plain completions, recorded with placeholder tokens (ids 0..127, logprobs -0.5) and
+    ``metadata["dummy_tokens"]``.  For evaluation only: nothing here is fit for training."""
+
+    DUMMY_TOKENS = list(range(128))
+    DUMMY_MASKED_TOKENS = [MASKED_TOKEN] + DUMMY_TOKENS[1:]
+    DUMMY_LOGPROBS = [-0.5] * 128
+
+    def __init__(self, manager: "ServerManager", track_tree: bool = False):
+        self.manager, self.track_tree = manager, track_tree
+        self.sequences: Dict[str, SequenceNode] = {}
+        self.current_nodes: List[SequenceNode] = []
+
+    get_state = ManagedServer.get_state
+    reset = ManagedServer.reset
+
+    def _record(self, full_text: str, finish_reason: Any) -> None:
+        node = SequenceNode(full_text=full_text, tokens=list(self.DUMMY_TOKENS),
+                            masked_tokens=list(self.DUMMY_MASKED_TOKENS), logprobs=list(self.DUMMY_LOGPROBS),
+                            metadata={"finish_reason": finish_reason or "stop", "dummy_tokens": True})
+        if self.track_tree:
+            self.sequences[full_text] = node
+        else:
+            self.current_nodes.append(node)
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        response = await self.manager.chat_completion(**kwargs)
+        for choice in response.choices:
+            turns = list(kwargs.get("messages", [])) + [{"role": "assistant", "content": choice.message.content or ""}]
+            self._record("\n\n".join(f"{m['role']}:{m['content']}" for m in turns), choice.get("finish_reason"))
+        return response
+
+    async def completion(self, **kwargs: Any) -> Any:
+        response = await self.manager.completion(**kwargs)
+        for choice in response.choices:
+            self._record(f"{kwargs.get('prompt', '')}{choice.get('text') or ''}", choice.get("finish_reason"))
+        return response
+
+    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+        raise ManagedServerUnsupportedError("the placeholder managed server of server_type='openai' has no logprobs")
+
+
+# =============================================================================================
+# Atropos compatibility: atroposlib's BaseEnv and environments on this ServerManager
+# =============================================================================================
+
+# Atropos' server classes and the server_type each stands for (its abstract APIServer: none,
+# the configs' server_type decides).
+ATROPOS_SERVER_TYPES = {"APIServer": None, "OpenAIServer": "openai", "VLLMServer": "vllm",
+                        "SGLangServer": "sglang", "TrlVllmServer": "trl"}
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def own_config(config: Any) -> Any:
+    """Atropos' pydantic ``ServerBaseline``/``APIServerConfig`` (any object with their
+    attributes) as ours, read field by field; fields we do not know are ignored, as pydantic
+    ignores unknown ones.  A config without a ``base_url`` is a baseline.  Ours, and things
+    that are no config at all, are returned as they are (``ServerManager`` rejects the latter).
+    """
+    if isinstance(config, ServerBaseline) or not hasattr(config, "model_name"):
+        return config
+    cls = APIServerConfig if getattr(config, "base_url", None) else ServerBaseline
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                  if getattr(config, f.name, None) is not None})
+
+
+def atropos_server_type(server_class: Any) -> Tuple[bool, Optional[str]]:
+    """(whether ``server_class`` is one of Atropos' server classes, the server_type it stands for).
+
+    A class of one's own derived from Atropos' is refused: its overrides could not run here.
+    """
+    atropos = [c for c in getattr(server_class, "__mro__", ()) if c.__module__.startswith("atroposlib.")]
+    if not atropos:
+        return False, None
+    name = server_class.__name__
+    if atropos[0] is not server_class or name not in ATROPOS_SERVER_TYPES:
+        raise ConfigError(f"server_class={server_class.__module__}.{name} is not one of Atropos' "
+                          f"{', '.join(ATROPOS_SERVER_TYPES)}: its code cannot run on atropos_slurm's ServerManager")
+    return True, ATROPOS_SERVER_TYPES[name]
+
+
+def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: bool, reasoning_config: Any,
+                      proxy_url: Optional[str], use_proxy: bool) -> Tuple[Any, Any, bool]:
+    """``ServerManager``'s arguments, as Atropos' ``BaseEnv`` passes them, made ours.
+
+    Returns (configs as a list of ours, the server factory, whether to discover from Slurm):
+    Atropos' pydantic configs are read by field; Atropos' server classes become ours, a
+    concrete one setting every config's ``server_type``; ``reasoning_config`` is given to each
+    server; ``testing=True`` points one server at this process' stub server (``testing_stub_url``).
+    Atropos' discovery rules: a lone baseline (no ``base_url``) discovers whenever
+    ``SLURM_JOB_NODELIST`` is set, and a nodelist of one node discovers nothing (a lone
+    baseline then means localhost:9004-9007, a list is used as given), unless
+    ``NUM_TRAINING_NODES=0`` says that node serves.
+    """
+    proxy_url = proxy_url or os.environ.get("ATROPOS_PROXY_URL")
+    if proxy_url or use_proxy:
+        raise ConfigError(f"proxy_url={proxy_url!r} (or ATROPOS_PROXY_URL), use_proxy={use_proxy!r}: Atropos' "
+                          "ManagedServer proxy is not supported")
+    lone = not isinstance(configs, (list, tuple))
+    configs = [own_config(c) for c in ([configs] if lone else configs)]
+    is_atropos, server_type = atropos_server_type(server_class)
+    if is_atropos:
+        server_class = OpenAIServer
+        if server_type is not None:
+            configs = [dataclasses.replace(c, server_type=server_type) if isinstance(c, ServerBaseline) else c
+                       for c in configs]
+    if reasoning_config is not None:
+        server_class = functools.partial(server_class, reasoning_config=reasoning_config)
+    if testing and configs and isinstance(configs[0], ServerBaseline):
+        return configs_for_urls(configs[0], [testing_stub_url()]), server_class, False
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
+        slurm = True
+    backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
+    if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
+            and len(resolve_hostnames(nodelist, backend)[0]) < 2):
+        log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
+                 "as in Atropos", nodelist)
+        slurm = False
+    return configs, server_class, slurm
+
+
+_testing_stub_lock = threading.Lock()
+_testing_stub_urls: List[str] = []
+
+
+def testing_stub_url() -> str:
+    """The URL of this process' stub server, for ``ServerManager(testing=True)``.
+
+    Atropos' ``testing=True`` swaps in a harness of canned responses (which its own manager's
+    calls then crash on); here the manager is the real one, talking to a ``StubServer`` on
+    127.0.0.1 that runs in a daemon thread with its own event loop, started on first use and
+    shared by every testing manager of the process.
+    """
+    with _testing_stub_lock:
+        if not _testing_stub_urls:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="atropos-slurm-testing-stub", daemon=True).start()
+            stub = asyncio.run_coroutine_threadsafe(StubServer(model="testing").start(), loop).result(30)
+            _testing_stub_urls.append(f"http://127.0.0.1:{stub.port}/v1")
+        return _testing_stub_urls[0]
+
+
+def reasoning_extra_body(reasoning_config: Any, base_url: str) -> Optional[Dict[str, Any]]:
+    """What Atropos merges into a chat request's ``extra_body`` for its ``ReasoningConfig``
+    (read by field: ``enabled``, ``effort``, ``max_tokens``), or None for nothing.
+
+    OpenAI's own API gets ``reasoning_effort`` (default "medium"); every other server
+    ``reasoning: {enabled, effort | max_tokens}`` (OpenRouter's shape; effort wins).
+    """
+    if reasoning_config is None:
+        return None
+    effort = getattr(reasoning_config, "effort", None)
+    max_tokens = getattr(reasoning_config, "max_tokens", None)
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ConfigError(f"reasoning effort={effort!r} is not one of {', '.join(REASONING_EFFORTS)}")
+    if not (getattr(reasoning_config, "enabled", False) or effort is not None or max_tokens is not None):
+        return None
+    if "api.openai.com" in base_url:
+        return {"reasoning_effort": effort or "medium"}
+    reasoning: Dict[str, Any] = {"enabled": True}
+    if effort is not None:
+        reasoning["effort"] = effort
+    elif max_tokens is not None:
+        reasoning["max_tokens"] = max_tokens
+    return {"reasoning": reasoning}
+
+
+def weighted_cap(cap: int, weight: float) -> int:
+    """``ceil(cap * weight)``, as Atropos' weighted semaphores admit (rounding error ignored:
+    10 x 0.3 is 3, not 4)."""
+    return math.ceil(round(cap * weight, 9))
+
+
+class DedicatedServer:
+    """One server held for a multi-turn episode, from ``ServerManager.dedicated_server()``.
+
+    The episode holds one "train" slot of one healthy server from start to end, as Atropos'
+    does; its calls (``chat_completion``, ``completion``, with ``split`` and ``n`` as the
+    manager's) run in that slot one at a time, so the server's caps still hold, and are retried
+    as any call.  When its server goes down, the episode moves to another healthy one.  A
+    stream keeps the slot until it ends: the episode's next call waits for it (at most the
+    manager's slot wait), and a stream still open when the episode ends holds the server's slot
+    until it ends.  Calls after the episode ended raise ``ConfigError``.
+    """
+
+    def __init__(self, manager: "ServerManager", server: OpenAIServer):
+        self._manager, self.server = manager, server
+        self._turn = asyncio.Semaphore(1)
+        self._ended = False
+
+    @property
+    def config(self) -> APIServerConfig:
+        return self.server.config
+
+    @property
+    def server_healthy(self) -> bool:
+        return self.server.healthy
+
+    async def chat_completion(self, **kwargs: Any) -> Any:
+        return await self._manager._generate("/chat/completions", kwargs, self)
+
+    async def completion(self, **kwargs: Any) -> Any:
+        return await self._manager._generate("/completions", kwargs, self)
+
+    # The slot interface of ServerManager._request (as ServerManager._acquire and Slots.give_back).
+
+    async def acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
+        wait = self._manager._slot_timeout
+        with _Deadline(wait, f"the episode's slot was still in use after timeout={wait:g} s "
+                             "(by an unfinished stream of this episode?)"):
+            await self._turn.acquire()
+        try:
+            if self._ended:
+                raise ConfigError("this dedicated_server() episode has ended: make its calls inside its "
+                                  "`async with` block")
+            if self.server is None or not self.server.healthy:  # down (or a move failed): move
+                old, self.server = self.server, None
+                if old is not None:
+                    self._manager.slots.give_back(old, "train")
+                self.server = await self._manager._acquire("train", old)
+            return self.server
+        except BaseException:
+            self._turn.release()
+            raise
+
+    def give_back(self, server: OpenAIServer, split: str) -> None:
+        self._turn.release()
+        if self._ended:  # the stream that outlived its episode ended
+            self._leave_server()
+
+    def end(self) -> None:
+        self._ended = True
+        if not self._turn.locked():  # else a stream still runs in the slot: it ends the episode
+            self._leave_server()
+
+    def _leave_server(self) -> None:
+        if self.server is not None:
+            self._manager.slots.give_back(self.server, "train")
+            self.server = None
+
+
+# Where atroposlib keeps the ServerManager that BaseEnv (and code importing it later) builds.
+ATROPOS_MANAGER_MODULES = ("atroposlib.envs.server_handling.server_manager", "atroposlib.envs.base")
+
+
+def patch_atropos() -> None:
+    """Make atroposlib build this module's ``ServerManager``: every ``BaseEnv`` created after
+    this call, and code that imports ``ServerManager`` from atroposlib afterwards, gets ours.
+
+    Idempotent.  atroposlib is imported here only.  Its pydantic ``ServerBaseline`` and
+    ``APIServerConfig`` stay as they are (BaseEnv's command line is built from their pydantic
+    fields); ours reads them by field.
+    """
+    import importlib
+
+    try:
+        modules = [importlib.import_module(name) for name in ATROPOS_MANAGER_MODULES]
+    except ImportError as e:
+        raise ConfigError(f"cannot import atroposlib ({e}); pip install atroposlib") from None
+    original = getattr(modules[0], "ServerManager")
+    for module in modules + [m for name, m in list(sys.modules.items()) if name.startswith("atroposlib.")]:
+        if getattr(module, "ServerManager", None) in (original, ServerManager):
+            module.ServerManager = ServerManager
+
+
+def run_env(script: str, argv: Sequence[str]) -> None:
+    """Run an Atropos environment script as ``python script ARGS`` would, on our manager."""
+    if not os.path.isfile(script):
+        raise ConfigError(f"environment script {script!r} is not a file")
+    patch_atropos()
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
 
 
 # =============================================================================================
@@ -2537,7 +3703,7 @@ def run_watcher(options: WatcherOptions) -> int:
 
 
 # =============================================================================================
-# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | demo
+# CLI: python -m atropos_slurm discover | hostnames | wait | watch | stub-server | run-env | demo
 # =============================================================================================
 
 
@@ -2586,30 +3752,6 @@ def cmd_hostnames(args: argparse.Namespace) -> int:
     names, _ = resolve_hostnames(args.hostlist, args.hostlist_backend or "python")
     print("\n".join(names))
     return 0
-
-
-async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
-                           health_path: str, probe_timeout: float, out=None) -> List[str]:
-    """Probe until ``min_healthy`` servers answer; return the URLs still down (empty = success).
-
-    Prints a progress line whenever the count changes; ends at ``timeout`` at the latest.
-    """
-    out = out or sys.stderr
-    prober = HealthProber(urls, health_path, probe_timeout, "/v1/models")
-    started, shown = time.monotonic(), None
-    while True:
-        # A server that accepts and never answers must not stretch the wait past --timeout.
-        prober.timeout = min(probe_timeout, max(0.01, timeout - (time.monotonic() - started)))
-        health = await prober.probe()
-        count, elapsed = sum(health), time.monotonic() - started
-        if count != shown:
-            print(f"wait: {count}/{len(urls)} servers healthy after {elapsed:.1f} s", file=out, flush=True)
-            shown = count
-        if count >= min_healthy:
-            return []
-        if elapsed + interval > timeout:
-            return [prober.errors[i] or urls[i] for i, ok in enumerate(health) if not ok]
-        await asyncio.sleep(interval)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -2759,6 +3901,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_env(args: argparse.Namespace) -> int:
+    run_env(args.script, args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="atropos-slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
@@ -2801,9 +3948,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
     p.set_defaults(func=cmd_stub_server)
 
+    p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")
+    p.add_argument("script", help="the environment's .py file, run as __main__ after patch_atropos()")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments, e.g. serve --slurm true")
+    p.set_defaults(func=cmd_run_env)
+
     p = commands.add_parser("demo", help="8 stub servers, discovery, load, failover: no Slurm needed")
     p.add_argument("--requests", default="4000")
     p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def watcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser for the watcher alone (``inference_watcher.py``), reporting errors as ``main`` does."""
+    parser = _ArgumentParser(prog=prog, description=description)
+    add_watcher_flags(parser)
+    parser.set_defaults(func=cmd_watch)
     return parser
 
 

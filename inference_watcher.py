@@ -3,7 +3,7 @@
 
     python inference_watcher.py --api_addr http://TRAINER:8000 --tp 2 --node_num 0
 
-A thin entry point: the logic is ``atropos_slurm.cmd_watch``.  Keep this file next to
+A thin entry point: the logic is ``atropos_slurm.watch``.  Keep this file next to
 ``atropos_slurm.py`` when vendoring the two onto a cluster.
 """
 
@@ -13,9 +13,7 @@ import atropos_slurm
 
 
 def main(argv=None) -> int:
-    parser = atropos_slurm._ArgumentParser(prog="inference_watcher.py", description=__doc__.split("\n\n")[0])
-    atropos_slurm.add_watcher_flags(parser)
-    parser.set_defaults(func=atropos_slurm.cmd_watch)
+    parser = atropos_slurm.watcher_parser("inference_watcher.py", __doc__.split("\n\n")[0])
     return atropos_slurm.main(argv, parser)
 
 

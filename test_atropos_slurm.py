@@ -6,7 +6,6 @@ test is skipped locally, and fails when ``ATROPOS_TEST_REQUIRE`` names ``scontro
 """
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -25,23 +24,7 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
-from support import require  # noqa: E402
-
-
-def run_cli(*argv, env=None):
-    """Run ``main`` in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            mock.patch.dict(os.environ, env or {}, clear=env is not None):
-        code = a.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def run_module(*argv, env=None, cwd=None, timeout=60):
-    """Run ``python -m atropos_slurm`` as a subprocess."""
-    full_env = dict(os.environ if env is None else env, PYTHONPATH=HERE)
-    return subprocess.run([sys.executable, "-m", "atropos_slurm", *argv], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or HERE, timeout=timeout)
+from support import require, run_cli, run_module  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +187,7 @@ class DifferentialAgainstScontrol(unittest.TestCase):
                 mismatches.append((text, err))
         self.assertEqual(mismatches, [])
 
-    def test_table_agrees_where_slurm_22_05_accepts(self):
+    def test_scontrol_itself_matches_the_table_where_22_05_accepts(self):
         for text, expected in VALID_HOSTLISTS:
             if "]" in text and not text.rstrip().endswith("]") and "-ib" in text or ".ib" in text:
                 continue  # suffix after ']': only Slurm >= 23.02.5 (Debian 12 ships 22.05)
@@ -447,9 +430,7 @@ class Configs(unittest.TestCase):
         manager = ServerManager(configs=ServerBaseline())
         self.assertEqual([s.url for s in manager.servers], [f"http://localhost:{p}/v1" for p in range(9004, 9008)])
 
-    def test_manager_rejects_testing_mode_and_bad_configs(self):
-        with self.assertRaises(a.ConfigError):
-            ServerManager(configs=ServerBaseline(), testing=True)
+    def test_manager_rejects_bad_configs(self):
         with self.assertRaises(a.ConfigError):
             ServerManager(configs=[])
         with self.assertRaises(a.ConfigError):

@@ -27,12 +27,11 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from atropos_slurm import AtroposSlurmError, ServerBaseline, ServerManager, discover_servers
+from support import TrainerAPIStub
 
 PORT = int(os.environ.get("TRAINER_API_PORT", "8000"))
 PHASE_REQUESTS = int(os.environ.get("E2E_PHASE_REQUESTS", "80"))
@@ -43,60 +42,6 @@ VICTIM = os.environ.get("E2E_VICTIM", "")
 def emit(event, **fields):
     """One machine-readable marker line: ``E2E {"event": ..., ...}``."""
     print("E2E " + json.dumps(dict(event=event, time=round(time.time(), 3), **fields), sort_keys=True), flush=True)
-
-
-# ----------------------------------------------------------------- trainer API stand-in --
-
-class TrainerAPI:
-    """What the watchers read from run-api, plus a log of who asked for /status when."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.step = 0
-        self.group = self.project = None
-        self.status_calls = []  # (time, client address)
-
-    def register(self, group, project, starting_step=1):
-        with self.lock:
-            if self.project is None:  # like run-api: only the first /register counts
-                self.group, self.project, self.step = group, project, starting_step
-
-    def advance(self):
-        with self.lock:
-            self.step += 1
-            return self.step
-
-    def calls_since(self, since, address):
-        with self.lock:
-            return sum(1 for t, a in self.status_calls if t >= since and a == address)
-
-
-def serve_api(api):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            with api.lock:
-                if path == "/wandb_info":
-                    payload = {"group": api.group, "project": api.project}
-                elif path == "/status":
-                    api.status_calls.append((time.time(), self.client_address[0]))
-                    payload = {"current_step": api.step, "queue_size": 0}
-                else:
-                    payload = None
-            body = json.dumps(payload if payload is not None else {"detail": "Not Found"}).encode()
-            self.send_response(200 if payload is not None else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    ThreadingHTTPServer.daemon_threads = True
-    server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def get_json(url, timeout=3.0):
@@ -142,8 +87,7 @@ async def wait_until(predicate, what, timeout=TIMEOUT, interval=0.1):
 
 async def main():
     started = time.monotonic()
-    api = TrainerAPI()
-    serve_api(api)
+    api = TrainerAPIStub("0.0.0.0", PORT)
     emit("api", host=socket.gethostname(), port=PORT)
 
     # The trainer registers a moment later; until then /wandb_info is null/null, as run-api.
@@ -161,7 +105,7 @@ async def main():
     watcher_addrs = {socket.gethostbyname(node): node for node in found.inference_nodes}
 
     await asyncio.sleep(1.5)
-    api.register(group=f"e2e-{os.environ.get('SLURM_JOB_ID', 'local')}", project="atropos-slurm-e2e")
+    api.register(project="atropos-slurm-e2e", group=f"e2e-{os.environ.get('SLURM_JOB_ID', 'local')}", step=1)
     emit("registered", info=get_json(f"http://127.0.0.1:{PORT}/wandb_info"), step=api.step)
 
     sent = returned = 0
@@ -188,7 +132,7 @@ async def main():
     async def watcher_rounds(since, rounds, why):
         """Until every watcher asked /status ``rounds`` times since ``since``: each such call
         starts a round, so the round before the last one has been probed and logged."""
-        await wait_until(lambda: all(api.calls_since(since, a) >= rounds for a in watcher_addrs),
+        await wait_until(lambda: all(api.status_calls_since(since, a) >= rounds for a in watcher_addrs),
                          f"{rounds} watcher rounds ({why}) from {sorted(watcher_addrs.values())}")
         emit("watchers_seen", why=why, rounds=rounds, nodes=sorted(watcher_addrs.values()))
 
@@ -205,7 +149,7 @@ async def main():
     await phase("A", PHASE_REQUESTS)
     emit("stub_stats", when="after_A", stats=stub_stats())
     await watcher_rounds(time.time(), 2, "all healthy")
-    emit("step", step=api.advance())
+    emit("step", step=api.advance_step())
 
     # Phase B: the --die-after server dies part way; its requests must go elsewhere.
     await phase("B", PHASE_REQUESTS)
@@ -225,12 +169,12 @@ async def main():
         await wait_until(victim_gone, f"{VICTIM} to stop answering")
         emit("victim_gone", url=victim_url)
         await watcher_rounds(time.time(), 2, "after the death")
-    emit("step", step=api.advance())
+    emit("step", step=api.advance_step())
 
     # Phase C: the dead server is skipped from the start.
     before_c = {r["url"]: r["done"] for r in mgr.stats()}
     await phase("C", PHASE_REQUESTS // 2)
-    emit("step", step=api.advance())
+    emit("step", step=api.advance_step())
     rows = mgr.stats()
     emit("manager_stats", rows=rows, done_in_C={r["url"]: r["done"] - before_c[r["url"]] for r in rows})
     emit("stub_stats", when="end", stats=stub_stats())

@@ -14,18 +14,13 @@ Run: ``python -m pytest tests/test_dispatch.py -q`` or ``python -m unittest test
 
 import asyncio
 import email.utils
-import functools
 import gc
 import json
-import logging
 import os
-import random
 import select
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 import unittest
@@ -34,438 +29,19 @@ from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import atropos_slurm as a  # noqa: E402
-from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402  (the seed's imports)
+from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402  (Atropos' imports)
+from support import (  # noqa: E402
+    LIMIT, AsyncCase, LoopThread, after, answer, chat_payload, close_at_once, closed_port, drop_second_on_each_connection,
+    endless_chunked, endless_until_eof, fake, free_port_block, garbage, http_response, huge_length, make_manager,
+    module_env, mute_logs, open_fds, oversize_head, peak_memory, raw, reserve_ports, reset_mid_body,
+    run_module, server_for, spawn_stub_server, sse_reply, sse_then_reset, sse_then_stall, stall,
+    start_stubs, stop_process, stub_url, too_many_headers, until,
+)
 
-LIMIT = 30.0  # seconds: the bound on any one async test
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-# =============================================================================================
-# Helpers
-# =============================================================================================
-
-
-class AsyncCase(unittest.IsolatedAsyncioTestCase):
-    """Each ``test_*`` coroutine is bounded by ``LIMIT``; the module's warnings are muted."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        for name, fn in list(vars(cls).items()):
-            if name.startswith("test") and asyncio.iscoroutinefunction(fn):
-                setattr(cls, name, cls._bounded(fn))
-
-    @staticmethod
-    def _bounded(fn):
-        @functools.wraps(fn)
-        async def test(self):
-            await asyncio.wait_for(fn(self), LIMIT)
-        return test
-
-    def setUp(self):
-        mute_logs(self)
-
-
-def mute_logs(case: unittest.TestCase) -> None:
-    logger = logging.getLogger("atropos_slurm")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    case.addCleanup(logger.setLevel, level)
-
-
-def make_manager(urls, *, timeout=20.0, cap=64, eval_cap=16, api_key="", max_body_bytes=None, **kwargs):
-    """A manager over ``urls`` with fast retries and probes (the defaults suit GPUs, not tests).
-
-    Timeouts not under test are generous: a loaded 2-core machine can starve the loop for seconds.
-    """
-    template = APIServerConfig(timeout=timeout, num_max_requests_at_once=cap, num_requests_for_eval=eval_cap,
-                               model_name="test-model", api_key=api_key, connect_timeout=20, health_timeout=5)
-    options = dict(retry_backoff=0.01, retry_backoff_max=0.05, no_server_timeout=20, health_probe_interval=0.05)
-    options.update(kwargs)
-    if max_body_bytes is not None:
-        options["server_class"] = functools.partial(a.OpenAIServer, max_body_bytes=max_body_bytes)
-    return ServerManager(a.configs_for_urls(template, urls), **options)
-
-
-def server_for(url, *, timeout=20.0, api_key="", **kwargs):
-    """One ``OpenAIServer`` (exactly one HTTP request per call, no retries)."""
-    return a.OpenAIServer(APIServerConfig(base_url=url, timeout=timeout, api_key=api_key, connect_timeout=20), **kwargs)
-
-
-def random_base(count):
-    """A random first port of ``count``, below the ephemeral range so that no client socket
-    (nor a TCP self-connect of a probe) can hold one of them."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return random.randrange(10000, max(low, 10100) - count)
-
-
-async def start_stubs(case, count, **options):
-    """``count`` started stubs on consecutive ports (discovery needs a block), stopped at cleanup."""
-    for _ in range(50):
-        base = random_base(count)
-        stubs = []
-        try:
-            for i in range(count):
-                stubs.append(await a.StubServer("127.0.0.1", base + i, **options).start())
-        except OSError:
-            for stub in stubs:
-                await stub.stop()
-            continue
-        for stub in stubs:
-            case.addAsyncCleanup(stub.stop)
-        return stubs
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def stub_url(stub) -> str:
-    return f"http://127.0.0.1:{stub.port}/v1"
-
-
-def closed_port() -> int:
-    """A port nothing listens on (connections are refused), outside the ephemeral range, where
-    a client could otherwise connect to itself."""
-    while True:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", random_base(1)))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-
-
-async def until(predicate, timeout=10.0, what="condition"):
-    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def module_env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
-def run_module(*argv, timeout=30):
-    """``python -m atropos_slurm ...`` as a subprocess; the timeout bounds the test."""
-    return subprocess.run([sys.executable, "-m", "atropos_slurm", *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=module_env(), stdin=subprocess.DEVNULL)
-
-
-def spawn_stub_server(count, *extra, base=None):
-    """``python -m atropos_slurm stub-server`` on ``count`` consecutive ports; (process, base port)."""
-    for _ in range(20):
-        port = base or random_base(count)
-        proc = subprocess.Popen([sys.executable, "-m", "atropos_slurm", "stub-server", "--port", str(port),
-                                 "--count", str(count), *extra], cwd=ROOT, env=module_env(),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        ready, _, _ = select.select([proc.stderr], [], [], 15)
-        line = proc.stderr.readline() if ready else ""
-        if "listening" in line:
-            return proc, port
-        proc.kill()
-        proc.communicate(timeout=10)
-        if base:
-            break
-    raise RuntimeError(f"stub-server did not start: {line!r}")
-
-
-def stop_process(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=10)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
-async def peak_memory(coro):
-    """(result or exception, bytes allocated at the peak while ``coro`` ran)."""
-    tracing = tracemalloc.is_tracing()
-    if not tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        outcome = await coro
-    except Exception as e:
-        outcome = e
-    finally:
-        peak = tracemalloc.get_traced_memory()[1] - base
-        if not tracing:
-            tracemalloc.stop()
-    return outcome, peak
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-class LoopThread:
-    """An event loop in a thread: stubs for user code that runs its own ``asyncio.run``."""
-
-    def __enter__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def run(self, coro, timeout=10.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-# -- a raw socket server for faults ----------------------------------------------------------
-
-
-class Request:
-    __slots__ = ("method", "path", "headers", "body", "time", "reader")
-
-    def __init__(self, method, path, headers, body, reader):
-        self.method, self.path, self.headers, self.body, self.reader = method, path, headers, body, reader
-        self.time = time.monotonic()
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def http_response(status, payload=b"", headers=(), reason="Whatever"):
-    """One response with a Content-Length; ``payload`` bytes, or a dict/list sent as JSON."""
-    if not isinstance(payload, bytes):
-        payload = json.dumps(payload).encode()
-        headers = [("Content-Type", "application/json"), *headers]
-    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(payload)}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
-
-
-def chat_payload(n=1, text="fake reply"):
-    return {"id": "chatcmpl-fake", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        for i in range(n)],
-            "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": 1 + n}}
-
-
-def reset(writer):
-    """Drop the connection with a TCP RST rather than a FIN."""
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-class FakeServer:
-    """A raw HTTP server for faults.  GETs (health probes) get ``health_status``, a status or a
-    dict of them by path; every POST is recorded in ``posts`` and handed to
-    ``handler(fake, request, writer)``, which writes what it likes and returns False to drop
-    the connection without another byte.
-    """
-
-    def __init__(self, handler, health_status=200):
-        self.handler, self.health_status = handler, health_status
-        self.posts, self.gets = [], []
-        self.seen = {}  # requests per connection (writer)
-        self.open = self.accepted = 0
-        self.sent = 0  # body bytes written by streaming handlers
-        self._tasks = set()
-        self._writers = set()
-
-    async def start(self):
-        self.stopping = asyncio.Event()  # handlers that hold a connection wait on it
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        return self
-
-    async def stop(self):
-        """Ends every handler without cancelling it (Python 3.11 logs cancelled stream handlers)."""
-        self._server.close()
-        self.stopping.set()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=10)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader, writer):
-        self._tasks.add(asyncio.current_task())
-        self._writers.add(writer)
-        self.accepted += 1
-        self.open += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head[:-4].decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                headers = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", 0)))
-                request = Request(method, path, headers, body, reader)
-                if method == "GET":
-                    self.gets.append(request)
-                    status = self.health_status
-                    if isinstance(status, dict):  # per path, 404 elsewhere
-                        status = status.get(path, 404)
-                    writer.write(http_response(status, b"", [("Connection", "close")]))
-                    await writer.drain()
-                    break
-                self.posts.append(request)
-                if not await self.handler(self, request, writer):
-                    break
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        finally:
-            self.open -= 1
-            self._writers.discard(writer)
-            self._tasks.discard(asyncio.current_task())
-            writer.close()
-
-
-async def fake(case, handler, **options):
-    server = await FakeServer(handler, **options).start()
-    case.addAsyncCleanup(server.stop)
-    return server
-
-
-def answer(status=200, payload=None, headers=()):
-    """A handler that always answers ``status`` (a chat completion when 200)."""
-    async def handler(fake, request, writer):
-        writer.write(http_response(status, chat_payload() if payload is None else payload, headers))
-        return True
-    return handler
-
-
-def after(count, first, then):
-    """A handler that behaves like ``first`` for ``count`` POSTs, then like ``then``."""
-    async def handler(fake, request, writer):
-        return await (first if len(fake.posts) <= count else then)(fake, request, writer)
-    return handler
-
-
-async def stall(fake, request, writer):
-    await fake.stopping.wait()
-
-
-async def close_at_once(fake, request, writer):
-    return False
-
-
-async def drop_second_on_each_connection(fake, request, writer):
-    """Answers, but drops the second request of every connection unanswered, as a server does
-    that closes an idle keep-alive connection just as the client reuses it."""
-    fake.seen[writer] = fake.seen.get(writer, 0) + 1
-    if fake.seen[writer] == 2:
-        return False
-    writer.write(http_response(200, chat_payload()))
-    return True
-
-
-async def reset_mid_body(fake, request, writer):
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"id":' * 20)
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    reset(writer)
-    return False
-
-
-async def garbage(fake, request, writer):
-    writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n\r\n")
-    return True
-
-
-async def oversize_head(fake, request, writer):
-    writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (a.MAX_HEADER_BYTES + 1000) + b"\r\nContent-Length: 2\r\n\r\n{}")
-    return True
-
-
-async def too_many_headers(fake, request, writer):
-    extra = b"".join(b"X-H%d: v\r\n" % i for i in range(a.MAX_HEADER_COUNT + 5))
-    writer.write(b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\n{}")
-    return True
-
-
-async def huge_length(fake, request, writer):
-    """Declares a terabyte, sends a little, then waits: the client must not try to read it."""
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n"
-                 + b" " * 65536)
-    await writer.drain()
-    await fake.stopping.wait()
-
-
-async def endless_chunked(fake, request, writer):
-    """Streams 64 KiB chunks (SSE comments) until the client goes away; counts them in ``sent``."""
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-    piece = b": " + b"x" * 65000 + b"\n\n"
-    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    while not writer.is_closing():
-        writer.write(chunk)
-        fake.sent += len(piece)
-        await writer.drain()
-    return False
-
-
-def sse_chunks(*contents, done=True):
-    events = [json.dumps({"choices": [{"index": 0, "delta": {"content": c}}]}) for c in contents]
-    data = b"".join(b"data: %s\n\n" % e.encode() for e in events) + (b"data: [DONE]\n\n" if done else b"")
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-async def sse_reply(fake, request, writer):
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + sse_chunks("fake", " reply") + b"0\r\n\r\n")
-    return True
-
-
-async def sse_then_reset(fake, request, writer):
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + sse_chunks("fake", done=False))
-    await writer.drain()
-    await asyncio.sleep(0.1)
-    reset(writer)
-    return False
-
-
-async def sse_then_stall(fake, request, writer):
-    """One event, then silence until the client hangs up."""
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + sse_chunks("fake", done=False))
-    await writer.drain()
-    await request.reader.read()
-    return False
-
-
-def raw(data, keep=True):
-    """A handler that writes ``data`` as it is."""
-    async def handler(fake, request, writer):
-        writer.write(data)
-        return keep
-    return handler
-
-
-async def endless_until_eof(fake, request, writer):
-    """No length, no chunking: the body ends at EOF, which never comes."""
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
-    piece = b" " * 65536
-    while not writer.is_closing():
-        writer.write(piece)
-        fake.sent += len(piece)
-        await writer.drain()
-    return False
 
 
 # =============================================================================================
@@ -757,8 +333,8 @@ class Dispatch(AsyncCase):
         await asyncio.gather(eval_full, train)
         self.assertEqual(stubs[0].max_in_flight, 7, "eval traffic does not take training slots")
         self.assertEqual(manager.servers[0].in_flight, {"train": 0, "eval": 0})
-        with self.assertRaisesRegex(a.ConfigError, "split="):
-            await manager.chat_completion(messages=MESSAGES, split="test")
+        await asyncio.gather(*(manager.chat_completion(messages=MESSAGES, split=s) for s in ("validation", "test")))
+        self.assertEqual(manager.servers[0].split_counts["eval"][0], 6 + 4 + 2, "any split but 'train' is eval (Atropos)")
 
     async def test_n_is_split_over_requests_and_merged(self):
         stubs = await start_stubs(self, 2)
@@ -1434,7 +1010,10 @@ class WaitCommand(unittest.TestCase):
         self.assertIn("ready", result.stderr)
 
     def test_waits_for_a_server_that_starts_late(self):
-        base = random_base(2)
+        held = reserve_ports(2)  # bound, not listening: refused, and nobody else can take them
+        base = held[0].getsockname()[1]
+        for sock in held:
+            self.addCleanup(sock.close)
         waiter = subprocess.Popen([sys.executable, "-m", "atropos_slurm",
                                    *wait_argv(base, 2, "--timeout", "20", "--interval", "0.1")],
                                   cwd=ROOT, env=module_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -1443,6 +1022,8 @@ class WaitCommand(unittest.TestCase):
         ready, _, _ = select.select([waiter.stderr], [], [], 15)
         self.assertTrue(ready)
         self.assertIn("0/2 servers healthy", waiter.stderr.readline())
+        for sock in held:
+            sock.close()
         proc, _ = spawn_stub_server(2, base=base)
         self.addCleanup(stop_process, proc)
         _, err = waiter.communicate(timeout=20)

@@ -522,6 +522,31 @@ class StreamingTests(VLLMTestCase):
         resp = await asyncio.wait_for(mgr.chat_completion(messages=MESSAGES, max_tokens=2), 30)
         self.assertEqual(len(resp.choices), 1)
 
+    async def test_stream_inside_a_dedicated_episode_holds_its_slot_until_it_ends(self):
+        mgr = self.manager(self.config(self.url_a, num_max_requests_at_once=1),
+                           self.config(self.url_b, num_max_requests_at_once=1))
+        async with mgr.dedicated_server() as server:
+            held = server.server
+            stream = await server.chat_completion(messages=MESSAGES, max_tokens=6, ignore_eos=True, stream=True,
+                                                  stream_options={"include_usage": True})
+            turn = asyncio.ensure_future(server.chat_completion(messages=MESSAGES, max_tokens=2))
+            text, usage = "", None
+            async for chunk in stream:
+                self.assertFalse(turn.done(), "the episode's next call waits for the stream's end")
+                self.assertEqual(sum(row["in_flight"] for row in mgr.stats()), 1, "the episode's one slot")
+                for choice in chunk.choices:
+                    text += choice.delta.get("content") or ""
+                usage = chunk.get("usage") or usage
+            self.assertEqual(usage.completion_tokens, 6)
+            self.assertEqual(len((await turn).choices), 1)
+            reply = await server.chat_completion(messages=MESSAGES + [
+                {"role": "assistant", "content": text}, {"role": "user", "content": "and then?"}], max_tokens=2)
+            self.assertEqual(reply.choices[0].finish_reason, "length")
+            self.assertIs(server.server, held)
+            self.assertEqual(sum(row["in_flight"] for row in mgr.stats()), 1)
+        self.assertEqual(sorted(row["done"] for row in mgr.stats()), [0, 3], "every turn on the held server")
+        self.assertEqual(sum(row["in_flight"] for row in mgr.stats()), 0)
+
 
 class ErrorTests(VLLMTestCase):
     """vLLM's real error answers: raised at once, with the server's message, not retried.

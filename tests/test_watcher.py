@@ -15,12 +15,10 @@ or ``all`` (CI).
 import asyncio
 import collections
 import glob
-import http.server
 import importlib.util
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -38,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import require  # noqa: E402
+from support import LoopThread, TrainerAPIStub, require, reserve_ports  # noqa: E402
 
 import atropos_slurm  # noqa: E402
 
@@ -149,116 +147,6 @@ def offline_runs(wandb_dir: str) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-class FakeTrainerAPI:
-    """Atropos' ``run-api`` on loopback, with its real schemas, driven by the test.
-
-    ``GET /wandb_info`` -> ``{"group", "project"}``, both null until ``register``;
-    ``GET /status`` -> ``{"current_step", "queue_size"}``, the step reading 0 until registered.
-    ``go_away`` stops listening (connections are refused), ``come_back`` listens again on the
-    same port, ``garbage`` (True, or a list like ``GARBAGE``) makes every answer a different kind
-    of nonsense: (status, content type, body), or raw bytes sent as they are.
-    """
-
-    GARBAGE = [(200, "text/html", b"<html><body>502 Bad Gateway</body></html>"),
-               (200, "application/json", b"[1, 2, 3]"),
-               (200, "application/json", b'{"current_step": "seven", "project": 7}'),
-               (500, "application/json", b'{"detail": "Internal Server Error"}')]
-    HOSTILE = [(200, "application/json", b"[" * 100000),  # nested past the JSON parser's depth
-               (200, "application/json", b'{"current_step": 5, "queue_size": ' + b'{"a": ' * 5000 + b"1"
-                + b"}" * 5000 + b"}"),
-               (200, "application/json", b'{"current_step": 1e400, "project": "p", "group": "g"}'),
-               (200, "application/json", b'{"current_step": NaN, "project": ["p"], "group": {"g": 1}}'),
-               (200, "application/json", b'{"current_step": true, "project": true, "group": null}'),
-               (200, "application/json", b'{"current_step": -3}'),
-               (200, "application/json", b'{"current_step": ' + b"7" * 5000 + b"}"),  # over int()'s 4,300 digits
-               (200, "application/json", b'{"current_step": 18446744073709551616}'),
-               (200, "application/json", b"\xff\xfe{}"),
-               (200, "application/json", b""),
-               b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\nContent-Length: 2\r\n\r\n{}",
-               b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150))
-               + b"Content-Length: 2\r\n\r\n{}",
-               b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"current_step": 1',  # shorter than it says
-               b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
-               b"SSH-2.0-OpenSSH_9.6\r\n"]
-
-    def __init__(self):
-        self.project = self.group = None  # type: Optional[str]
-        self.step = 0
-        self.garbage = False
-        self.hits = collections.Counter()  # type: collections.Counter
-        self.cond = threading.Condition()
-        self.port = 0
-        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
-        self.come_back()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def come_back(self) -> None:
-        api = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                with api.cond:
-                    api.hits[path] += 1
-                    if api.garbage:
-                        answers = api.garbage if isinstance(api.garbage, list) else api.GARBAGE
-                        answer = answers[api.hits["garbage"] % len(answers)]
-                        api.hits["garbage"] += 1
-                        if isinstance(answer, bytes):
-                            api.cond.notify_all()
-                            self.close_connection = True
-                            self.wfile.write(answer)
-                            return
-                        status, ctype, body = answer
-                    elif path == "/wandb_info":
-                        status, ctype = 200, "application/json"
-                        body = json.dumps({"group": api.group, "project": api.project}).encode()
-                    elif path == "/status":
-                        status, ctype = 200, "application/json"
-                        step = api.step if api.project is not None else 0
-                        body = json.dumps({"current_step": step, "queue_size": 0}).encode()
-                    else:
-                        status, ctype, body = 404, "application/json", b'{"detail": "Not Found"}'
-                    api.cond.notify_all()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def go_away(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-    def register(self, project: str, group: Optional[str], step: int) -> None:
-        with self.cond:
-            self.project, self.group, self.step = project, group, step
-
-    def set(self, **fields: Any) -> None:
-        with self.cond:
-            for name, value in fields.items():
-                setattr(self, name, value)
-
-    def wait_hits(self, path: str, more: int, timeout: float = 10.0) -> None:
-        """Wait until ``path`` got ``more`` further requests: then a whole round saw the change."""
-        with self.cond:
-            target = self.hits[path] + more
-            if not self.cond.wait_for(lambda: self.hits[path] >= target, timeout):
-                raise AssertionError(f"the watcher did not call {path} {more} more times within {timeout} s")
-
-
 class HungServer:
     """Accepts connections and never answers, like a wedged inference server; counts accepts.
 
@@ -294,53 +182,6 @@ class HungServer:
         with self.cond:
             for conn in self._held:
                 conn.close()
-
-
-class StubLoop:
-    """``StubServer`` instances on an event loop in a daemon thread, started and stopped at will."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stubs = []  # type: List[atropos_slurm.StubServer]
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def start(self, port: int, **options: Any) -> atropos_slurm.StubServer:
-        async def start():
-            return await atropos_slurm.StubServer("127.0.0.1", port, **options).start()
-
-        stub = self._run(start())
-        self.stubs.append(stub)
-        return stub
-
-    def stop(self, stub: atropos_slurm.StubServer) -> None:
-        self._run(stub.stop())
-
-    def close(self) -> None:
-        for stub in self.stubs:
-            self._run(stub.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def reserve_ports(count: int) -> List[socket.socket]:
-    """``count`` sockets bound to consecutive loopback ports (bound, not listening: refused)."""
-    for _ in range(200):
-        base, socks = random.randrange(20000, 60000 - count), []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return socks
-        except OSError:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free loopback ports")
 
 
 def descendants(pid: int) -> List[int]:
@@ -473,25 +314,25 @@ class WatcherTestCase(unittest.TestCase):
         self.addCleanup(proc.kill)
         return proc
 
-    def api(self) -> FakeTrainerAPI:
-        api = FakeTrainerAPI()
+    def api(self) -> TrainerAPIStub:
+        api = TrainerAPIStub()
         self.addCleanup(api.go_away)
         return api
 
-    def stubs(self) -> StubLoop:
-        loop = StubLoop()
-        self.addCleanup(loop.close)
+    def stubs(self) -> LoopThread:
+        loop = LoopThread().__enter__()
+        self.addCleanup(loop.__exit__)
         return loop
 
     def two_stubs(self):
-        """Two stub servers on consecutive free ports: (the first port, their StubLoop)."""
+        """Two stub servers on consecutive free ports: (the first port, their LoopThread)."""
         socks = self.ports(2)
         base = socks[0].getsockname()[1]
         for sock in socks:
             sock.close()
         stubs = self.stubs()
-        stubs.start(base)
-        stubs.start(base + 1)
+        stubs.start_stub(base)
+        stubs.start_stub(base + 1)
         return base, stubs
 
     def ports(self, count: int) -> List[socket.socket]:
@@ -539,8 +380,8 @@ class WandbEndToEndTest(WatcherTestCase):
         socks[0].close()
         socks[1].close()
         stubs = self.stubs()
-        generating = stubs.start(base)  # answers /health_generate (SGLang)
-        stubs.start(base + 1, health_generate=False)  # 404 on /health_generate (vLLM): falls back to /health
+        generating = stubs.start_stub(base)  # answers /health_generate (SGLang)
+        stubs.start_stub(base + 1, health_generate=False)  # 404 on /health_generate (vLLM): falls back to /health
         hung = HungServer(socks[2])  # accepts, never answers
         self.addCleanup(hung.close)
         # socks[3] stays bound without listening: connection refused
@@ -571,10 +412,10 @@ class WandbEndToEndTest(WatcherTestCase):
         proc.wait_err("is back")
         self.assertEqual(sum("trainer API unavailable" in line for line in outage), 1, proc.dump())
 
-        stubs.stop(generating)  # server 0 dies
+        stubs.stop_stub(generating)  # server 0 dies
         api.wait_hits("/status", 2)
         api.set(garbage=True)
-        api.wait_hits("/status", len(FakeTrainerAPI.GARBAGE))
+        api.wait_hits("/status", len(TrainerAPIStub.GARBAGE))
         api.set(garbage=False, step=2)  # the trainer restarted from an earlier checkpoint
         api.wait_hits("/status", 2)
 
@@ -629,7 +470,7 @@ class WandbEndToEndTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.register("atropos-test", "g", step=1)
         proc = self.watcher(self.args(api.url, 5, 1, 1, base))
@@ -654,7 +495,7 @@ class WandbEndToEndTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.go_away()
         proc = self.watcher(self.args(api.url, 0, 1, 1, base))
@@ -662,7 +503,7 @@ class WandbEndToEndTest(WatcherTestCase):
         api.come_back()
         api.wait_hits("/wandb_info", 2)
         api.set(garbage=True)
-        api.wait_hits("/wandb_info", len(FakeTrainerAPI.GARBAGE))
+        api.wait_hits("/wandb_info", len(TrainerAPIStub.GARBAGE))
         api.set(garbage=False)
         api.wait_hits("/wandb_info", 2)
         self.assertEqual(proc.stop(signal.SIGTERM), 0, proc.dump())
@@ -805,7 +646,7 @@ class WandbNeverReturnsTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.register("atropos-test", "g", step=3)
         env = self.env()
@@ -824,7 +665,7 @@ class WandbNeverReturnsTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.register("atropos-test", "g", step=3)
         env = self.env(self.shadow_wandb(HANGING_WANDB))
@@ -887,8 +728,8 @@ class JsonLinesTest(WatcherTestCase):
         socks[0].close()
         socks[1].close()
         stubs = self.stubs()
-        stubs.start(base)
-        stubs.start(base + 1)  # base + 2: bound, not listening
+        stubs.start_stub(base)
+        stubs.start_stub(base + 1)  # base + 2: bound, not listening
         api = self.api()
         api.register("proj", None, step=5)
 
@@ -958,6 +799,25 @@ class TricklingServer:
         self.sock.close()
 
 
+# Answers no trainer should give (``TrainerAPIStub.garbage``): (status, content type, body) or raw bytes.
+HOSTILE = [(200, "application/json", b"[" * 100000),  # nested past the JSON parser's depth
+           (200, "application/json", b'{"current_step": 5, "queue_size": ' + b'{"a": ' * 5000 + b"1"
+            + b"}" * 5000 + b"}"),
+           (200, "application/json", b'{"current_step": 1e400, "project": "p", "group": "g"}'),
+           (200, "application/json", b'{"current_step": NaN, "project": ["p"], "group": {"g": 1}}'),
+           (200, "application/json", b'{"current_step": true, "project": true, "group": null}'),
+           (200, "application/json", b'{"current_step": -3}'),
+           (200, "application/json", b'{"current_step": ' + b"7" * 5000 + b"}"),  # over int()'s 4,300 digits
+           (200, "application/json", b'{"current_step": 18446744073709551616}'),
+           (200, "application/json", b"\xff\xfe{}"),
+           (200, "application/json", b""),
+           b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+           b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\n{}",
+           b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"current_step": 1',  # shorter than it says
+           b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
+           b"SSH-2.0-OpenSSH_9.6\r\n"]
+
+
 class HostileTrainerTest(WatcherTestCase):
 
     def test_any_trainer_answer_is_survived_and_logged_once_per_outage(self):
@@ -968,13 +828,13 @@ class HostileTrainerTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.register("proj", None, step=4)
         proc = self.watcher(self.args(api.url, 0, 1, 1, base, "--no-wandb"))
         proc.wait_out(2)
-        api.set(garbage=FakeTrainerAPI.HOSTILE)
-        api.wait_hits("/status", len(FakeTrainerAPI.HOSTILE) + 1, timeout=60)
+        api.set(garbage=HOSTILE)
+        api.wait_hits("/status", len(HOSTILE) + 1, timeout=60)
         api.set(garbage=False, step=6)
         proc.wait_out(1, predicate=lambda line: '"trainer_step": 6' in line)
         self.assertEqual(proc.stop(signal.SIGTERM), 0, proc.dump())
@@ -984,7 +844,7 @@ class HostileTrainerTest(WatcherTestCase):
         records = [json.loads(line) for line in proc.out]
         self.assertEqual([r["round"] for r in records], list(range(1, len(records) + 1)))
         self.assertEqual(collapse([r["trainer_step"] for r in records]), [4, 6])
-        self.assertGreater(len(records), len(FakeTrainerAPI.HOSTILE))
+        self.assertGreater(len(records), len(HOSTILE))
         self.assertTrue(all(r["server/healthy_servers_0"] == 1 for r in records))
 
     def test_a_trickling_trainer_api_is_bounded_by_the_probe_timeout_in_total(self):
@@ -993,7 +853,7 @@ class HostileTrainerTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         trickler = TricklingServer()
         self.addCleanup(trickler.close)
         proc = self.watcher(self.args(f"http://127.0.0.1:{trickler.port}", 0, 1, 1, base, "--no-wandb"))
@@ -1013,7 +873,7 @@ class WatcherPartsTest(unittest.TestCase):
 
     def test_an_outage_is_a_warning_and_the_recovery_is_info(self):
         """Issue 9 item 4: good news at INFO, trouble at WARNING, each once."""
-        api = FakeTrainerAPI()
+        api = TrainerAPIStub()
         self.addCleanup(api.go_away)
         api.register("proj", None, step=3)
         trainer = atropos_slurm.TrainerAPI(api.url, PROBE_TIMEOUT)
@@ -1104,7 +964,7 @@ class ProxyTest(WatcherTestCase):
         socks = self.ports(1)
         base = socks[0].getsockname()[1]
         socks[0].close()
-        self.stubs().start(base)
+        self.stubs().start_stub(base)
         api = self.api()
         api.register("proj", None, step=9)
         env = self.env()

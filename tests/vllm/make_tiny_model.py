@@ -94,12 +94,11 @@ def build_tokenizer():
     return tok
 
 
-def build(outdir):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_hf_tokenizer(tok):
+    """The transformers tokenizer around ``tok``, with the chat template and special tokens."""
+    from transformers import PreTrainedTokenizerFast
 
-    tok = build_tokenizer()
-    hf_tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -110,6 +109,31 @@ def build(outdir):
         model_max_length=2048,
         clean_up_tokenization_spaces=False,
     )
+
+
+def save_tokenizer(hf_tok, outdir):
+    """Write the tokenizer files so that ``AutoTokenizer.from_pretrained(outdir)`` loads it offline."""
+    hf_tok.save_pretrained(outdir)
+    # Some transformers versions keep the template only in chat_template.jinja; put it in
+    # tokenizer_config.json too so any reader finds it.
+    cfg_path = os.path.join(outdir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tok_cfg = json.load(f)
+    tok_cfg.setdefault("chat_template", CHAT_TEMPLATE)
+    tok_cfg["bos_token"], tok_cfg["eos_token"] = BOS, EOS
+    tok_cfg["unk_token"], tok_cfg["pad_token"] = UNK, PAD
+    tok_cfg["add_bos_token"] = False
+    tok_cfg["add_eos_token"] = False
+    with open(cfg_path, "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+
+
+def build(outdir):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    hf_tok = build_hf_tokenizer(tok)
     vocab_size = tok.get_vocab_size()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
@@ -137,19 +161,7 @@ def build(outdir):
     tmp = tempfile.mkdtemp(prefix=".tiny-model-", dir=os.path.dirname(os.path.abspath(outdir)))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        hf_tok.save_pretrained(tmp)
-        # Some transformers versions keep the template only in chat_template.jinja; put it in
-        # tokenizer_config.json too so any reader finds it.
-        cfg_path = os.path.join(tmp, "tokenizer_config.json")
-        with open(cfg_path) as f:
-            tok_cfg = json.load(f)
-        tok_cfg.setdefault("chat_template", CHAT_TEMPLATE)
-        tok_cfg["bos_token"], tok_cfg["eos_token"] = BOS, EOS
-        tok_cfg["unk_token"], tok_cfg["pad_token"] = UNK, PAD
-        tok_cfg["add_bos_token"] = False
-        tok_cfg["add_eos_token"] = False
-        with open(cfg_path, "w") as f:
-            json.dump(tok_cfg, f, indent=2)
+        save_tokenizer(hf_tok, tmp)
         with open(os.path.join(tmp, ".make_tiny_model.stamp"), "w") as f:
             f.write(_script_hash() + "\n")
         if os.path.isdir(outdir):

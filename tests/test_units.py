@@ -1,0 +1,400 @@
+"""Unit tests of the dispatcher's pure parts, without sockets: ``Slots``, ``RetryPolicy``, the
+body framers and ``_DeadlineQueue`` (on a fake clock).
+
+These are the pieces a change to dispatch is most likely to touch; each test names the rule it
+holds.  Run: ``python -m pytest tests/test_units.py -q``.
+"""
+
+import asyncio
+import os
+import sys
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import atropos_slurm as a  # noqa: E402
+
+
+# =============================================================================================
+# Slots
+# =============================================================================================
+
+
+class FakeServer:
+    """What ``Slots`` reads and writes on a server: health, in-flight counts and caps."""
+
+    def __init__(self, name, train=2, eval=1, healthy=True):
+        self.name, self.healthy = name, healthy
+        self.in_flight = {"train": 0, "eval": 0}
+        self.caps = {"train": train, "eval": eval}
+
+    def __repr__(self):
+        return self.name
+
+
+def servers(count, **caps):
+    return [FakeServer(f"s{i}", **caps) for i in range(count)]
+
+
+class SlotsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_round_robin_over_servers_with_room(self):
+        s0, s1, s2 = servers(3, train=2)
+        slots = a.Slots([s0, s1, s2])
+        taken = [slots.take("train") for _ in range(6)]
+        self.assertEqual(taken, [s0, s1, s2, s0, s1, s2])
+        self.assertIsNone(slots.take("train"), "every server is at its cap")
+        self.assertEqual([s.in_flight["train"] for s in (s0, s1, s2)], [2, 2, 2])
+
+    async def test_splits_have_their_own_caps(self):
+        (s0,) = servers(1, train=1, eval=2)
+        slots = a.Slots([s0])
+        self.assertIs(slots.take("train"), s0)
+        self.assertIsNone(slots.take("train"))
+        self.assertIs(slots.take("eval"), s0)
+        self.assertIs(slots.take("eval"), s0)
+        self.assertIsNone(slots.take("eval"))
+        self.assertEqual(s0.in_flight, {"train": 1, "eval": 2})
+
+    async def test_avoid_is_a_last_resort(self):
+        s0, s1 = servers(2, train=4)
+        slots = a.Slots([s0, s1])
+        self.assertIs(slots.take("train", avoid=s0), s1, "the failed server's turn passes to the next one")
+        slots.give_back(s1, "train")
+        (only,) = servers(1, train=4)
+        alone = a.Slots([only])
+        self.assertIs(alone.take("train", avoid=only), only, "with no other server, the avoided one is used")
+
+    async def test_a_freed_slot_goes_to_the_first_waiter_in_the_same_iteration(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        self.assertIs(slots.take("train"), s0)
+        first, second = slots.wait("train"), slots.wait("train")
+        self.assertIsNone(slots.take("train"), "newcomers queue behind waiters: first come, first served")
+        slots.give_back(s0, "train")
+        self.assertTrue(first.done(), "handed over at once, no loop iteration needed")
+        self.assertIs(first.result(), s0)
+        self.assertFalse(second.done())
+        self.assertEqual(s0.in_flight["train"], 1, "the waiter's slot is already counted")
+        slots.give_back(s0, "train")
+        self.assertIs(second.result(), s0)
+
+    async def test_waiters_are_served_in_arrival_order(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        waiters = [slots.wait("train") for _ in range(5)]
+        order = []
+        for _ in range(5):
+            slots.give_back(s0, "train")
+            order.append(next(i for i, w in enumerate(waiters) if w.done() and i not in order))
+        self.assertEqual(order, [0, 1, 2, 3, 4])
+
+    async def test_leaving_gives_back_a_slot_handed_over_just_before(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        handed, next_one = slots.wait("train"), slots.wait("train")
+        slots.give_back(s0, "train")
+        self.assertTrue(handed.done())
+        slots.leave(handed, "train")  # cancelled just as the slot arrived
+        self.assertIs(next_one.result(), s0, "the slot moves on instead of leaking")
+        self.assertEqual(s0.in_flight["train"], 1)
+
+    async def test_leaving_while_waiting_removes_the_waiter(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        waiter = slots.wait("train")
+        slots.leave(waiter, "train")
+        self.assertTrue(waiter.cancelled())
+        self.assertEqual(slots.waiting("train"), 0)
+        slots.give_back(s0, "train")
+        self.assertEqual(s0.in_flight["train"], 0)
+
+    async def test_down_servers_are_skipped_and_rejoin_when_up(self):
+        s0, s1 = servers(2, train=4)
+        slots = a.Slots([s0, s1])
+        slots.set_healthy(s0, False)
+        self.assertEqual(slots.healthy_count, 1)
+        self.assertEqual([slots.take("train") for _ in range(3)], [s1, s1, s1])
+        slots.set_healthy(s0, True)
+        self.assertEqual(slots.healthy_count, 2)
+        self.assertIn(s0, [slots.take("train") for _ in range(2)])
+
+    async def test_last_server_down_wakes_every_waiter_with_none(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        waiters = [slots.wait("train"), slots.wait("eval")]
+        slots.set_healthy(s0, False)
+        self.assertEqual([w.result() for w in waiters], [None, None], "each looks again and starts its deadline")
+
+    async def test_a_server_back_up_serves_waiters_at_once(self):
+        s0, s1 = servers(2, train=1)
+        slots = a.Slots([s0, s1])
+        slots.set_healthy(s1, False)
+        slots.take("train")
+        waiter = slots.wait("train")
+        slots.set_healthy(s1, True)
+        self.assertIs(waiter.result(), s1)
+
+    async def test_larger_caps_serve_waiters_at_once_and_smaller_ones_hold_new_calls(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        waiters = [slots.wait("train"), slots.wait("train")]
+        slots.set_caps(s0, train=3, eval=1)
+        self.assertEqual([w.result() for w in waiters], [s0, s0])
+        slots.set_caps(s0, train=1, eval=1)
+        for _ in range(3):
+            slots.give_back(s0, "train")
+        self.assertIs(slots.take("train"), s0)
+        self.assertIsNone(slots.take("train"), "the smaller cap holds")
+
+    async def test_no_scan_over_the_servers_per_take(self):
+        """The line holds only servers with room: taking from 4,096 servers touches one."""
+        many = servers(4096, train=1)
+        slots = a.Slots(many)
+        taken = [slots.take("train") for _ in range(4096)]
+        self.assertEqual(taken, many)
+        self.assertEqual(len(slots._ready["train"]), 0, "full servers left the line")
+        slots.give_back(many[7], "train")
+        self.assertEqual(list(slots._ready["train"]), [many[7]])
+
+
+# =============================================================================================
+# Retry policy
+# =============================================================================================
+
+
+def status(code, retry_after=None):
+    return a.APIStatusError(code, "msg", "http://x/v1", retry_after)
+
+
+class RetryPolicyTest(unittest.TestCase):
+    POLICY = a.RetryPolicy(max_retries=2, backoff=0.5, backoff_max=8.0)
+
+    def test_table(self):
+        R = a.Retry
+        table = [
+            # error, attempt, expected (action, mark_down, delay)
+            (a.StaleConnectionError("closed", "u"), 1, (R.RESEND, False, 0.0)),
+            (a.ResponseTooLargeError("big", "u"), 1, (R.RAISE, False, 0.0)),
+            (status(400), 1, (R.RAISE, False, 0.0)),
+            (status(404), 1, (R.RAISE, False, 0.0)),
+            (status(413), 1, (R.RAISE, False, 0.0)),
+            (status(408), 1, (R.RETRY, False, 0.5)),
+            (status(429), 2, (R.RETRY, False, 1.0)),
+            (status(429, retry_after=3.0), 1, (R.RETRY, False, 3.0)),
+            (status(429, retry_after=0.1), 2, (R.RETRY, False, 1.0)),
+            (status(429, retry_after=a.MAX_RETRY_AFTER + 1), 1, (R.RAISE, False, 0.0)),
+            (status(500), 1, (R.RETRY, True, 0.5)),
+            (status(503, retry_after=a.MAX_RETRY_AFTER + 1), 1, (R.RAISE, True, 0.0)),
+            (a.ServerConnectionError("refused", "u"), 3, (R.RETRY, True, 2.0)),
+            (a.ServerTimeoutError("slow", "u"), 1, (R.RETRY, True, 0.5)),
+            (a.ProtocolError("garbage", "u"), 1, (R.RETRY, True, 0.5)),
+            (a.GenerationAbortedError("abort", "u"), 1, (R.RETRY, False, 0.5)),
+            (a.ServerConnectionError("refused", "u"), 10, (R.RETRY, True, 8.0)),
+        ]
+        for error, attempt, expected in table:
+            with self.subTest(error=repr(error), attempt=attempt):
+                d = self.POLICY.decide(error, attempt)
+                self.assertEqual((d.action, d.mark_down, d.delay), expected)
+
+    def test_jitter_shortens_the_backoff_only(self):
+        self.assertEqual(self.POLICY.decide(status(500), 1, jitter=0.75).delay, 0.375)
+        self.assertEqual(self.POLICY.decide(status(429, 3.0), 1, jitter=0.75).delay, 3.0, "Retry-After is a floor")
+
+    def test_huge_attempt_numbers_do_not_overflow(self):
+        self.assertEqual(self.POLICY.decide(status(500), 10 ** 6).delay, 8.0)
+
+
+# =============================================================================================
+# Body framing
+# =============================================================================================
+
+
+def feed_all(framer, data, step):
+    pieces = []
+    for i in range(0, len(data), step):
+        pieces += framer.feed(data[i:i + step])
+    return b"".join(pieces)
+
+
+class BodyFramingTest(unittest.TestCase):
+    CHUNKED = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: 1\r\n\r\n"
+
+    def test_chunked_in_any_split_of_the_bytes(self):
+        for step in (1, 2, 3, 7, len(self.CHUNKED)):
+            with self.subTest(step=step):
+                framer = a.ChunkedBody(1 << 20)
+                self.assertEqual(feed_all(framer, self.CHUNKED, step), b"Wikipedia in\r\n\r\nchunks.")
+                self.assertTrue(framer.done)
+                self.assertEqual(framer.extra, b"")
+
+    def test_bytes_after_the_end_are_extra(self):
+        framer = a.ChunkedBody(1 << 20)
+        framer.feed(self.CHUNKED + b"HTTP/1.1 200 OK\r\n")
+        self.assertTrue(framer.done)
+        self.assertEqual(framer.extra, b"HTTP/1.1 200 OK\r\n")
+        length = a.LengthBody(3, 100)
+        self.assertEqual(length.feed(b"abcdef"), [b"abc"])
+        self.assertEqual(length.extra, b"def")
+        length.feed(b"g")
+        self.assertEqual(length.extra, b"defg", "bytes after the end keep counting as extra")
+
+    def test_length_body(self):
+        framer = a.LengthBody(5, 100)
+        self.assertEqual(framer.feed(b"ab") + framer.feed(b"cde"), [b"ab", b"cde"])
+        self.assertTrue(framer.done)
+        self.assertTrue(a.LengthBody(0, 100).done, "an empty body is done before any byte")
+        cut = a.LengthBody(5, 100)
+        cut.feed(b"ab")
+        self.assertFalse(cut.eof(), "closed before Content-Length bytes: incomplete")
+
+    def test_until_close_body(self):
+        framer = a.UntilCloseBody(100)
+        self.assertEqual(framer.feed(b"abc"), [b"abc"])
+        self.assertFalse(framer.done)
+        self.assertTrue(framer.eof())
+        self.assertTrue(framer.done)
+
+    def test_limits(self):
+        with self.assertRaises(a.ResponseTooLargeError):
+            a.LengthBody(101, 100)
+        with self.assertRaises(a.ResponseTooLargeError):
+            a.ChunkedBody(100).feed(b"65\r\n")  # 0x65 = 101 bytes announced
+        with self.assertRaises(a.ResponseTooLargeError):
+            big = a.UntilCloseBody(100)
+            big.feed(b"x" * 60)
+            big.feed(b"x" * 60)
+        with self.assertRaisesRegex(a.ProtocolError, "longer than"):
+            a.ChunkedBody(1 << 20).feed(b"1" * (a.MAX_CHUNK_LINE_BYTES + 1))
+        with self.assertRaisesRegex(a.ProtocolError, "trailers"):
+            framer = a.ChunkedBody(1 << 20)
+            framer.feed(b"0\r\n")
+            for _ in range(a.MAX_HEADER_BYTES // 100 + 2):
+                framer.feed(b"X: " + b"y" * 95 + b"\r\n")
+
+    def test_malformed_chunks(self):
+        for data in (b"zz\r\n", b"3\r\nabcXY", b"-1\r\n", b"\r\n"):
+            with self.subTest(data=data), self.assertRaises(a.ProtocolError):
+                a.ChunkedBody(1 << 20).feed(data)
+
+    def test_cut_chunked_body_is_incomplete(self):
+        framer = a.ChunkedBody(1 << 20)
+        framer.feed(b"4\r\nWi")
+        self.assertFalse(framer.eof())
+
+    def test_framer_follows_the_head(self):
+        def head(status=200, **kw):
+            return a.ResponseHead(status, "", {}, True, kw.get("length"), kw.get("chunked", False))
+        self.assertIsInstance(a.body_framer(head(chunked=True), 10), a.ChunkedBody)
+        self.assertIsInstance(a.body_framer(head(length=3), 10), a.LengthBody)
+        self.assertIsInstance(a.body_framer(head(), 10), a.UntilCloseBody)
+        self.assertTrue(a.body_framer(head(204, length=50), 10).done, "204 has no body whatever it says")
+        for encoding in ("Chunked", "gzip, chunked"):
+            parsed = a.parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + encoding.encode())
+            self.assertIsInstance(a.body_framer(parsed, 10), a.ChunkedBody, encoding)
+
+
+# =============================================================================================
+# Deadline queue, on a fake clock
+# =============================================================================================
+
+
+class FakeLoop:
+    """``time()`` and ``call_at()`` of an event loop, with a clock the test moves."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.timers = []  # [when, callback, cancelled]
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, callback):
+        timer = Timer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds):
+        self.now += seconds
+        while True:
+            due = [t for t in self.timers if not t.cancelled and t.when <= self.now]
+            if not due:
+                return
+            for t in due:
+                self.timers.remove(t)
+                t.callback()
+
+    def armed(self):
+        return [t for t in self.timers if not t.cancelled]
+
+
+class Timer:
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class DeadlineQueueTest(unittest.TestCase):
+    def setUp(self):
+        self.loop = FakeLoop()
+        self.queue = a._DeadlineQueue(self.loop, 10.0)
+        self.fired = []
+
+    def add(self, name):
+        return self.queue.call_later(10.0, lambda: self.fired.append(name))
+
+    def test_one_timer_for_many_deadlines_fired_in_order(self):
+        self.add("a")
+        self.loop.advance(1)
+        self.add("b")
+        self.add("c")
+        self.assertEqual(len(self.loop.armed()), 1, "one asyncio timer, armed for the oldest")
+        self.loop.advance(9)
+        self.assertEqual(self.fired, ["a"])
+        self.assertEqual(len(self.loop.armed()), 1, "re-armed for the next one")
+        self.loop.advance(1)
+        self.assertEqual(self.fired, ["a", "b", "c"])
+        self.assertEqual(self.loop.armed(), [], "nothing pending, no timer")
+
+    def test_cancelled_deadlines_never_fire_and_leave_from_the_front(self):
+        first, second = self.add("a"), self.add("b")
+        first.cancel()
+        self.assertEqual(len(self.queue._entries), 1, "the ended front entry left at once")
+        second.cancel()
+        self.assertEqual(len(self.queue._entries), 0)
+        self.loop.advance(20)
+        self.assertEqual(self.fired, [])
+        self.add("c")
+        self.assertEqual(len(self.loop.armed()), 1, "a queue that emptied arms a timer again")
+
+    def test_cancel_twice_counts_once(self):
+        entry = self.add("a")
+        entry.cancel()
+        entry.cancel()
+        self.assertEqual(self.queue._live, 0)
+
+    def test_a_long_entry_at_the_front_gets_the_rest_swept(self):
+        self.add("long")  # stays live at the front
+        entries = [self.add(i) for i in range(200)]
+        for e in entries[:150]:
+            e.cancel()
+        self.assertLessEqual(len(self.queue._entries), 2 * self.queue._live,
+                             "ended entries are swept out once they outnumber the live ones")
+        self.assertEqual(self.queue._live, 51)
+        self.loop.advance(10)
+        self.assertEqual(self.fired, ["long"] + list(range(150, 200)))
+
+    def test_other_lengths_are_refused(self):
+        with self.assertRaises(ValueError):
+            self.queue.call_later(5.0, lambda: None)
+
+
+if __name__ == "__main__":
+    unittest.main()
