@@ -1404,15 +1404,16 @@ class _ReadingBody:
         return False
 
 
-async def http_get(base_url: str, path: str, timeout: float, max_body_bytes: int = 1 << 20) -> Tuple[int, bytes]:
+async def http_get(base_url: str, path: str, timeout: float) -> Tuple[int, bytes]:
     """GET ``path`` at the root of ``base_url``'s server on a fresh connection: (status, body).
 
     Bounded by ``timeout`` as a whole (connect, head and body), so a server that accepts and
     never answers, or trickles its bytes, cannot hold the caller longer.  Health probes and
-    the trainer API use it; like every request here it ignores ``http_proxy``.
+    the trainer API use it; like every request here it ignores ``http_proxy``.  Bodies are
+    small (a health check, the trainer's status): at most 1 MiB.
     """
     scheme, host, port, _ = parse_base_url(base_url)
-    pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=max_body_bytes, url=base_url)
+    pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
     request = build_request("GET", path, host_header(scheme, host, port), [("Connection", "close")])
     try:
         with _Deadline(timeout, f"GET {path}: no whole answer within {timeout:g} s", base_url):
@@ -3978,7 +3979,7 @@ def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", default="60", help="seconds between rounds (60)")
     parser.add_argument("--health-path", default=WATCHER_HEALTH_PATH,
                         help=f"probed path ({WATCHER_HEALTH_PATH}; on 404, {WATCHER_FALLBACK_PATH})")
-    parser.add_argument("--probe-timeout", default="5", help="seconds per probe, API call and wait for wandb (5)")
+    parser.add_argument("--probe-timeout", default="5", help="seconds per probe and API call (5)")
     parser.add_argument("--once", action="store_true", help="one round, then exit 0 if all servers are healthy, else 1")
     parser.add_argument("--no-wandb", action="store_true", help="JSON lines on stdout even if wandb is installed")
     parser.add_argument("--legacy-metric-names", action="store_true",
