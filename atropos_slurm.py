@@ -2237,7 +2237,7 @@ class ServerManager:
                         raise
                     index, fresh = index + 1, False
                     if self._tokens_via.get(server, 0) < index:  # concurrent calls may all have met the 404
-                        log.warning("%s has no %s (404): using %s from now on", server.url, protocol.name,
+                        log.info("%s has no %s (404): using %s from now on", server.url, protocol.name,
                                     protocols[index].name)
                         self._tokens_via[server] = index
                     continue

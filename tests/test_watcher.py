@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import LoopThread, TrainerAPIStub, require, reserve_ports  # noqa: E402
+from support import LoopThread, TrainerAPIStub, closed_port, require, reserve_ports  # noqa: E402
 
 import atropos_slurm  # noqa: E402
 
@@ -200,13 +200,6 @@ def descendants(pid: int) -> List[int]:
         found += kids
         todo += kids
     return found
-
-
-def closed_port() -> int:
-    """A loopback port where nothing listens (the socket is closed again at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
