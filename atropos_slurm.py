@@ -20,7 +20,7 @@ Discovery          nodelist -> server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
-HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, urllib for sync GETs
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
 Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
 Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
@@ -59,13 +59,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import warnings
 from collections import deque
-from typing import Any, AsyncIterator, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = [
@@ -188,15 +186,31 @@ class ManagedServerUnsupportedError(ConfigError, NotImplementedError):
     """This ``server_type`` gives no token ids and logprobs (Atropos raised ``NotImplementedError``)."""
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A user's value quoted for a one-line error message: ``repr``, cut to ``limit`` characters.
+
+    An integer of thousands of digits is described instead (its ``repr`` raises from 3.11 on).
+    """
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # =============================================================================================
 # Hostlists: Slurm's bracket grammar, expanded in pure Python (no I/O)
 # =============================================================================================
 
 HOSTLIST_SEPARATORS = ", \t\n"
 MAX_RANGE_NAMES = 65536  # Slurm's MAX_RANGE: n[1-65537] is rejected
-MAX_HOSTLIST_NAMES = 1 << 20  # bound on a whole expansion, so a typo cannot eat the memory
+# Bounds on a whole expansion, counted before any name is built, so that a typo or a hostile
+# list (6 KB of n[1-65536]n[1-65536]...) is one error line, not gigabytes.  The largest Slurm
+# clusters have about 10,000 nodes; 262,144 names take about 20 MB and a quarter of a second.
+MAX_HOSTLIST_NAMES = 1 << 18
+MAX_RANGE_DIGITS = 18  # a range bound fits 64 bits, as Slurm's strtoul needs
 _HOSTNAME_CHARS = re.compile(r"[A-Za-z0-9._-]+\Z")
-_RANGE_PART = re.compile(r"(\d+)(?:-(\d+))?\Z")
+_RANGE_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")  # ASCII only: \d would take '٣' and scontrol does not
+_Range = Tuple[int, int, int]  # low, high, width (zero padding)
 
 
 def expand_hostlist(text: str) -> List[str]:
@@ -206,18 +220,39 @@ def expand_hostlist(text: str) -> List[str]:
     width of their low bound; several bracket groups expand as a cartesian product in Slurm's
     own order; duplicates and order are kept.  A suffix after ``]`` (``n[1-2]-ib``, Slurm
     23.02.5+) is accepted.  Invalid input raises ``HostlistError`` quoting the bad part, where
-    scontrol would print garbage (``node[1-`` gives ``node]``).
+    scontrol would print garbage (``node[1-`` gives ``node]``); so does a list of more than
+    ``MAX_HOSTLIST_NAMES`` names, found out before any name is built.
     """
+    tokens = parse_hostlist(text)
+    check_hostlist_size(tokens, text)
+    names: List[str] = []
+    for literals, groups in tokens:
+        names.extend(_expand_token(literals, groups))
+    return names
+
+
+def parse_hostlist(text: str) -> List[Tuple[List[str], List[List[_Range]]]]:
+    """Check a hostlist's syntax; per token, its literals and its bracket groups' ranges."""
     if not isinstance(text, str):
         raise HostlistError(f"hostlist must be a string, not {type(text).__name__}")
-    names: List[str] = []
-    for token in _split_hostlist(text):
-        names.extend(_expand_token(token))
-        if len(names) > MAX_HOSTLIST_NAMES:
-            raise HostlistError(f"hostlist {text!r} expands to more than {MAX_HOSTLIST_NAMES} names")
-    if not names:
+    tokens = [_parse_token(token) for token in _split_hostlist(text)]
+    if not tokens:
         raise HostlistError(f"hostlist {text!r} is empty")
-    return names
+    return tokens
+
+
+def check_hostlist_size(tokens: List[Tuple[List[str], List[List[_Range]]]], text: str) -> None:
+    """Refuse a parsed hostlist of more than ``MAX_HOSTLIST_NAMES`` names, counted, not built."""
+    total = 0
+    for _, groups in tokens:
+        size = 1
+        for ranges in groups:
+            size *= sum(high - low + 1 for low, high, _ in ranges)
+            if size > MAX_HOSTLIST_NAMES:  # stop before the product grows huge
+                break
+        total += size
+        if total > MAX_HOSTLIST_NAMES:
+            raise HostlistError(f"hostlist {_shown(text)} expands to more than {MAX_HOSTLIST_NAMES} names")
 
 
 def _split_hostlist(text: str) -> List[str]:
@@ -241,53 +276,56 @@ def _split_hostlist(text: str) -> List[str]:
     return [t for t in tokens if t]
 
 
-def _expand_token(token: str) -> List[str]:
-    """Expand one ``a[1-2]b[3-4]c`` token.
-
-    Slurm's loop order (measured with scontrol 22.05): the last bracket group varies fastest,
-    the one before it slowest, then the earlier groups from right to left:
-    ``a[1-2]b[3-4]c[5-6]`` gives a1b3c5 a1b3c6 a2b3c5 a2b3c6 a1b4c5 ...
-    """
+def _parse_token(token: str) -> Tuple[List[str], List[List[_Range]]]:
+    """``a[1-2]b[3-4]c`` -> (['a', 'b', 'c'], [[(1, 2, 1)], [(3, 4, 1)]])."""
     pieces = re.split(r"\[([^\]]*)\]", token)  # literal, group, literal, group, ..., literal
-    literals, groups = pieces[0::2], [_expand_ranges(g, token) for g in pieces[1::2]]
+    literals, groups = pieces[0::2], [_parse_ranges(g, token) for g in pieces[1::2]]
     for literal in literals:
         if literal and not _HOSTNAME_CHARS.match(literal):
             raise HostlistError(f"invalid character in host name {token!r}")
     if token.startswith("-"):
         raise HostlistError(f"host name {token!r} starts with '-'")
-    if not groups:
-        return [token]
-    total = 1
-    for values in groups:
-        total *= len(values)
-    if total > MAX_HOSTLIST_NAMES:
-        raise HostlistError(f"{token!r} expands to {total} names, more than {MAX_HOSTLIST_NAMES}")
-    order = list(range(len(groups) - 2, -1, -1)) + [len(groups) - 1]
-    names = []
-    for combo in itertools.product(*(groups[i] for i in order)):
-        picked = [""] * len(groups)
-        for value, i in zip(combo, order):
-            picked[i] = value
-        names.append("".join(lit + val for lit, val in zip(literals, picked)) + literals[-1])
-    return names
+    return literals, groups
 
 
-def _expand_ranges(spec: str, token: str) -> List[str]:
-    """``1-3,7,09-11`` -> zero-padded strings; each range at most ``MAX_RANGE_NAMES`` long."""
-    values: List[str] = []
+def _parse_ranges(spec: str, token: str) -> List[_Range]:
+    """``1-3,7,09-11`` -> [(1, 3, 1), (7, 7, 1), (9, 11, 2)]; each range at most ``MAX_RANGE_NAMES`` long."""
+    ranges = []
     for part in spec.split(","):
         m = _RANGE_PART.match(part)
         if not m:
             raise HostlistError(f"invalid range {part!r} in {token!r} (digits and 'a-b' only)")
+        if max(len(m.group(1)), len(m.group(2) or "")) > MAX_RANGE_DIGITS:
+            raise HostlistError(f"range {_shown(part)} in {_shown(token)} has a bound of more than "
+                                f"{MAX_RANGE_DIGITS} digits")
         low = int(m.group(1))
         high = int(m.group(2)) if m.group(2) is not None else low
         if low > high:
             raise HostlistError(f"reversed range {part!r} in {token!r}")
         if high - low + 1 > MAX_RANGE_NAMES:
             raise HostlistError(f"range {part!r} in {token!r} has more than {MAX_RANGE_NAMES} names")
-        width = len(m.group(1))
-        values.extend(f"{n:0{width}d}" for n in range(low, high + 1))
-    return values
+        ranges.append((low, high, len(m.group(1))))
+    return ranges
+
+
+def _expand_token(literals: List[str], groups: List[List[_Range]]) -> List[str]:
+    """The names of one parsed token, e.g. ``a[1-2]b[3-4]c``.
+
+    Slurm's loop order (measured with scontrol 22.05): the last bracket group varies fastest,
+    the one before it slowest, then the earlier groups from right to left:
+    ``a[1-2]b[3-4]c[5-6]`` gives a1b3c5 a1b3c6 a2b3c5 a2b3c6 a1b4c5 ...
+    """
+    if not groups:
+        return [literals[0]]
+    values = [[f"{n:0{width}d}" for low, high, width in ranges for n in range(low, high + 1)] for ranges in groups]
+    order = list(range(len(groups) - 2, -1, -1)) + [len(groups) - 1]
+    names = []
+    for combo in itertools.product(*(values[i] for i in order)):
+        picked = [""] * len(groups)
+        for value, i in zip(combo, order):
+            picked[i] = value
+        names.append("".join(lit + val for lit, val in zip(literals, picked)) + literals[-1])
+    return names
 
 
 # =============================================================================================
@@ -301,6 +339,7 @@ HOSTLIST_BACKENDS = ("auto", "scontrol", "python")
 ENV_HOSTLIST_BACKEND = "ATROPOS_SLURM_HOSTLIST"
 ENV_GPUS_PER_NODE = "ATROPOS_SLURM_GPUS_PER_NODE"
 ENV_BASE_PORT = "ATROPOS_SLURM_BASE_PORT"
+MAX_SERVERS = 1 << 18  # URLs from one discovery; 10,000 nodes of 8 servers is about 80,000
 
 
 class ScontrolUnavailable(Exception):
@@ -351,8 +390,14 @@ def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]
         raise ConfigError(f"hostlist backend {backend!r} is not one of {', '.join(HOSTLIST_BACKENDS)}")
     if backend == "python":
         return expand_hostlist(text), "python"
-    if not text.strip():
-        raise HostlistError(f"hostlist {text!r} is empty")
+    if not isinstance(text, str) or not text.strip():
+        return expand_hostlist(text), "python"  # raises: not a string, or empty
+    try:
+        tokens = parse_hostlist(text)
+    except HostlistError:
+        pass  # scontrol judges the syntax: it takes ' 1' and '+1' in ranges, which we refuse
+    else:
+        check_hostlist_size(tokens, text)  # before scontrol prints millions of names
     try:
         return scontrol_hostnames(text), "scontrol"
     except ScontrolUnavailable as e:
@@ -362,21 +407,55 @@ def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]
         return expand_hostlist(text), "python"
 
 
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")  # ASCII digits: re's \d (and int()) take '٣' too
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
+
+
 def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
-    """Parse an integer setting; the error names the variable and its value."""
+    """Parse an integer setting; the error names the variable and its value.
+
+    Text must be at most 18 ASCII digits, so thousands of digits are refused here rather than
+    by ``int()`` (whose own limit, 4,300 digits from 3.11 on, raises a bare ``ValueError``).
+    """
     if isinstance(raw, bool):
         raise ConfigError(f"{name}={raw!r} is not an integer")
     if isinstance(raw, int):
         value = raw
     else:
         text = str(raw).strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ConfigError(f"{name}={raw!r} is not an integer")
+        if not _INTEGER_TEXT.match(text):
+            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
+            raise ConfigError(f"{name}={_shown(raw)} {problem}")
         value = int(text)
     if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={raw!r} must be at most {maximum}")
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum}")
+    return value
+
+
+def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimum: Optional[float] = None,
+                   maximum: Optional[float] = None) -> float:
+    """Parse a finite number (a flag's text or a config field); NaN and infinity are refused.
+
+    ``above`` is an exclusive lower bound (seconds must be ``above=0``), ``minimum`` an inclusive one.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ConfigError(f"{name}={_shown(raw)} is not a number")
+    if isinstance(raw, str) and not _NUMBER_TEXT.match(raw.strip()):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    try:
+        value = float(raw)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    if above is not None and not value > above:
+        raise ConfigError(f"{name}={_shown(raw)} must be more than {above:g}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum:g}")
     return value
 
 
@@ -460,7 +539,7 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
 def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = None, tp: Any = None,
                      gpus_per_node: Any = None, base_port: Any = None, backend: Optional[str] = None,
                      env: Optional[Dict[str, str]] = None) -> Discovery:
-    """Turn the job's nodelist into inference server addresses, as the seed describes.
+    """Turn the job's nodelist into inference server addresses, as Atropos' documentation describes.
 
     Each argument left as None comes from the environment: ``SLURM_JOB_NODELIST`` (then
     ``SLURM_NODELIST``), ``NUM_TRAINING_NODES`` (required), ``INFER_TP`` (default 1),
@@ -489,6 +568,9 @@ def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = N
         raise ConfigError(f"NUM_TRAINING_NODES={ntrain} leaves no inference node among the "
                           f"{len(nodes)} node(s) of {nodelist!r}")
     inference = nodes[ntrain:]
+    if len(inference) * per_node > MAX_SERVERS:
+        raise ConfigError(f"{len(inference)} inference node(s) x {per_node} server(s) per node is more than "
+                          f"{MAX_SERVERS} servers (nodelist {_shown(nodelist)})")
     servers = tuple(ServerAddress(host, port + i, k, i) for k, host in enumerate(inference) for i in range(per_node))
     return Discovery(tuple(nodes), tuple(nodes[:ntrain]), tuple(inference), per_node, tp, gpus, port, used, servers)
 
@@ -498,6 +580,9 @@ def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = N
 # =============================================================================================
 
 SERVER_TYPES = ("openai", "trl", "sglang", "vllm")
+MAX_CONFIG_INT = 2 ** 31 - 1  # caps and buffer lengths: far above any use, and a C int
+_SENDABLE = re.compile(r"[!-~]+\Z")  # printable ASCII without space: URLs, paths, keys as sent
+_USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (up to its last '@')
 
 
 @dataclasses.dataclass
@@ -523,16 +608,17 @@ class ServerBaseline:
     def __post_init__(self) -> None:
         for name in ("timeout", "connect_timeout", "health_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name}={value!r} must be a positive number of seconds")
+            if isinstance(value, str):
+                raise ConfigError(f"{name}={value!r} must be a number of seconds, not a string")
+            _float_setting(name, value, above=0)
         for name in ("num_max_requests_at_once", "num_requests_for_eval", "rolling_buffer_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={_shown(value)} must be a positive integer")
+            _int_setting(name, value, minimum=1, maximum=MAX_CONFIG_INT)
         if self.server_type not in SERVER_TYPES:
             raise ConfigError(f"server_type={self.server_type!r} is not one of {', '.join(SERVER_TYPES)}")
-        if not isinstance(self.health_path, str) or not self.health_path.startswith("/"):
-            raise ConfigError(f"health_path={self.health_path!r} must start with '/'")
+        check_request_path("health_path", self.health_path)
 
 
 @dataclasses.dataclass
@@ -549,17 +635,55 @@ class APIServerConfig(ServerBaseline):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.api_key is not None and not (isinstance(self.api_key, str) and _SENDABLE.match(self.api_key or "x")):
+            raise ConfigError("api_key cannot be sent in an HTTP header: it must be a string of printable ASCII "
+                              "characters without spaces (the key is not shown)")
         if self.base_url:
             parse_base_url(self.base_url)
 
 
-# The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path):
-# read by a regex in ~1 µs instead of ~15 µs, twice per server (config, server) at 4,096 servers.
+def check_request_path(name: str, path: Any) -> str:
+    """A path sent in a request line: '/' then printable ASCII, no space or control character.
+
+    A CR/LF there would let a config value inject headers; anything else would be sent wrong.
+    """
+    if not isinstance(path, str) or not path.startswith("/") or not _SENDABLE.match(path):
+        raise ConfigError(f"{name}={_shown(path)} must start with '/' and hold only printable ASCII characters "
+                          "(no spaces or control characters)")
+    return path
+
+
+def check_host(name: str, host: Any) -> str:
+    """A host name (letters, digits, '.', '_', '-') or an IP address, as a flag gives it."""
+    if isinstance(host, str) and ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+            return host
+        except (OSError, ValueError):
+            pass
+    elif isinstance(host, str) and _HOSTNAME_CHARS.match(host) and not host.startswith("-"):
+        return host
+    raise ConfigError(f"{name}={_shown(host)} is not a host name or IP address")
+
+
+def _shown_url(url: Any) -> str:
+    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``."""
+    return _shown(_USERINFO.sub(r"\1***@", url)) if isinstance(url, str) else _shown(url)
+
+
+# The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path,
+# nothing the checks of _split_base_url refuse): read by a regex in ~1 µs instead of ~15 µs,
+# twice per server (config, server) at 4,096 servers.
 _PLAIN_BASE_URL = re.compile(r"(https?)://([a-z0-9._-]+):([0-9]{1,5})(/[A-Za-z0-9._~/-]*)?\Z")
 
 
 def parse_base_url(url: str) -> Tuple[str, str, int, str]:
-    """``http://h:9000/v1`` -> (scheme, host, port, path prefix without trailing '/')."""
+    """``http://h:9000/v1`` -> (scheme, host, port, path prefix without trailing '/').
+
+    Refused: anything that cannot be sent as it is (non-ASCII, spaces, control characters:
+    ``urlsplit`` would silently drop a CR/LF), and credentials (``http://user:secret@host``),
+    which belong in ``api_key``; messages never show them.
+    """
     plain = _PLAIN_BASE_URL.match(url) if isinstance(url, str) else None
     if plain and 0 < int(plain.group(3)) < 65536:
         return plain.group(1), plain.group(2), int(plain.group(3)), (plain.group(4) or "").rstrip("/")
@@ -567,16 +691,22 @@ def parse_base_url(url: str) -> Tuple[str, str, int, str]:
 
 
 def _split_base_url(url: str) -> Tuple[str, str, int, str]:
-    """``parse_base_url`` for any URL, by ``urllib.parse.urlsplit``."""
+    """``parse_base_url`` for any URL: its checks, then ``urllib.parse.urlsplit``."""
+    shown = _shown_url(url)
+    if not isinstance(url, str) or not _SENDABLE.match(url):
+        raise ConfigError(f"base_url={shown} must be printable ASCII without spaces or control characters")
+    if "@" in url:  # anywhere: 'http://u:pa/ss@h' splits into host 'u' and a path
+        raise ConfigError(f"base_url={shown} must not carry credentials (user:password@): "
+                          "put the key in api_key, sent as 'Authorization: Bearer'")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise ConfigError(f"base_url={url!r} is not a valid URL: {e}") from None
+        raise ConfigError(f"base_url={shown} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url={url!r} must look like http://host:port/v1")
+        raise ConfigError(f"base_url={shown} must look like http://host:port/v1")
     if parts.query or parts.fragment:
-        raise ConfigError(f"base_url={url!r} must not carry a query or fragment")
+        raise ConfigError(f"base_url={shown} must not carry a query or fragment")
     port = port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
 
@@ -605,7 +735,7 @@ READ_SIZE = 1 << 16  # bytes asked of the socket per read of a body
 POOL_IDLE_SECONDS = 4.0  # uvicorn (vLLM, SGLang) closes idle connections after 5 s: drop ours first
 # Response heads are parsed as latin-1 text (one character per byte, so nothing is lost):
 # one decode per head instead of two per header line.
-_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9]{2})(?: ([^\r\n]*))?\Z")  # statuses 100-599 only
 _BYTES_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() would also take \xa0, \x85, ...
 
 
@@ -904,19 +1034,28 @@ class SSEParser:
 
     Lines end in LF or CRLF; ``data:`` lines of one event are joined with newlines; comments
     (``:keep-alive``) and other fields are ignored.  A line over ``MAX_SSE_LINE_BYTES`` is an
-    error rather than unbounded buffering.
+    error rather than unbounded buffering.  Each byte is scanned once and an unfinished line is
+    copied once, when it ends: a long line arriving in small pieces costs what it costs whole.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._partial: List[bytes] = []  # the pieces of a line not ended yet
+        self._partial_size = 0
         self._data: List[str] = []
 
     def feed(self, chunk: bytes) -> List[str]:
-        self._buffer += chunk
+        if b"\n" not in chunk:
+            if chunk:
+                self._hold(chunk)
+            return []
+        lines = chunk.split(b"\n")
+        if self._partial:
+            lines[0] = b"".join(self._partial) + lines[0]
+            self._partial, self._partial_size = [], 0
+        tail = lines.pop()
+        if tail:
+            self._hold(tail)
         events = []
-        *lines, self._buffer = self._buffer.split(b"\n")
-        if len(self._buffer) > MAX_SSE_LINE_BYTES:
-            raise ProtocolError(f"server-sent event line longer than {MAX_SSE_LINE_BYTES} bytes")
         for raw in lines:
             line = raw[:-1] if raw.endswith(b"\r") else raw
             if not line:
@@ -928,14 +1067,19 @@ class SSEParser:
                 self._data.append((value[1:] if value.startswith(b" ") else value).decode("utf-8", "replace"))
         return events
 
+    def _hold(self, piece: bytes) -> None:
+        self._partial.append(piece)
+        self._partial_size += len(piece)
+        if self._partial_size > MAX_SSE_LINE_BYTES:
+            raise ProtocolError(f"server-sent event line longer than {MAX_SSE_LINE_BYTES} bytes")
+
     def close(self) -> List[str]:
         """End of stream: an event without its final blank line still counts."""
-        events = self.feed(b"\n\n") if self._buffer or self._data else []
-        return events
+        return self.feed(b"\n\n") if self._partial or self._data else []
 
 
 # =============================================================================================
-# HTTP I/O: asyncio streams, a keep-alive pool per server, and urllib for simple sync calls
+# HTTP I/O: asyncio streams, a keep-alive pool per server, and a bounded one-shot GET
 # =============================================================================================
 
 
@@ -1312,27 +1456,24 @@ class _ReadingBody:
         return False
 
 
-# Clusters set http_proxy for pip and W&B; the trainer API is on the job's own network.
-_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+async def http_get(base_url: str, path: str, timeout: float) -> Tuple[int, bytes]:
+    """GET ``path`` at the root of ``base_url``'s server on a fresh connection: (status, body).
 
-
-def http_get_json(url: str, timeout: float) -> Any:
-    """GET ``url`` and decode JSON, for simple synchronous calls (the trainer API), never via a proxy."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    Bounded by ``timeout`` as a whole (connect, head and body), so a server that accepts and
+    never answers, or trickles its bytes, cannot hold the caller longer.  Health probes and
+    the trainer API use it; like every request here it ignores ``http_proxy``.  Bodies are
+    small (a health check, the trainer's status): at most 1 MiB.
+    """
+    scheme, host, port, _ = parse_base_url(base_url)
+    pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
+    request = build_request("GET", path, host_header(scheme, host, port), [("Connection", "close")])
     try:
-        with _DIRECT_OPENER.open(request, timeout=timeout) as response:
-            body = response.read(MAX_HEADER_BYTES * 16)
-    except urllib.error.HTTPError as e:
-        raise APIStatusError(e.code, error_message(e.read(4096)), url) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, socket.timeout) or isinstance(e, socket.timeout):
-            raise ServerTimeoutError(f"no answer within {timeout:g} s", url) from None
-        raise ServerConnectionError(f"cannot reach: {reason}", url) from None
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ProtocolError(f"not JSON: {body[:80]!r}", url) from None
+        with _Deadline(timeout, f"GET {path}: no whole answer within {timeout:g} s", base_url):
+            conn, head = await pool.send(request)
+            body = await pool.read_body(conn, head)
+    finally:
+        pool.close()
+    return head.status, body
 
 
 # =============================================================================================
@@ -1724,21 +1865,11 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 async def probe_http(base_url: str, path: str, timeout: float) -> int:
-    """GET ``path`` at the root of ``base_url``'s server on a fresh connection; return the status.
+    """The status of ``GET path`` at ``base_url``'s server, bounded by ``timeout`` as a whole.
 
-    Bounded by ``timeout`` as a whole, so a server that accepts and never answers cannot hang
-    the caller.  ``HealthProber`` builds the manager's, ``wait``'s and the watcher's probes on it.
+    ``HealthProber`` builds the manager's, ``wait``'s and the watcher's probes on it.
     """
-    scheme, host, port, _ = parse_base_url(base_url)
-    pool = ConnectionPool(scheme, host, port, connect_timeout=timeout, max_body_bytes=1 << 20, url=base_url)
-    request = build_request("GET", path, host_header(scheme, host, port), [("Connection", "close")])
-    try:
-        with _Deadline(timeout, f"health check {path} timed out after {timeout:g} s", base_url):
-            conn, head = await pool.send(request)
-            await pool.read_body(conn, head)
-    finally:
-        pool.close()
-    return head.status
+    return (await http_get(base_url, path, timeout))[0]
 
 
 class HealthProber:
@@ -2189,7 +2320,7 @@ class ServerManager:
                         raise
                     index, fresh = index + 1, False
                     if self._tokens_via.get(server, 0) < index:  # concurrent calls may all have met the 404
-                        log.warning("%s has no %s (404): using %s from now on", server.url, protocol.name,
+                        log.info("%s has no %s (404): using %s from now on", server.url, protocol.name,
                                     protocols[index].name)
                         self._tokens_via[server] = index
                     continue
@@ -3343,8 +3474,11 @@ class StubServer:
 # Watcher: one per inference node; server health to Weights & Biases or JSON lines
 # =============================================================================================
 
-WATCHER_HEALTH_PATH = "/health_generate"  # the seed's; vLLM answers 404 there, so we fall back
+WATCHER_HEALTH_PATH = "/health_generate"  # Atropos' Slurm guide's; vLLM answers 404 there, so we fall back
 WATCHER_FALLBACK_PATH = "/health"
+WANDB_FINISH_TIMEOUT = 10.0  # how long the end waits for wandb to finish the run (Slurm's KillWait: 30 s)
+WANDB_INIT_TIMEOUT = 90.0  # how long --once waits for wandb.init: wandb's own limit (init_timeout)
+MAX_WANDB_BACKLOG = 100  # rows waiting for wandb (while init runs), beyond which rows are dropped
 
 
 @dataclasses.dataclass
@@ -3364,7 +3498,7 @@ class WatcherOptions:
     layout: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def metric(self, index: int) -> str:
-        """``server/server_health_{node}_{i}``; the seed's misspelt ``server_heath`` on request."""
+        """``server/server_health_{node}_{i}``; on request ``server_heath``, as Atropos' Slurm guide spells it."""
         word = "server_heath" if self.legacy_metric_names else "server_health"
         return f"server/{word}_{self.node_num}_{index}"
 
@@ -3372,79 +3506,211 @@ class WatcherOptions:
 class TrainerAPI:
     """The trainer's ``run-api``: ``/wandb_info`` (project, group) and ``/status`` (current_step).
 
-    Unreachable or garbage answers (anything but the schema, so that a wrong-typed field is
-    not taken for recovery) are logged once per outage and reported as None, so the watcher
-    keeps probing and logging locally while the trainer is away.
+    Each call is bounded by ``timeout`` as a whole.  Unreachable or garbage answers (anything
+    but the schema: not JSON, JSON nested too deep to parse, wrong types, a step out of range,
+    so that none is taken for recovery) are logged once per outage and reported as None, so
+    the watcher keeps probing and logging locally while the trainer is away.
     """
 
     def __init__(self, api_addr: str, timeout: float):
         self.api_addr, self.timeout = api_addr.rstrip("/"), timeout
+        self._prefix = parse_base_url(self.api_addr)[3]
         self._failing = False
 
-    def _get(self, path: str, fields: Dict[str, Tuple[type, ...]]) -> Optional[Dict[str, Any]]:
-        """The JSON object at ``path`` if each of ``fields`` has one of its types, else None."""
+    async def _get(self, path: str, valid: Callable[[Dict[str, Any]], bool]) -> Optional[Dict[str, Any]]:
+        """The JSON object at ``path`` if ``valid`` accepts it, else None."""
+        url = self.api_addr + path
         try:
-            data = http_get_json(self.api_addr + path, self.timeout)
-            valid = isinstance(data, dict) and all(k in data and type(data[k]) in types for k, types in fields.items())
-            if not valid:
-                raise ProtocolError(f"unexpected answer {json.dumps(data)[:80]}", self.api_addr + path)
+            status, body = await http_get(self.api_addr, self._prefix + path, self.timeout)
+            if status != 200:
+                raise APIStatusError(status, error_message(body), url)
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the parser's depth
+                data = None
+            if not (isinstance(data, dict) and valid(data)):
+                raise ProtocolError(f"unexpected answer {body[:80]!r}", url)
         except ServerError as e:
             if not self._failing:
                 log.warning("trainer API unavailable: %s (will keep trying)", e)
             self._failing = True
             return None
         if self._failing:
-            log.warning("trainer API at %s is back", self.api_addr)
+            log.info("trainer API at %s is back", self.api_addr)
         self._failing = False
         return data
 
-    def wandb_info(self) -> Optional[Tuple[Optional[str], Optional[str]]]:
+    async def wandb_info(self) -> Optional[Tuple[Optional[str], Optional[str]]]:
         """(project, group) once a trainer has registered (both are null before), else None.
 
         A trainer may register an empty project: that is still a registration, so it becomes
         None (wandb's default project) rather than keeping the watcher waiting forever.
         """
-        data = self._get("/wandb_info", {"project": (str, type(None)), "group": (str, type(None))})
+        data = await self._get("/wandb_info", lambda d: all(k in d and (d[k] is None or type(d[k]) is str)
+                                                            for k in ("project", "group")))
         if data is None or (data["project"] is None and data["group"] is None):
             return None
         return data["project"] or None, data["group"] or None
 
-    def current_step(self) -> Optional[int]:
-        data = self._get("/status", {"current_step": (int,)})
+    async def current_step(self) -> Optional[int]:
+        data = await self._get("/status", lambda d: type(d.get("current_step")) is int
+                               and 0 <= d["current_step"] < 1 << 63)
         return None if data is None else data["current_step"]
+
+
+class _CallThread:
+    """Run blocking calls one after another, in order, on a daemon thread; each gives a future.
+
+    For wandb, whose calls cannot be interrupted: ``wandb.init`` against an unreachable W&B
+    server blocks for 90 s, ``finish`` for as long as it retries its uploads.  On the event loop
+    that would stop the probes and hold SIGTERM.  Errors are logged, followed by what happens
+    next (wandb raises many kinds; the watcher goes on).  A daemon thread, so that a call that
+    never returns cannot keep the process alive.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._calls: deque = deque()
+        self._ready = threading.Condition()
+        threading.Thread(target=self._work, name="atropos-slurm-wandb", daemon=True).start()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def submit(self, what: str, call: Callable[[], None], after_error: str) -> "asyncio.Future[None]":
+        ended = self._loop.create_future()
+        with self._ready:
+            self._calls.append((what, call, after_error, ended))
+            self._ready.notify()
+        return ended
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._calls)
+                what, call, after_error, ended = self._calls.popleft()
+            try:
+                call()
+            except Exception as e:
+                log.error("%s failed: %s (%s)", what, e, after_error)
+            try:
+                self._loop.call_soon_threadsafe(_set_done, ended)
+            except RuntimeError:  # the loop is closed: the watcher ended without this call
+                return
+
+
+def _set_done(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class WandbSink:
     """Log records to a W&B run in the trainer's project, grouped per job, one run per node.
 
-    W&B's own step only increases, so it is left to W&B; the trainer's step is logged as the
-    metric ``trainer_step`` and set as the x-axis of the ``server/*`` metrics, so a trainer that
-    restarts with a smaller step never makes W&B drop a row.  Errors from wandb are logged and
-    the watcher goes on.
+    The run starts once the trainer registered its project at ``/wandb_info``.  W&B's own step
+    only increases, so it is left to W&B; the trainer's step is logged as the metric
+    ``trainer_step`` and set as the x-axis of the ``server/*`` metrics, so a trainer that
+    restarts with a smaller step never makes W&B drop a row.
+
+    wandb never holds the watcher: its calls run in order on their own thread (``_CallThread``)
+    and the loop does not wait for them; rows wait there while ``wandb.init`` runs, at most
+    ``MAX_WANDB_BACKLOG`` of them.  ``finish`` waits a bounded time; ``abandoned`` then says
+    that wandb never returned, and the process must not wait for wandb's own exit handler.
     """
 
-    def __init__(self, wandb_module: Any, options: WatcherOptions):
-        self.wandb, self.options, self.run = wandb_module, options, None
+    def __init__(self, wandb_module: Any, options: WatcherOptions, api: TrainerAPI):
+        self.wandb, self.options, self.api = wandb_module, options, api
+        self.run: Any = None
+        self.abandoned = False
+        self._calls: Optional[_CallThread] = None
+        self._starting: Optional[asyncio.Future] = None  # wandb.init, submitted and not failed
+        self._behind = False  # rows are being dropped: said once
 
-    def start(self, project: Optional[str], group: Optional[str]) -> None:
+    async def log(self, record: Dict[str, Any]) -> None:
+        if self._starting is None:
+            info = await self.api.wandb_info()
+            if info is None:
+                log.info("round %d: %d/%d servers healthy; waiting for the trainer to register a W&B project at %s",
+                         record["round"], record[f"server/healthy_servers_{self.options.node_num}"],
+                         len(self.options.ports), self.options.api_addr)
+                return
+            self._starting = self._submit("wandb.init", lambda: self._start(*info), "will retry next round")
+        if len(self._calls) >= MAX_WANDB_BACKLOG:
+            if not self._behind:
+                log.warning("wandb is %d calls behind (is the W&B server reachable?): dropping rows until it "
+                            "catches up", len(self._calls))
+            self._behind = True
+            return
+        self._behind = False
+        row = {k: v for k, v in record.items() if k.startswith("server/") or k in ("trainer_step", "round")}
+        self._submit("wandb.log", lambda: self._on_run("log", row), "the watcher goes on")
+
+    def _submit(self, what: str, call: Callable[[], None], after_error: str) -> "asyncio.Future[None]":
+        if self._calls is None:
+            self._calls = _CallThread(asyncio.get_running_loop())
+        return self._calls.submit(what, call, after_error)
+
+    def _start(self, project: Optional[str], group: Optional[str]) -> None:
+        """On the wandb thread: ``wandb.init``; after a failure the next round tries again."""
         name = f"inf_node_{self.options.node_num}"
         # Slurm ends a step by signalling all its processes, wandb's service too, which then dies
         # without writing what it buffered (15 s by default; an offline run's only copy): have it
         # write every round.  Versions without this (private) setting ignore the variable.
         os.environ.setdefault("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", f"{self.options.interval:g}")
-        self.run = self.wandb.init(project=project, group=group, name=name, job_type="inference_watcher",
-                                   config=self.options.layout)
-        self.run.define_metric("trainer_step")
-        self.run.define_metric("server/*", step_metric="trainer_step")
-        log.warning("logging to W&B project %r group %r as run %s", project, group, name)
+        try:
+            run = self.wandb.init(project=project, group=group, name=name, job_type="inference_watcher",
+                                  config=self.options.layout)
+            run.define_metric("trainer_step")
+            run.define_metric("server/*", step_metric="trainer_step")
+        except BaseException:
+            self._starting = None
+            raise
+        self.run = run
+        log.info("logging to W&B project %r group %r as run %s", project, group, name)
 
-    def log(self, record: Dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in record.items() if k.startswith("server/") or k in ("trainer_step", "round")})
-
-    def finish(self) -> None:
+    def _on_run(self, method: str, *args: Any) -> None:
+        """On the wandb thread: ``run.log(row)`` or ``run.finish()``; nothing if init failed."""
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            getattr(self.run, method)(*args)
+
+    async def finish(self, stopped: bool) -> None:
+        """Finish the run, waiting at most ``WANDB_FINISH_TIMEOUT`` (Slurm's KillWait is 30 s).
+
+        Stopped by a signal while ``wandb.init`` has not returned, there is no run to finish:
+        nothing is waited for.  Otherwise (``--once``) that init gets ``WANDB_INIT_TIMEOUT``.
+        """
+        starting = self._starting
+        if starting is None:
+            return
+        if not starting.done():
+            if not stopped:
+                await asyncio.wait({starting}, timeout=WANDB_INIT_TIMEOUT)
+            if not starting.done():
+                log.warning("wandb.init has not returned: exiting without a W&B run")
+                self.abandoned = True
+                return
+        ended = self._submit("wandb.finish", lambda: self._on_run("finish"), "exiting")
+        await asyncio.wait({ended}, timeout=WANDB_FINISH_TIMEOUT)
+        if not ended.done():
+            log.warning("wandb has not finished the run within %g s: exiting without it", WANDB_FINISH_TIMEOUT)
+            self.abandoned = True
+
+
+class JsonLinesSink:
+    """Write each record as one JSON line (``node_num`` and ``time`` added): without wandb, or
+    with ``--no-wandb``.  The same interface as ``WandbSink``, so the watcher has one path."""
+
+    abandoned = False
+
+    def __init__(self, node_num: int, out: Any):
+        self.node_num, self.out = node_num, out
+
+    async def log(self, record: Dict[str, Any]) -> None:
+        self.out.write(json.dumps(dict(record, node_num=self.node_num, time=round(time.time(), 3))) + "\n")
+        self.out.flush()
+
+    async def finish(self, stopped: bool) -> None:
+        pass  # every line was flushed as it was written
 
 
 def import_wandb() -> Any:
@@ -3456,81 +3722,77 @@ def import_wandb() -> Any:
     return wandb
 
 
-async def watch(options: WatcherOptions, stop: asyncio.Event, out=None) -> bool:
-    """Run the watcher loop until ``stop`` is set (or one round with ``once``).
+def open_sink(options: WatcherOptions, api: TrainerAPI, out: Any = None) -> Any:
+    """A ``WandbSink`` if wandb is installed and wanted, else a ``JsonLinesSink`` on ``out`` (stdout)."""
+    wandb_module = import_wandb() if options.use_wandb else None
+    if wandb_module is not None:
+        return WandbSink(wandb_module, options, api)
+    if options.use_wandb:
+        log.warning("wandb is not installed: writing the health records to stdout as JSON lines")
+    else:
+        log.info("--no-wandb: writing the health records to stdout as JSON lines")
+    return JsonLinesSink(options.node_num, out or sys.stdout)
+
+
+async def watch(options: WatcherOptions, stop: asyncio.Event, api: TrainerAPI, sink: Any) -> bool:
+    """Run the watcher loop until ``stop`` is set (or one round with ``once``), then finish ``sink``.
 
     Every round reads the trainer's step, probes all local servers concurrently and logs one
-    record: 1/0 per server, the number healthy, the step.  Returns whether the last round saw
-    every server healthy.
+    record: 1/0 per server, the number healthy, the step.  Between rounds it waits on ``stop``,
+    so a signal ends it at once.  Returns whether the last round saw every server healthy.
     """
-    out = out or sys.stdout
     urls = [ServerAddress(options.host, port, options.node_num, i).url for i, port in enumerate(options.ports)]
     prober = HealthProber(urls, options.health_path, options.probe_timeout, WATCHER_FALLBACK_PATH)
-    api = TrainerAPI(options.api_addr, options.probe_timeout)
-    loop = asyncio.get_running_loop()
-    wandb_module = import_wandb() if options.use_wandb else None
-    sink = WandbSink(wandb_module, options) if wandb_module is not None else None
-    if options.use_wandb and sink is None:
-        log.warning("wandb is not installed: writing the health records to stdout as JSON lines")
-    elif sink is None:
-        log.warning("--no-wandb: writing the health records to stdout as JSON lines")
     all_healthy, round_number, last_step = False, 0, None
     try:
         while True:
             round_number += 1
-            step = await loop.run_in_executor(None, api.current_step)
+            step = await api.current_step()
             last_step = step if step is not None else last_step
             health = await prober.probe()
             all_healthy = all(health)
             record: Dict[str, Any] = {options.metric(i): int(ok) for i, ok in enumerate(health)}
             record[f"server/healthy_servers_{options.node_num}"] = sum(health)
             record.update(trainer_step=last_step if last_step is not None else 0, round=round_number)
-            if sink is not None and sink.run is None:
-                info = await loop.run_in_executor(None, api.wandb_info)
-                if info is None:
-                    log.warning("round %d: %d/%d servers healthy; waiting for the trainer to register a W&B "
-                                "project at %s", round_number, sum(health), len(health), options.api_addr)
-                else:
-                    try:
-                        sink.start(*info)
-                    except Exception as e:  # wandb raises many kinds; the watcher must go on
-                        log.error("wandb.init failed: %s (will retry next round)", e)
-            if sink is not None and sink.run is not None:
-                try:
-                    sink.log(record)
-                except Exception as e:
-                    log.error("wandb.log failed: %s (the watcher goes on)", e)
-            if sink is None:
-                out.write(json.dumps(dict(record, node_num=options.node_num, time=round(time.time(), 3))) + "\n")
-                out.flush()
-            if options.once or stop.is_set():
+            await sink.log(record)
+            if options.once or await _stopped_within(stop, options.interval):
                 return all_healthy
-            try:
-                with _Deadline(options.interval, "interval"):
-                    await stop.wait()
-                return all_healthy
-            except ServerTimeoutError:
-                pass
     finally:
-        if sink is not None:
-            try:
-                sink.finish()
-            except Exception as e:
-                log.error("wandb.finish failed: %s", e)
+        await sink.finish(stopped=stop.is_set())
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stop`` is set; whether it is."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+    return stop.is_set()
 
 
 def run_watcher(options: WatcherOptions) -> int:
-    """Run ``watch`` with SIGTERM/SIGINT finishing the W&B run; exit 0 (``--once``: 1 if unhealthy)."""
+    """Run ``watch`` with SIGTERM/SIGINT finishing the W&B run; exit 0 (``--once``: 1 if unhealthy).
+
+    If wandb never returned from a call, the process ends here with ``os._exit``: wandb's own
+    exit handler would wait for its service, which goes on retrying an unreachable W&B server
+    until Slurm kills the step.
+    """
+    api = TrainerAPI(options.api_addr, options.probe_timeout)
+    sink = open_sink(options, api)
 
     async def main() -> bool:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await watch(options, stop)
+        return await watch(options, stop, api, sink)
 
-    healthy = asyncio.run(main())
-    return 0 if healthy or not options.once else 1
+    code = 0 if asyncio.run(main()) or not options.once else 1
+    if sink.abandoned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # =============================================================================================
@@ -3573,12 +3835,6 @@ def _discover(args: argparse.Namespace) -> Discovery:
                             args.hostlist_backend)
 
 
-def _positive_float(name: str, value: float) -> float:
-    if not value > 0:
-        raise ConfigError(f"{name}={value:g} must be positive")
-    return value
-
-
 def cmd_discover(args: argparse.Namespace) -> int:
     found = _discover(args)
     print(json.dumps(found.to_json(), indent=2) if args.format == "json" else "\n".join(found.urls))
@@ -3596,12 +3852,13 @@ def cmd_wait(args: argparse.Namespace) -> int:
     urls = found.urls
     need = len(urls) if args.min_healthy is None else _int_setting("--min-healthy", args.min_healthy,
                                                                      minimum=1, maximum=len(urls))
-    down = asyncio.run(wait_for_servers(urls, min_healthy=need, timeout=_positive_float("--timeout", args.timeout),
-                                        interval=_positive_float("--interval", args.interval),
-                                        health_path=args.health_path,
-                                        probe_timeout=_positive_float("--probe-timeout", args.probe_timeout)))
+    timeout = _float_setting("--timeout", args.timeout, above=0)
+    down = asyncio.run(wait_for_servers(urls, min_healthy=need, timeout=timeout,
+                                        interval=_float_setting("--interval", args.interval, above=0),
+                                        health_path=check_request_path("--health-path", args.health_path),
+                                        probe_timeout=_float_setting("--probe-timeout", args.probe_timeout, above=0)))
     if down:
-        print(f"wait: fewer than {need} of {len(urls)} servers healthy after {args.timeout:g} s; down: "
+        print(f"wait: fewer than {need} of {len(urls)} servers healthy after {timeout:g} s; down: "
               + "; ".join(down), file=sys.stderr)
         return 1
     print(f"wait: ready ({need} of {len(urls)} required)", file=sys.stderr)
@@ -3613,34 +3870,37 @@ def cmd_watch(args: argparse.Namespace) -> int:
     try:
         parse_base_url(args.api_addr)
     except ConfigError:  # its message speaks of base_url and /v1: name this flag instead
-        raise ConfigError(f"--api_addr={args.api_addr!r} must look like http://trainer:8000") from None
+        raise ConfigError(f"--api_addr={_shown_url(args.api_addr)} must look like http://trainer:8000") from None
     node_num = _int_setting("--node_num", args.node_num, minimum=0)
-    if not args.health_path.startswith("/"):
-        raise ConfigError(f"--health-path={args.health_path!r} must start with '/'")
+    check_request_path("--health-path", args.health_path)
     ports = [base + i for i in range(per_node)]
     options = WatcherOptions(
-        api_addr=args.api_addr, node_num=node_num, ports=ports, host=args.host,
-        interval=_positive_float("--interval", args.interval), health_path=args.health_path,
-        probe_timeout=_positive_float("--probe-timeout", args.probe_timeout), once=args.once,
+        api_addr=args.api_addr, node_num=node_num, ports=ports, host=check_host("--host", args.host),
+        interval=_float_setting("--interval", args.interval, above=0), health_path=args.health_path,
+        probe_timeout=_float_setting("--probe-timeout", args.probe_timeout, above=0), once=args.once,
         use_wandb=not args.no_wandb, legacy_metric_names=args.legacy_metric_names,
-        layout={"node_num": node_num, "host": args.host or socket.gethostname(), "tp": tp, "gpus_per_node": gpus,
+        layout={"node_num": node_num, "host": args.host, "tp": tp, "gpus_per_node": gpus,
                 "base_port": base, "ports": ports, "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
-    log.warning("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
-                args.api_addr)
+    log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
+             args.api_addr)
     return run_watcher(options)
 
 
 def cmd_stub_server(args: argparse.Namespace) -> int:
     count = _int_setting("--count", args.count, minimum=1, maximum=64)
     port = _int_setting("--port", args.port, minimum=0, maximum=65535 - count + 1)
+    options = dict(latency=_float_setting("--latency", args.latency, minimum=0),
+                   fail_rate=_float_setting("--fail-rate", args.fail_rate, minimum=0, maximum=1),
+                   fail_status=_int_setting("--fail-status", args.fail_status, minimum=100, maximum=599),
+                   die_after=None if args.die_after is None else _int_setting("--die-after", args.die_after, minimum=0),
+                   keep_alive_timeout=_float_setting("--keep-alive-timeout", args.keep_alive_timeout, above=0))
+    check_host("--host", args.host)
 
     async def main() -> int:
-        stubs = [StubServer(args.host, port + i if port else 0, latency=args.latency, fail_rate=args.fail_rate,
-                            fail_status=args.fail_status, die_after=args.die_after,
-                            keep_alive_timeout=args.keep_alive_timeout, model=args.model,
-                            health_generate=not args.no_health_generate) for i in range(count)]
+        stubs = [StubServer(args.host, port + i if port else 0, model=args.model,
+                            health_generate=not args.no_health_generate, **options) for i in range(count)]
         try:
             for stub in stubs:
                 await stub.start()
@@ -3692,7 +3952,9 @@ async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dic
     print(f"demo: {servers} stub servers; discovered {found.urls[0]} .. {found.urls[-1]}", file=out)
     template = ServerBaseline(timeout=10, num_max_requests_at_once=32, model_name="stub")
     manager = ServerManager(configs_for_urls(template, found.urls), retry_backoff=0.02, health_probe_interval=0.5)
-    victim, finished, failed = stubs[servers // 2], 0, 0
+    victim, victim_url, finished, failed = stubs[servers // 2], found.urls[servers // 2], 0, 0
+    # A terminal gets one progress line redrawn in place; a file or a pipe gets whole lines.
+    redraw, end, after_progress = ("\r", "", "\n") if out.isatty() else ("", "\n", "")
 
     async def one(i: int) -> None:
         nonlocal finished, failed
@@ -3702,18 +3964,19 @@ async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dic
             failed += 1
         finished += 1
         if finished == requests // 2:
-            print(f"\ndemo: stopping {victim.name} half way", file=out)
+            print(f"{after_progress}demo: stopping {victim_url} half way", file=out)
             asyncio.ensure_future(victim.stop())
 
     started = time.monotonic()
     tasks = [asyncio.ensure_future(one(i)) for i in range(requests)]
     while not all(t.done() for t in tasks):
         await asyncio.sleep(0.2)
-        print(f"\rdemo: {finished}/{requests} done, {failed} failed, {time.monotonic() - started:.1f} s",
-              end="", file=out, flush=True)
+        print(f"{redraw}demo: {finished}/{requests} done, {failed} failed, {time.monotonic() - started:.1f} s",
+              end=end, file=out, flush=True)
     elapsed = time.monotonic() - started
     rows = manager.stats()
-    print(f"\ndemo: {requests} requests in {elapsed:.2f} s ({requests / elapsed:.0f}/s), {failed} lost\n", file=out)
+    print(f"{after_progress}demo: {requests} requests in {elapsed:.2f} s ({requests / elapsed:.0f}/s), "
+          f"{failed} lost\n", file=out)
     print(f"{'server':<28} {'requests':>8} {'errors':>6} {'p50 ms':>7} {'healthy':>7}", file=out)
     for row in rows:
         p50 = f"{row['p50'] * 1000:.1f}" if row["p50"] is not None else "-"
@@ -3727,7 +3990,7 @@ async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dic
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    asyncio.run(run_demo(_int_setting("--requests", args.requests, minimum=8)))
+    asyncio.run(run_demo(_int_setting("--requests", args.requests, minimum=8, maximum=1_000_000)))
     return 0
 
 
@@ -3754,11 +4017,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("wait", help="block until the discovered servers are healthy")
     _add_discovery_flags(p)
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (600)")
+    p.add_argument("--timeout", default="600", help="give up after this many seconds (600)")
     p.add_argument("--min-healthy", metavar="N", help="succeed once N servers are healthy (default: all)")
     p.add_argument("--health-path", default="/health", help="GET path probed on each server (/health)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between rounds (2)")
-    p.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per probe (5)")
+    p.add_argument("--interval", default="2", help="seconds between rounds (2)")
+    p.add_argument("--probe-timeout", default="5", help="seconds per probe (5)")
     p.set_defaults(func=cmd_wait)
 
     p = commands.add_parser("watch", help="log this node's server health to W&B (or JSON lines)")
@@ -3769,11 +4032,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", default="9000", help="port of the first server (9000; 0 = any free port)")
     p.add_argument("--count", default="1", help="serve this many consecutive ports (1)")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds before each completion answer")
-    p.add_argument("--fail-rate", type=float, default=0.0, help="share of completions answered with --fail-status")
-    p.add_argument("--fail-status", type=int, default=500)
-    p.add_argument("--die-after", type=int, help="drop all connections and exit 1 after N completions")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="close idle connections after S s (5)")
+    p.add_argument("--latency", default="0", help="seconds before each completion answer (0)")
+    p.add_argument("--fail-rate", default="0", help="share of completions answered with --fail-status, 0 to 1 (0)")
+    p.add_argument("--fail-status", default="500", help="HTTP status of those answers (500)")
+    p.add_argument("--die-after", metavar="N", help="drop all connections and exit 1 after N completions")
+    p.add_argument("--keep-alive-timeout", default="5", help="close idle connections after S s (5)")
     p.add_argument("--model", default="stub")
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
     p.set_defaults(func=cmd_stub_server)
@@ -3805,18 +4068,23 @@ def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
     parser.add_argument("--base-port", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
     parser.add_argument("--host", default="localhost", help="where this node's servers listen (localhost)")
-    parser.add_argument("--interval", type=float, default=60.0, help="seconds between rounds (60)")
+    parser.add_argument("--interval", default="60", help="seconds between rounds (60)")
     parser.add_argument("--health-path", default=WATCHER_HEALTH_PATH,
                         help=f"probed path ({WATCHER_HEALTH_PATH}; on 404, {WATCHER_FALLBACK_PATH})")
-    parser.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per probe and API call (5)")
+    parser.add_argument("--probe-timeout", default="5", help="seconds per probe and API call (5)")
     parser.add_argument("--once", action="store_true", help="one round, then exit 0 if all servers are healthy, else 1")
     parser.add_argument("--no-wandb", action="store_true", help="JSON lines on stdout even if wandb is installed")
     parser.add_argument("--legacy-metric-names", action="store_true",
-                        help="log server/server_heath_* (the seed's spelling) instead of server_health")
+                        help="log server/server_heath_* (as Atropos' Slurm guide misspells them) "
+                             "instead of server_health")
 
 
 def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
-    """Run one command; the one place where errors become exit codes (2 = bad input or failure)."""
+    """Run one command; the one place where errors become exit codes (2 = bad input or failure).
+
+    A reader that goes away (``discover | head -1``) ends the command quietly with 141, the
+    status of a Unix tool stopped by SIGPIPE.
+    """
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("atropos-slurm: %(message)s"))
@@ -3826,12 +4094,20 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     parser = parser or build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here rather than as a traceback at exit
+        return code
     except AtroposSlurmError as e:
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        try:  # what is still buffered must not fail again when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

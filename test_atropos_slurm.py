@@ -5,6 +5,8 @@ The differential test runs the real ``scontrol`` from Debian's slurm-client; wit
 test is skipped locally, and fails when ``ATROPOS_TEST_REQUIRE`` names ``scontrol`` (CI).
 """
 
+import asyncio
+import io
 import json
 import os
 import random
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 import unittest
 from unittest import mock
 
@@ -532,6 +535,223 @@ class CLI(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         if sys.version_info >= (3, 10):
             self.assertEqual(proc.stdout.strip(), "[]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening (issue 10): bounded hostlists, values that cannot be sent, numbers, closed pipes
+# ----------------------------------------------------------------------------------------------
+
+def peak_memory(call) -> int:
+    """Bytes allocated at the peak of ``call()`` (tracemalloc: counted, not timed)."""
+    tracemalloc.start()
+    try:
+        call()
+    except a.AtroposSlurmError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+class HostlistBounds(unittest.TestCase):
+    def test_the_size_is_counted_before_any_name_is_built(self):
+        """Issue 10 item 14: a list past MAX_HOSTLIST_NAMES is refused before its names exist,
+        however it is built: bracket groups multiplied, many tokens, or both in 6 KB."""
+        # No subTest: a failure must stop here, before the 6 KB list below could eat the memory.
+        for text in ("n[1-65536]" * 4, ",".join(["n[1-65536]"] * 40), "n[1-65536,1-65536,1-65536,1-65536,1-65536]"):
+            self.assertLess(peak_memory(lambda: a.expand_hostlist(text)), 1 << 20, text[:40])
+            with self.assertRaises(a.HostlistError) as ctx:
+                a.expand_hostlist(text)
+            self.assertIn(f"more than {a.MAX_HOSTLIST_NAMES} names", str(ctx.exception))
+            self.assertLess(len(str(ctx.exception)), 200)
+        six_kb = "n[1-65536]" * 600
+        self.assertLess(peak_memory(lambda: a.expand_hostlist(six_kb)), 1 << 20)
+        self.assertLess(peak_memory(lambda: a.resolve_hostnames(six_kb, "auto")), 1 << 20)  # before scontrol too
+        self.assertEqual(len(a.expand_hostlist("a[1-4]b[1-65536]")), a.MAX_HOSTLIST_NAMES)  # the cap itself is fine
+
+    def test_discovery_caps_the_number_of_urls_before_building_them(self):
+        """Issue 10 item 14: nodes x servers per node past MAX_SERVERS is one line, exit 2."""
+        self.assertLess(peak_memory(lambda: a.discover_servers(
+            nodelist="n[1-300]", num_training_nodes=0, gpus_per_node=1024, backend="python", env={})), 4 << 20)
+        code, out, err = run_cli("discover", "--nodelist", "n[1-300]", "--num-training-nodes", "0",
+                                 "--gpus-per-node", "1024", "--hostlist-backend", "python", env={})
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn(f"more than {a.MAX_SERVERS} servers", err)
+
+    def test_non_ascii_digits_are_refused(self):
+        """Issue 10 item 18: ``re``'s \\d and ``int()`` take Arabic-Indic or full-width digits;
+        scontrol does not, and neither do we (in ranges and in integer settings)."""
+        for text in ("n[١-٣]", "n[１-３]", "n[1-٣]", "n[٧]"):
+            with self.subTest(text=text):
+                with self.assertRaises(a.HostlistError):
+                    a.expand_hostlist(text)
+        for value in ("١", "１", "٢٣"):
+            with self.subTest(value=value):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    a.discover_servers(nodelist="n[1-3]", num_training_nodes=value, backend="python", env={})
+                self.assertIn("is not an integer", str(ctx.exception))
+                with self.assertRaises(a.ConfigError):
+                    a.discover_servers(nodelist="n[1-3]", num_training_nodes=1, backend="python",
+                                       env={"INFER_TP": value})
+
+    def test_thousands_of_digits_are_one_line_errors(self):
+        """Issue 10 item 13: ``int()`` refuses more than 4,300 digits with a bare ValueError (3.11+);
+        a range bound or a setting that long is a short ConfigError on every version."""
+        digits = "1" * 5000
+        for call in (lambda: a.expand_hostlist(f"n[{digits}]"), lambda: a.expand_hostlist(f"n[1-{digits}]"),
+                     lambda: a.discover_servers(nodelist="n[1-3]", num_training_nodes=digits, backend="python",
+                                                env={}),
+                     lambda: a.discover_servers(nodelist="n[1-3]", num_training_nodes=1, backend="python",
+                                                env={a.ENV_BASE_PORT: digits})):
+            with self.assertRaises(a.ConfigError) as ctx:
+                call()
+            self.assertLess(len(str(ctx.exception)), 300)
+        code, _, err = run_cli("discover", "--nodelist", "n[1-3]", "--num-training-nodes", digits, env={})
+        self.assertEqual(code, 2)
+        self.assertIn("more than 18 digits", err)
+
+
+class UnsendableValues(unittest.TestCase):
+    URL = "http://h:9000/v1"
+
+    def test_control_characters_in_request_targets_are_refused(self):
+        """Issue 10 item 11: a CR/LF (or any control character, or a space) in health_path or in
+        the base URL's path would be sent inside the request line: refused at construction."""
+        for path in ("/health\r\nX-Injected: 1", "/health\n", "/hea lth", "/h\x00", "/h\x7f", "/h\t"):
+            with self.subTest(path=path):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    ServerBaseline(health_path=path)
+                self.assertIn("health_path=", str(ctx.exception))
+                self.assertNotIn("\n", str(ctx.exception))
+        for url in ("http://h:9000/v1\r\nX-Injected: 1", "http://h:9000/v1\n", "http://h:9000/v 1",
+                    "http://h:9000/v1\t", "http://h:9000/\x01v1"):
+            with self.subTest(url=url):
+                with self.assertRaises(a.ConfigError):
+                    APIServerConfig(base_url=url)
+        code, _, err = run_cli("wait", "--nodelist", "n1", "--num-training-nodes", "0", "--hostlist-backend",
+                               "python", "--timeout", "1", "--health-path", "/health\r\nX: 1", env={})
+        self.assertEqual(code, 2)
+        self.assertIn("--health-path=", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_credentials_in_a_base_url_are_refused_and_never_shown(self):
+        """Issue 10 item 12: ``http://user:secret@host`` is refused, pointing to api_key; the
+        secret is in no message, whatever else is wrong with the URL."""
+        for url in ("http://user:s3cr3t@h:9000/v1", "http://s3cr3t@h:9000/v1", "https://u:s3cr3t@h/v1",
+                    "http://u:s3cr3t@h:99999/v1", "http://u:s3cr3t@[::1:9000/v1", "http://u:s3c/r3t@h:9000/v1",
+                    "ftp://u:s3cr3t@h/v1"):
+            with self.subTest(url=url):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    APIServerConfig(base_url=url)
+                self.assertNotIn("s3cr3t", str(ctx.exception))
+                self.assertNotIn("s3c", str(ctx.exception))
+        with self.assertRaises(a.ConfigError) as ctx:
+            APIServerConfig(base_url="http://user:s3cr3t@h:9000/v1")
+        self.assertIn("api_key", str(ctx.exception))
+        with self.assertRaises(a.ConfigError) as ctx:
+            a.configs_for_urls(ServerBaseline(), ["http://user:s3cr3t@h:9000/v1"])
+        self.assertNotIn("s3cr3t", str(ctx.exception))
+
+    def test_an_api_key_or_url_that_cannot_be_sent_is_refused_at_construction(self):
+        """Issue 10 item 13: a key with CR/LF, a space or non-ASCII, or a non-ASCII URL, used to
+        fail only when the first request was built (or encoded); the key is never shown."""
+        for key in ("sk-abc\r\nX-Injected: 1", "sk-abc\n", "sk ab", "sk-ключ", "sk-\x00"):
+            with self.subTest(key=key):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    APIServerConfig(base_url=self.URL, api_key=key)
+                self.assertIn("api_key", str(ctx.exception))
+                self.assertNotIn("sk-", str(ctx.exception))
+        for url in ("http://gpü:9000/v1", "http://h:9000/vé1", "http://节点:9000/v1"):
+            with self.subTest(url=url):
+                with self.assertRaises(a.ConfigError):
+                    APIServerConfig(base_url=url)
+        for path in ("/hé", "/健康"):
+            with self.subTest(path=path):
+                with self.assertRaises(a.ConfigError):
+                    ServerBaseline(health_path=path)
+        self.assertEqual(APIServerConfig(base_url=self.URL, api_key="sk-Az09._~+/=").api_key, "sk-Az09._~+/=")
+        self.assertIsNone(APIServerConfig(base_url=self.URL, api_key=None).api_key)  # no key, as before
+
+    def test_nan_infinity_and_huge_numbers_in_config_fields(self):
+        """Issue 10 item 13: NaN, infinity and integers too large for a float (or a deque) are
+        refused at construction with a short message."""
+        huge = 10 ** 5000  # its repr raises ValueError from 3.11 on: messages must not use it
+        for name, value in (("timeout", float("nan")), ("timeout", float("inf")), ("timeout", huge),
+                            ("connect_timeout", float("inf")), ("health_timeout", float("nan")), ("timeout", "10"),
+                            ("num_max_requests_at_once", huge), ("rolling_buffer_length", huge),
+                            ("num_requests_for_eval", 2 ** 31)):
+            with self.subTest(name=name, value=type(value).__name__):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    ServerBaseline(**{name: value})
+                self.assertIn(f"{name}=", str(ctx.exception))
+                self.assertLess(len(str(ctx.exception)), 200)
+        self.assertEqual(ServerBaseline(timeout=0.5, connect_timeout=3).timeout, 0.5)
+
+    def test_nan_infinity_and_huge_numbers_in_flags(self):
+        """Issue 10 item 13: float flags took 'nan', 'inf' and '1e999' (argparse's float() does);
+        integer flags took thousands of digits.  Each is one line on stderr, exit 2."""
+        wait = ["wait", "--nodelist", "n1", "--num-training-nodes", "0", "--hostlist-backend", "python"]
+        digits = "7" * 5000
+        cases = [(wait + ["--timeout", "nan"], "--timeout="), (wait + ["--timeout", "inf"], "--timeout="),
+                 (wait + ["--timeout", "1e999"], "--timeout="),
+                 (wait + ["--timeout=1", "--interval", "NaN"], "--interval="),
+                 (wait + ["--timeout=1", "--probe-timeout=-inf"], "--probe-timeout="),
+                 (wait + ["--timeout=1", "--interval", "١"], "--interval="),
+                 (wait + ["--timeout=1", "--min-healthy", digits], "--min-healthy="),
+                 (["stub-server", "--latency", "nan"], "--latency="),
+                 (["stub-server", "--latency=-1"], "--latency="),
+                 (["stub-server", "--fail-rate", "nan"], "--fail-rate="),
+                 (["stub-server", "--fail-rate", "inf"], "--fail-rate="),
+                 (["stub-server", "--fail-rate", "1.5"], "--fail-rate="),
+                 (["stub-server", "--keep-alive-timeout", "inf"], "--keep-alive-timeout="),
+                 (["stub-server", "--fail-status", "600"], "--fail-status="),
+                 (["stub-server", "--fail-status", digits], "--fail-status="),
+                 (["stub-server", "--die-after", digits], "--die-after="),
+                 (["stub-server", "--host", "a b"], "--host="),
+                 (["demo", "--requests", digits], "--requests=")]
+        for argv, fragment in cases:
+            with self.subTest(argv=" ".join(argv)[:80]):
+                code, out, err = run_cli(*argv, env={})
+                self.assertEqual((code, out), (2, ""), err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(fragment, err)
+                self.assertLess(len(err), 300)
+
+
+class CLIEdges(unittest.TestCase):
+    def test_a_closed_stdout_ends_quietly(self):
+        """Issue 10 item 18: ``discover | head -1`` with many URLs: no traceback, the status of a
+        tool stopped by SIGPIPE (141)."""
+        proc = subprocess.Popen([sys.executable, "-m", "atropos_slurm", "discover", "--nodelist", "n[1-20000]",
+                                 "--num-training-nodes", "0", "--hostlist-backend", "python"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+                                env=dict(os.environ, PYTHONPATH=HERE))
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as head -1 does: 20,000 URLs do not fit in the pipe
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(60), 141, err)
+        self.assertEqual(first, b"http://n1:9000/v1\n")
+        self.assertEqual(err, "")
+
+    def test_demo_writes_whole_lines_when_not_on_a_terminal_and_names_the_stopped_server_by_url(self):
+        """Issue 10 item 18: redirected to a file, every progress line ends in a newline (no
+        carriage returns), and the stopped server is named by a URL of the table."""
+        out = io.StringIO()
+        rows = asyncio.run(a.run_demo(requests=400, servers=4, out=out))
+        text = out.getvalue()
+        self.assertNotIn("\r", text)
+        self.assertTrue(text.endswith("\n"))
+        lines = text.splitlines()
+        progress = [line for line in lines if " done, " in line]
+        self.assertTrue(progress, text)
+        self.assertTrue(all(line.startswith("demo: ") for line in progress), text)
+        stopped = [line for line in lines if "stopping" in line]
+        self.assertEqual(len(stopped), 1, text)
+        self.assertIn(stopped[0].split()[2], [row["url"] for row in rows], text)
+        self.assertEqual(stopped[0], f"demo: stopping {rows[2]['url']} half way")
 
 
 class Packaging(unittest.TestCase):

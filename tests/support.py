@@ -581,7 +581,8 @@ class TrainerAPIStub:
     ``GET /status`` -> ``{"current_step", "queue_size"}``, the step reading 0 until registered;
     ``GET /status-env`` -> what ``BaseEnv.get_status`` reads, with ``env_weight``.
     ``go_away`` stops listening (connections are refused), ``come_back`` listens again on the
-    same port, ``garbage`` makes every answer a different kind of nonsense.  ``hits`` counts
+    same port, ``garbage`` (True for ``GARBAGE``, or a list like it) makes every answer a different
+    kind of nonsense: (status, content type, body), or raw bytes sent as they are.  ``hits`` counts
     requests per path; ``status_calls`` logs (time, client address) of each ``/status``.
     """
 
@@ -612,8 +613,11 @@ class TrainerAPIStub:
             if path == "/status":
                 self.status_calls.append((time.time(), client))
             if self.garbage:
-                status, ctype, body = self.GARBAGE[self.hits["garbage"] % len(self.GARBAGE)]
+                answers = self.garbage if isinstance(self.garbage, list) else self.GARBAGE
+                answer = answers[self.hits["garbage"] % len(answers)]
                 self.hits["garbage"] += 1
+                self.cond.notify_all()
+                return answer
             elif path == "/wandb_info":
                 status, ctype = 200, "application/json"
                 body = json.dumps({"group": self.group, "project": self.project}).encode()
@@ -635,7 +639,12 @@ class TrainerAPIStub:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                status, ctype, body = api._answer(self.path.split("?", 1)[0], self.client_address[0])
+                answer = api._answer(self.path.split("?", 1)[0], self.client_address[0])
+                if isinstance(answer, bytes):
+                    self.close_connection = True
+                    self.wfile.write(answer)
+                    return
+                status, ctype, body = answer
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

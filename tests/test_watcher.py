@@ -12,9 +12,11 @@ Without wandb the W&B tests are skipped, or fail when ``ATROPOS_TEST_REQUIRE`` n
 or ``all`` (CI).
 """
 
+import asyncio
 import collections
 import glob
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -34,7 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import LoopThread, TrainerAPIStub, require, reserve_ports  # noqa: E402
+from support import LoopThread, TrainerAPIStub, closed_port, require, reserve_ports  # noqa: E402
+
+import atropos_slurm  # noqa: E402
 
 WATCHER = os.path.join(ROOT, "inference_watcher.py")
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
@@ -196,13 +200,6 @@ def descendants(pid: int) -> List[int]:
         found += kids
         todo += kids
     return found
-
-
-def closed_port() -> int:
-    """A loopback port where nothing listens (the socket is closed again at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,6 +598,83 @@ class WandbFailureTest(WatcherTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# wandb that never returns: an unreachable W&B server (real wandb), a run.log that hangs
+# ---------------------------------------------------------------------------------------------
+
+HANGING_WANDB = '''
+"""A wandb stand-in whose Run.log never returns (a W&B server gone away mid-run); calls go to $FAKE_WANDB_CALLS."""
+import json, os, threading
+
+
+def _note(**call):
+    with open(os.environ["FAKE_WANDB_CALLS"], "a") as f:
+        f.write(json.dumps(call) + "\\n")
+
+
+class Run:
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, data, *args, **kwargs):
+        _note(call="log", data=data)
+        threading.Event().wait()
+
+    def finish(self, *args, **kwargs):
+        _note(call="finish")
+
+
+def init(**kwargs):
+    _note(call="init")
+    return Run()
+'''
+
+
+class WandbNeverReturnsTest(WatcherTestCase):
+
+    def test_an_unreachable_wandb_server_neither_stops_probing_nor_delays_sigterm(self):
+        """Issue 10 item 7, with the real wandb online against a closed loopback port: its
+        ``wandb.init`` retries for 90 s.  The rounds go on meanwhile, and SIGTERM ends the
+        watcher at once (with no run to finish), not after wandb gives up."""
+        require("wandb", HAVE_WANDB, "pip install wandb")
+        socks = self.ports(1)
+        base = socks[0].getsockname()[1]
+        socks[0].close()
+        self.stubs().start_stub(base)
+        api = self.api()
+        api.register("atropos-test", "g", step=3)
+        env = self.env()
+        env.update(WANDB_MODE="online", WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}", WANDB_API_KEY="0" * 40,
+                   WANDB_ERROR_REPORTING="false")
+        proc = self.watcher(self.args(api.url, 0, 1, 1, base), env)
+        api.wait_hits("/wandb_info", 1, timeout=30)
+        api.wait_hits("/status", 6, timeout=30)  # rounds go on while wandb.init hangs
+        self.assertEqual(proc.stop(signal.SIGTERM, timeout=10), 0, proc.dump())
+        self.assertNoTraceback(proc)
+        self.assertEqual(proc.count_err("wandb.init has not returned: exiting without a W&B run"), 1, proc.dump())
+
+    def test_a_wandb_log_that_never_returns_does_not_stop_probing_or_hold_sigterm_long(self):
+        """Issue 10 item 7: rows wait behind a stuck ``run.log`` while probing goes on; SIGTERM
+        waits at most WANDB_FINISH_TIMEOUT for wandb, then the process exits 0 regardless."""
+        socks = self.ports(1)
+        base = socks[0].getsockname()[1]
+        socks[0].close()
+        self.stubs().start_stub(base)
+        api = self.api()
+        api.register("atropos-test", "g", step=3)
+        env = self.env(self.shadow_wandb(HANGING_WANDB))
+        env["FAKE_WANDB_CALLS"] = calls_path = os.path.join(self.tmp, "calls.jsonl")
+        proc = self.watcher(self.args(api.url, 0, 1, 1, base), env)
+        proc.wait_err("logging to W&B project 'atropos-test' group 'g' as run inf_node_0")
+        api.wait_hits("/status", 6)
+        self.assertEqual(proc.stop(signal.SIGTERM, timeout=atropos_slurm.WANDB_FINISH_TIMEOUT + 10), 0, proc.dump())
+        self.assertNoTraceback(proc)
+        self.assertEqual(proc.count_err("wandb has not finished the run within 10 s: exiting without it"), 1,
+                         proc.dump())
+        with open(calls_path) as f:
+            self.assertEqual([json.loads(line)["call"] for line in f], ["init", "log"])
+
+
+# ---------------------------------------------------------------------------------------------
 # JSON lines: --no-wandb, or wandb not importable
 # ---------------------------------------------------------------------------------------------
 
@@ -674,6 +748,165 @@ class JsonLinesTest(WatcherTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# The trainer API answering anything, or trickling
+# ---------------------------------------------------------------------------------------------
+
+
+class TricklingServer:
+    """Reads a request, then sends an answer one byte every ``pause`` s (at most ``limit`` bytes):
+    each read is quick, the answer never ends.  A fault no real server produces on demand."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+
+    def __init__(self, pause: float = 0.05, limit: int = 4000):
+        self.pause, self.limit = pause, limit
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                answer = self.HEAD + b'{"current_step": 1, "pad": "' + b"x" * self.limit
+                for i in range(min(self.limit, len(answer))):
+                    if self.closed.wait(self.pause):
+                        return
+                    conn.sendall(answer[i:i + 1])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+# Answers no trainer should give (``TrainerAPIStub.garbage``): (status, content type, body) or raw bytes.
+HOSTILE = [(200, "application/json", b"[" * 100000),  # nested past the JSON parser's depth
+           (200, "application/json", b'{"current_step": 5, "queue_size": ' + b'{"a": ' * 5000 + b"1"
+            + b"}" * 5000 + b"}"),
+           (200, "application/json", b'{"current_step": 1e400, "project": "p", "group": "g"}'),
+           (200, "application/json", b'{"current_step": NaN, "project": ["p"], "group": {"g": 1}}'),
+           (200, "application/json", b'{"current_step": true, "project": true, "group": null}'),
+           (200, "application/json", b'{"current_step": -3}'),
+           (200, "application/json", b'{"current_step": ' + b"7" * 5000 + b"}"),  # over int()'s 4,300 digits
+           (200, "application/json", b'{"current_step": 18446744073709551616}'),
+           (200, "application/json", b"\xff\xfe{}"),
+           (200, "application/json", b""),
+           b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+           b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\n{}",
+           b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"current_step": 1',  # shorter than it says
+           b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
+           b"SSH-2.0-OpenSSH_9.6\r\n"]
+
+
+class HostileTrainerTest(WatcherTestCase):
+
+    def test_any_trainer_answer_is_survived_and_logged_once_per_outage(self):
+        """Issue 10 item 6: JSON nested past the parser's depth, wrong types, NaN, a step of
+        5,000 digits, a header line of 70 KB, a body cut short, a status of 600, not HTTP at
+        all: the watcher goes on with the last step it knew, says so once, and once when the
+        trainer is back."""
+        socks = self.ports(1)
+        base = socks[0].getsockname()[1]
+        socks[0].close()
+        self.stubs().start_stub(base)
+        api = self.api()
+        api.register("proj", None, step=4)
+        proc = self.watcher(self.args(api.url, 0, 1, 1, base, "--no-wandb"))
+        proc.wait_out(2)
+        api.set(garbage=HOSTILE)
+        api.wait_hits("/status", len(HOSTILE) + 1, timeout=60)
+        api.set(garbage=False, step=6)
+        proc.wait_out(1, predicate=lambda line: '"trainer_step": 6' in line)
+        self.assertEqual(proc.stop(signal.SIGTERM), 0, proc.dump())
+        self.assertNoTraceback(proc)
+        self.assertEqual(proc.count_err("trainer API unavailable"), 1, proc.dump())
+        self.assertEqual(proc.count_err("is back"), 1, proc.dump())
+        records = [json.loads(line) for line in proc.out]
+        self.assertEqual([r["round"] for r in records], list(range(1, len(records) + 1)))
+        self.assertEqual(collapse([r["trainer_step"] for r in records]), [4, 6])
+        self.assertGreater(len(records), len(HOSTILE))
+        self.assertTrue(all(r["server/healthy_servers_0"] == 1 for r in records))
+
+    def test_a_trickling_trainer_api_is_bounded_by_the_probe_timeout_in_total(self):
+        """Issue 10 item 8: a trainer API sending one byte every 50 ms never trips a per-read
+        timeout of 0.5 s; the whole call is bounded instead, so rounds keep coming."""
+        socks = self.ports(1)
+        base = socks[0].getsockname()[1]
+        socks[0].close()
+        self.stubs().start_stub(base)
+        trickler = TricklingServer()
+        self.addCleanup(trickler.close)
+        proc = self.watcher(self.args(f"http://127.0.0.1:{trickler.port}", 0, 1, 1, base, "--no-wandb"))
+        proc.wait_out(4, timeout=4 * (INTERVAL + 2 * PROBE_TIMEOUT) + 10)
+        self.assertEqual(proc.stop(signal.SIGTERM), 0, proc.dump())
+        self.assertNoTraceback(proc)
+        self.assertEqual(proc.count_err("trainer API unavailable"), 1, proc.dump())
+        self.assertEqual(proc.count_err(f"no whole answer within {PROBE_TIMEOUT:g} s"), 1, proc.dump())
+
+
+# ---------------------------------------------------------------------------------------------
+# The watcher's parts in-process: log levels, the interval waited on the stop event
+# ---------------------------------------------------------------------------------------------
+
+
+class WatcherPartsTest(unittest.TestCase):
+
+    def test_an_outage_is_a_warning_and_the_recovery_is_info(self):
+        """Issue 9 item 4: good news at INFO, trouble at WARNING, each once."""
+        api = TrainerAPIStub()
+        self.addCleanup(api.go_away)
+        api.register("proj", None, step=3)
+        trainer = atropos_slurm.TrainerAPI(api.url, PROBE_TIMEOUT)
+        with self.assertLogs(atropos_slurm.log, "INFO") as logs:
+            self.assertEqual(asyncio.run(trainer.current_step()), 3)
+            api.go_away()
+            self.assertIsNone(asyncio.run(trainer.current_step()))
+            self.assertIsNone(asyncio.run(trainer.current_step()))
+            api.come_back()
+            self.assertEqual(asyncio.run(trainer.current_step()), 3)
+        self.assertEqual([(r.levelname, r.getMessage().split(": ")[0]) for r in logs.records],
+                         [("WARNING", "trainer API unavailable"), ("INFO", f"trainer API at {api.url} is back")])
+
+    def test_the_interval_is_waited_on_the_stop_event(self):
+        """Issue 9 item 5: with an hour between rounds, setting ``stop`` ends the watcher at once
+        (the JSON-lines sink, the same path as W&B)."""
+        port = closed_port()
+        options = atropos_slurm.WatcherOptions(api_addr=f"http://127.0.0.1:{port}", node_num=2, ports=[port],
+                                               host="127.0.0.1", interval=3600, probe_timeout=PROBE_TIMEOUT)
+        out = io.StringIO()
+
+        async def main() -> bool:
+            stop = asyncio.Event()
+            api = atropos_slurm.TrainerAPI(options.api_addr, options.probe_timeout)
+            task = asyncio.ensure_future(atropos_slurm.watch(options, stop, api,
+                                                             atropos_slurm.JsonLinesSink(options.node_num, out)))
+            for _ in range(500):
+                if out.getvalue() or task.done():
+                    break
+                await asyncio.sleep(0.02)
+            stop.set()
+            return await asyncio.wait_for(task, 30)
+
+        with self.assertLogs(atropos_slurm.log, "WARNING"):
+            self.assertFalse(asyncio.run(main()))
+        (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual((record["round"], record["server/healthy_servers_2"], record["node_num"]), (1, 0, 2))
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad arguments
 # ---------------------------------------------------------------------------------------------
 
@@ -691,6 +924,17 @@ class BadArgumentsTest(WatcherTestCase):
             (["--api_addr", api, "--node_num", "-1"], "--node_num"),
             (["--api_addr", api], "--node_num"),
             (["--api_addr", api, "--node_num", "0", "--interval", "0"], "--interval"),
+            # issue 10 items 11-13 and 18: values that cannot be sent, non-finite numbers, hosts
+            (["--api_addr", api, "--node_num", "0", "--interval", "nan"], "--interval"),
+            (["--api_addr", api, "--node_num", "0", "--interval", "inf"], "--interval"),
+            (["--api_addr", api, "--node_num", "0", "--probe-timeout", "1e999"], "--probe-timeout"),
+            (["--api_addr", api, "--node_num", "٣"], "--node_num"),
+            (["--api_addr", api, "--node_num", "0", "--health-path", "/health\r\nX-Injected: 1"], "--health-path"),
+            (["--api_addr", api, "--node_num", "0", "--health-path", "/héalth"], "--health-path"),
+            (["--api_addr", api, "--node_num", "0", "--host", "a b"], "--host"),
+            (["--api_addr", api, "--node_num", "0", "--host", ""], "--host"),
+            (["--api_addr", api, "--node_num", "0", "--host", "h\r\nX: 1"], "--host"),
+            (["--api_addr", "http://user:s3cr3t@trainer:8000", "--node_num", "0"], "--api_addr"),
         ]
         procs = [(self.watcher(args), args, expected) for args, expected in cases]
         procs.append((self.watcher(["--api_addr", api, "--node_num", "0", "--tp", "0"], module=True),
@@ -702,6 +946,7 @@ class BadArgumentsTest(WatcherTestCase):
                 self.assertEqual(len(proc.err), 1, proc.dump())
                 self.assertRegex(proc.err[0], r"^(inference_watcher\.py|atropos-slurm): error: ")
                 self.assertIn(expected, proc.err[0])
+                self.assertNotIn("s3cr3t", proc.err[0])
 
 
 class ProxyTest(WatcherTestCase):
