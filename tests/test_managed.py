@@ -341,7 +341,7 @@ class ProtocolTests(LoopbackTestCase):
     async def test_vllm_type_uses_openai_completions_after_a_404_on_generate(self):
         fake = await self.fake("vllm")
         manager = self.manager(fake)
-        with self.assertLogs("atropos_slurm", "WARNING") as logs:
+        with self.assertLogs("atropos_slurm", "INFO") as logs:
             first = await manager.tokens_and_logprobs_completion(input_ids=[1, 20], n=2, max_tokens=2)
         second = await manager.tokens_and_logprobs_completion(input_ids=[1, 21], max_tokens=1)
         self.assertEqual([path for path, _ in self.requests(fake)], ["/generate", "/v1/completions", "/v1/completions"])
