@@ -409,7 +409,7 @@ def main(argv=None) -> int:
         server.stop()
 
     e_ours, e_bare = statistics.median(e2e["ours"]), statistics.median(e2e["bare"])
-    print(f"# One request through ServerManager: client CPU per stage (µs/request)\n")
+    print("# One request through ServerManager: client CPU per stage (µs/request)\n")
     print(f"fast canned-answer server in another process, 1 server, {args.concurrency} in flight; "
           f"Python {sys.version.split()[0]}; end to end: median of {args.repeats} runs of {args.requests:,} "
           f"requests; stages: median of {args.batches} batches of {args.loops:,} calls; "

@@ -35,7 +35,7 @@ import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402  (Atropos' imports)
 from support import (  # noqa: E402
     LIMIT, AsyncCase, LoopThread, after, answer, chat_payload, close_at_once, closed_port, drop_second_on_each_connection,
-    endless_chunked, endless_until_eof, fake, free_port_block, garbage, http_response, huge_length, make_manager,
+    endless_chunked, endless_until_eof, fake, garbage, http_response, huge_length, make_manager,
     module_env, mute_logs, open_fds, oversize_head, peak_memory, raw, reserve_ports, reset_mid_body,
     run_module, server_for, spawn_stub_server, sse_reply, sse_then_reset, sse_then_stall, stall,
     start_stubs, stop_process, stub_url, too_many_headers, until,

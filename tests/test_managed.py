@@ -16,6 +16,7 @@ Two parts:
 """
 
 import asyncio
+import importlib
 import importlib.util
 import json
 import math
@@ -465,6 +466,14 @@ class DummyManagedServerTests(LoopbackTestCase):
 # ---------------------------------------------------------------------------------------------
 
 
+def require_atroposlib(module):
+    """``module`` of atroposlib importable here (the Atropos venv), else skip, or fail in CI."""
+    require("atroposlib", importlib.util.find_spec(module.split(".")[0]) is not None,
+            "bash tests/atropos/setup.sh, then run this file with "
+            "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+    importlib.import_module(module)
+
+
 def post_root(base_url, path, body):
     """POST JSON to the root of ``base_url``'s server, directly (never via $http_proxy)."""
     root = base_url.rsplit("/v1", 1)[0]
@@ -678,11 +687,7 @@ class AtroposBaseEnvTests(VLLMCheck):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        try:
-            import atroposlib.envs.base  # noqa: F401
-        except ImportError:
-            require("atroposlib", False, "bash tests/atropos/setup.sh, then run this file with "
-                                         "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+        require_atroposlib("atroposlib.envs.base")
         import atropos_slurm
         atropos_slurm.patch_atropos()
 
@@ -807,11 +812,7 @@ class AtroposControlTests(VLLMCheck):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        try:
-            import atroposlib.envs.server_handling.vllm_server  # noqa: F401
-        except ImportError:
-            require("atroposlib", False, "bash tests/atropos/setup.sh, then run this file with "
-                                         "/opt/atropos-env-venv/bin/python -m pytest tests/test_managed.py")
+        require_atroposlib("atroposlib.envs.server_handling.vllm_server")
 
     async def run_calls(self, managed):
         chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -5,7 +5,6 @@ These are the pieces a change to dispatch is most likely to touch; each test nam
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
 """
 
-import asyncio
 import itertools
 import os
 import random

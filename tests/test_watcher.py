@@ -317,6 +317,14 @@ class WatcherTestCase(unittest.TestCase):
         self.addCleanup(loop.__exit__)
         return loop
 
+    def one_stub(self) -> int:
+        """One stub server on a free port; its port."""
+        socks = self.ports(1)
+        base = socks[0].getsockname()[1]
+        socks[0].close()
+        self.stubs().start_stub(base)
+        return base
+
     def two_stubs(self):
         """Two stub servers on consecutive free ports: (the first port, their LoopThread)."""
         socks = self.ports(2)
@@ -460,10 +468,7 @@ class WandbEndToEndTest(WatcherTestCase):
         """Slurm ends a step by signalling every process in it: wandb-core dies with the watcher
         and loses what it had not written yet (15 s of rows by default, the whole run here).
         The watcher has it write every round, so the rows before the signal are in the file."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.register("atropos-test", "g", step=1)
         proc = self.watcher(self.args(api.url, 5, 1, 1, base))
@@ -485,10 +490,7 @@ class WandbEndToEndTest(WatcherTestCase):
     def test_never_registered_and_api_down_at_start(self):
         """No W&B run while the trainer is unknown; an API down at start, or answering garbage,
         is waited for (garbage is no registration)."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.go_away()
         proc = self.watcher(self.args(api.url, 0, 1, 1, base))
@@ -636,10 +638,7 @@ class WandbNeverReturnsTest(WatcherTestCase):
         ``wandb.init`` retries for 90 s.  The rounds go on meanwhile, and SIGTERM ends the
         watcher at once (with no run to finish), not after wandb gives up."""
         require("wandb", HAVE_WANDB, "pip install wandb")
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.register("atropos-test", "g", step=3)
         env = self.env()
@@ -655,10 +654,7 @@ class WandbNeverReturnsTest(WatcherTestCase):
     def test_a_wandb_log_that_never_returns_does_not_stop_probing_or_hold_sigterm_long(self):
         """Issue 10 item 7: rows wait behind a stuck ``run.log`` while probing goes on; SIGTERM
         waits at most WANDB_FINISH_TIMEOUT for wandb, then the process exits 0 regardless."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.register("atropos-test", "g", step=3)
         env = self.env(self.shadow_wandb(HANGING_WANDB))
@@ -818,10 +814,7 @@ class HostileTrainerTest(WatcherTestCase):
         5,000 digits, a header line of 70 KB, a body cut short, a status of 600, not HTTP at
         all: the watcher goes on with the last step it knew, says so once, and once when the
         trainer is back."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.register("proj", None, step=4)
         proc = self.watcher(self.args(api.url, 0, 1, 1, base, "--no-wandb"))
@@ -843,10 +836,7 @@ class HostileTrainerTest(WatcherTestCase):
     def test_a_trickling_trainer_api_is_bounded_by_the_probe_timeout_in_total(self):
         """Issue 10 item 8: a trainer API sending one byte every 50 ms never trips a per-read
         timeout of 0.5 s; the whole call is bounded instead, so rounds keep coming."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         trickler = TricklingServer()
         self.addCleanup(trickler.close)
         proc = self.watcher(self.args(f"http://127.0.0.1:{trickler.port}", 0, 1, 1, base, "--no-wandb"))
@@ -954,10 +944,7 @@ class ProxyTest(WatcherTestCase):
     def test_trainer_api_is_not_sent_through_http_proxy(self):
         """Clusters often set ``http_proxy`` for pip and W&B; the trainer is on the job's own
         network, so the watcher must reach it directly."""
-        socks = self.ports(1)
-        base = socks[0].getsockname()[1]
-        socks[0].close()
-        self.stubs().start_stub(base)
+        base = self.one_stub()
         api = self.api()
         api.register("proj", None, step=9)
         env = self.env()
