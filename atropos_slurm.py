@@ -62,7 +62,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
@@ -2026,7 +2026,9 @@ class Slots:
         self.servers = list(servers)
         self.healthy_count = 0
         self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
-        self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
+        # Waiters in line, oldest first; an ordered dict, so that one leaving from the middle
+        # (cancelled, timed out) costs O(1): a mass cancellation stays linear.
+        self._waiters: Dict[str, "OrderedDict[asyncio.Future, None]"] = {split: OrderedDict() for split in SPLITS}
         for server in self.servers:
             server.queued = {split: False for split in SPLITS}
             self.healthy_count += server.healthy
@@ -2053,7 +2055,7 @@ class Slots:
     def wait(self, split: str) -> "asyncio.Future":
         """Join the line: the future gets a server (its slot counted) or None (look again)."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters[split].append(waiter)
+        self._waiters[split][waiter] = None
         return waiter
 
     def leave(self, waiter: "asyncio.Future", split: str) -> None:
@@ -2065,10 +2067,7 @@ class Slots:
                 self.give_back(server, split)
             return
         waiter.cancel()  # a no-op on a waiter a deadline failed: it is done
-        try:
-            self._waiters[split].remove(waiter)
-        except ValueError:
-            pass
+        self._waiters[split].pop(waiter, None)
 
     def give_back(self, server: "OpenAIServer", split: str) -> None:
         server.in_flight[split] -= 1
@@ -2106,7 +2105,7 @@ class Slots:
         """Resolve every waiter with None, so that each looks at the servers again."""
         for waiters in self._waiters.values():
             while waiters:
-                waiter = waiters.popleft()
+                waiter, _ = waiters.popitem(last=False)
                 if not waiter.done():
                     waiter.set_result(None)
 
@@ -2141,13 +2140,15 @@ class Slots:
     def _hand_over(self, split: str) -> None:
         waiters = self._waiters[split]
         while waiters:
-            if waiters[0].done():  # cancelled while waiting
-                waiters.popleft()
+            waiter = next(iter(waiters))
+            if waiter.done():  # failed by its deadline, not yet gone (leave() follows)
+                del waiters[waiter]
                 continue
             server = self._take_next(split, None)
             if server is None:
                 return
-            waiters.popleft().set_result(server)
+            del waiters[waiter]
+            waiter.set_result(server)
 
 
 # =============================================================================================
