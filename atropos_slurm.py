@@ -1576,7 +1576,31 @@ class APIResponse(AttrDict):
     __slots__ = ("raw",)
 
 
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=) makes one per call
+def _compact_json_encoder() -> Callable[[Any], str]:
+    """``json.dumps(obj, separators=(",", ":"))``, with json's C encoder made once.
+
+    ``JSONEncoder.encode`` makes a C encoder per call, behind two Python frames: about 1.3 µs
+    of each request.  The C encoder keeps the ids of the containers it is inside in
+    ``markers``, to refuse circular data; an error leaves them there, so they are cleared.
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator
+        return encoder.encode
+    markers: Dict[int, Any] = {}
+    chunks = make(markers, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def encode(obj: Any) -> str:
+        try:
+            return "".join(chunks(obj, 0))
+        except BaseException:
+            markers.clear()
+            raise
+
+    return encode
+
+
+_json_compact = _compact_json_encoder()
 _ATTR_DECODER = json.JSONDecoder(object_hook=AttrDict)  # as json.loads(..., object_hook=) does per call
 
 
@@ -1843,7 +1867,7 @@ class OpenAIServer:
             timeout = self.config.timeout
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
-        payload = _JSON_ENCODER.encode(body).encode()
+        payload = _json_compact(body).encode()
         target = path if root else self._prefix + path
         start = self._post_heads.get(target)
         if start is None:

@@ -1,5 +1,5 @@
 """Unit tests of the dispatcher's pure parts, without sockets: ``Slots``, ``RetryPolicy``, the
-body framers, ``_DeadlineQueue`` (on a fake clock) and ``probe_waits``.
+body framers, ``_DeadlineQueue`` (on a fake clock), ``probe_waits`` and the request-body JSON encoder.
 
 These are the pieces a change to dispatch is most likely to touch; each test names the rule it
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
@@ -7,6 +7,7 @@ holds.  Run: ``python -m pytest tests/test_units.py -q``.
 
 import asyncio
 import itertools
+import json
 import os
 import random
 import sys
@@ -248,6 +249,37 @@ class RetryPolicyTest(unittest.TestCase):
 
     def test_huge_attempt_numbers_do_not_overflow(self):
         self.assertEqual(self.POLICY.decide(status(500), 10 ** 6).delay, 8.0)
+
+
+# =============================================================================================
+# Request bodies: compact JSON from one C encoder
+# =============================================================================================
+
+
+class CompactJsonTest(unittest.TestCase):
+    BODIES = [
+        {"messages": [{"role": "user", "content": "h\u00e9llo \u2028 \"q\" \\ \ud83d\ude00"}], "max_tokens": 8},
+        {"prompt": [1, 2, 3], "n": 10 ** 30, "x": [1.5, -0.0, float("inf"), None, True, False], "y": {}},
+        {"nested": [[[{"k": []}]]], 1: "int key", None: "none key"},
+        "a string", 3, [],
+    ]
+
+    def test_same_bytes_as_json_dumps_compact(self):
+        for body in self.BODIES:
+            self.assertEqual(a._json_compact(body), json.dumps(body, separators=(",", ":")))
+
+    def test_an_error_leaves_nothing_behind_for_the_next_body(self):
+        outer = [{"fine": 1}, object()]
+        with self.assertRaises(TypeError):
+            a._json_compact(outer)
+        outer[1] = 2  # the same list again: its id must not be taken for a circular reference
+        self.assertEqual(a._json_compact(outer), '[{"fine":1},2]')
+        looped = []
+        looped.append(looped)
+        with self.assertRaisesRegex(ValueError, "Circular reference"):
+            a._json_compact(looped)
+        looped.clear()
+        self.assertEqual(a._json_compact(looped), "[]")
 
 
 # =============================================================================================
