@@ -252,7 +252,7 @@ class CancellationRace(unittest.IsolatedAsyncioTestCase):
         await asyncio.sleep(0)
         for who in order:
             if who == "deadline":
-                holder["deadline"]._expire()
+                holder["deadline"].expire()
             else:
                 task.cancel()
         try:

@@ -5,6 +5,7 @@ These are the pieces a change to dispatch is most likely to touch; each test nam
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
 """
 
+import asyncio
 import itertools
 import os
 import random
@@ -364,6 +365,20 @@ class Timer:
         self.cancelled = True
 
 
+class Entry:
+    """A queue entry as ``_Deadline`` is one: ``when``, ``queued``, ``expire()``; ``cancel()`` removes it."""
+
+    def __init__(self, queue, name, fired):
+        self.queue, self.name, self.fired = queue, name, fired
+        self.when, self.queued = None, False
+
+    def expire(self):
+        self.fired.append(self.name)
+
+    def cancel(self):
+        self.queue.remove(self)
+
+
 class DeadlineQueueTest(unittest.TestCase):
     def setUp(self):
         self.loop = FakeLoop()
@@ -371,7 +386,9 @@ class DeadlineQueueTest(unittest.TestCase):
         self.fired = []
 
     def add(self, name):
-        return self.queue.call_later(10.0, lambda: self.fired.append(name))
+        entry = Entry(self.queue, name, self.fired)
+        self.queue.add(entry)
+        return entry
 
     def test_one_timer_for_many_deadlines_fired_in_order(self):
         self.add("a")
@@ -414,9 +431,26 @@ class DeadlineQueueTest(unittest.TestCase):
         self.loop.advance(10)
         self.assertEqual(self.fired, ["long"] + list(range(150, 200)))
 
-    def test_other_lengths_are_refused(self):
-        with self.assertRaises(ValueError):
-            self.queue.call_later(5.0, lambda: None)
+    def test_entries_expire_the_queues_length_after_they_were_added(self):
+        self.loop.advance(3)
+        entry = self.add("a")
+        self.assertEqual(entry.when, 13.0)
+        self.loop.advance(9.5)
+        self.assertEqual(self.fired, [])
+        self.loop.advance(0.5)
+        self.assertEqual(self.fired, ["a"])
+        self.assertFalse(entry.queued, "an expired entry is no longer queued")
+
+    def test_a_real_deadline_in_the_queue_times_out_its_task(self):
+        async def main():
+            queue = a._DeadlineQueue(asyncio.get_running_loop(), 0.05)
+            with self.assertRaises(a.ServerTimeoutError) as caught:
+                with a._Deadline(0.05, "too slow", "http://x", queue):
+                    await asyncio.sleep(10)
+            self.assertEqual(queue._live, 0)
+            return str(caught.exception)
+
+        self.assertIn("too slow", asyncio.run(main()))
 
 
 if __name__ == "__main__":
