@@ -62,7 +62,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
@@ -785,32 +785,36 @@ def build_request(method: str, target: str, host: str, headers: Sequence[Tuple[s
 
 
 def parse_response_head(block: bytes) -> ResponseHead:
-    """Parse ``status line CRLF headers`` (without the final blank line)."""
+    """Parse ``status line CRLF headers`` (without the final blank line).
+
+    This runs once per response, so the usual cases are spelled out: the ``200 OK`` status line
+    without the regex, header lines looked up in a memory of valid lines (``_HEADER_LINES``).
+    """
     if len(block) > MAX_HEADER_BYTES:
         raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes")
     lines = block.decode("latin-1").split("\r\n")
-    if lines[0] == "HTTP/1.1 200 OK":  # the usual status line, without the regex
-        version, status, reason = "1", 200, "OK"
-    else:
-        m = _STATUS_LINE.match(lines[0])
-        if not m:
-            raise ProtocolError(f"invalid HTTP status line {lines[0][:80].encode('latin-1')!r}")
-        version, status, reason = m.group(1), int(m.group(2)), m.group(3)
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise ProtocolError(f"more than {MAX_HEADER_COUNT} response headers")
+    status_line = lines.pop(0)
+    if status_line == "HTTP/1.1 200 OK":
+        http11, status, reason = True, 200, "OK"
+    else:
+        m = _STATUS_LINE.match(status_line)
+        if not m:
+            raise ProtocolError(f"invalid HTTP status line {status_line[:80].encode('latin-1')!r}")
+        http11, status, reason = m.group(1) == "1", int(m.group(2)), m.group(3) or ""
     headers: Dict[str, str] = {}
-    lengths = set()
-    for line in lines[1:]:
-        key, text, length = _HEADER_LINES.get(line) or _parse_header_line(line)
+    length: Optional[int] = None
+    for line in lines:
+        key, text, line_length = _HEADER_LINES.get(line) or _parse_header_line(line)
         if key in headers:
             headers[key] = f"{headers[key]}, {text}"
         else:
             headers[key] = text
-        if length is not None:
-            lengths.add(length)
-    if len(lengths) > 1:
-        raise ProtocolError(f"conflicting Content-Length headers {sorted(lengths)}")
-    http11 = version == "1"
+        if line_length is not None:
+            if length is not None and line_length != length:
+                raise ProtocolError(f"conflicting Content-Length headers {sorted((length, line_length))}")
+            length = line_length
     connection = headers.get("connection")
     if connection is None:  # the common case: HTTP/1.1 keeps the connection, 1.0 does not
         keep_alive = http11
@@ -819,9 +823,9 @@ def parse_response_head(block: bytes) -> ResponseHead:
         keep_alive = ("close" not in tokens) if http11 else ("keep-alive" in tokens)
     encoding = headers.get("transfer-encoding")
     chunked = encoding is not None and encoding.lower().rsplit(",", 1)[-1].strip() == "chunked"
-    length = None if chunked or not lengths else lengths.pop()
-    return ResponseHead(status, reason or "", headers,
-                        keep_alive and (chunked or length is not None), length, chunked)
+    if chunked:
+        length = None
+    return ResponseHead(status, reason, headers, keep_alive and (chunked or length is not None), length, chunked)
 
 
 _HEADER_LINES: Dict[str, Tuple[str, str, Optional[int]]] = {}  # line -> _parse_header_line(line)
@@ -1593,12 +1597,13 @@ def _loads_attr(data: Any) -> Any:
     return _ATTR_DECODER.decode(data)
 
 
-def decode_object(data: Any, url: str, what: str) -> AttrDict:
+def decode_object(data: Any, url: str, what: str, aborts: bool = False) -> AttrDict:
     """One JSON object from the server (a body, a stream event), shaped as OpenAI's, or ``ProtocolError``.
 
     Nesting is bounded by what json's decoder can hold (Python's recursion limit, about 1,000
     levels); a ``choices`` that is not a list of objects is refused here, so that nothing
-    downstream meets a ``TypeError``.
+    downstream meets a ``TypeError``.  With ``aborts``, an aborted choice raises
+    ``GenerationAbortedError`` (``check_not_aborted``, in the same loop).
     """
     try:
         value = _loads_attr(data)
@@ -1614,12 +1619,14 @@ def decode_object(data: Any, url: str, what: str) -> AttrDict:
         for choice in choices if isinstance(choices, list) else (None,):  # a loop: all(genexpr) costs more
             if not isinstance(choice, dict):
                 raise ProtocolError(f"{what} has 'choices' that are not a list of objects: {data[:80]!r}", url)
+            if aborts and choice.get("finish_reason") == "abort":
+                raise _aborted(choice, url)
     return value
 
 
-def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> Any:
+def decode_response(body: bytes, url: str = "", array_ok: bool = False, aborts: bool = False) -> Any:
     """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
-    ``/generate`` with ``n > 1``)."""
+    ``/generate`` with ``n > 1``); ``aborts``: see ``decode_object``."""
     if array_ok and body.lstrip()[:1] == b"[":
         try:
             items = _loads_attr(body)
@@ -1628,7 +1635,7 @@ def decode_response(body: bytes, url: str = "", array_ok: bool = False) -> Any:
         if not all(isinstance(item, dict) for item in items):
             raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
         return items
-    response = APIResponse(decode_object(body, url, "response body"))
+    response = APIResponse(decode_object(body, url, "response body", aborts))
     response.raw = body
     return response
 
@@ -1637,9 +1644,12 @@ def check_not_aborted(response: Any, url: str) -> Any:
     """Raise ``GenerationAbortedError`` if any choice of a response (or chunk) was aborted."""
     for choice in response.get("choices") or ():
         if isinstance(choice, dict) and choice.get("finish_reason") == "abort":
-            raise GenerationAbortedError(f"the server aborted choice {choice.get('index')} (finish_reason 'abort')",
-                                         url)
+            raise _aborted(choice, url)
     return response
+
+
+def _aborted(choice: Dict[str, Any], url: str) -> GenerationAbortedError:
+    return GenerationAbortedError(f"the server aborted choice {choice.get('index')} (finish_reason 'abort')", url)
 
 
 class EventStream:
@@ -1857,7 +1867,7 @@ class OpenAIServer:
             return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
         if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
             return decode_response(data, self.url, array_ok=True)
-        return check_not_aborted(decode_response(data, self.url), self.url)
+        return decode_response(data, self.url, aborts=True)
 
     async def check_health(self) -> bool:
         """Whether the health path answers 2xx (``GET /v1/models`` once it answered 404).
@@ -2016,7 +2026,9 @@ class Slots:
         self.servers = list(servers)
         self.healthy_count = 0
         self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
-        self._waiters: Dict[str, deque] = {split: deque() for split in SPLITS}
+        # Waiters in line, oldest first; an ordered dict, so that one leaving from the middle
+        # (cancelled, timed out) costs O(1): a mass cancellation stays linear.
+        self._waiters: Dict[str, "OrderedDict[asyncio.Future, None]"] = {split: OrderedDict() for split in SPLITS}
         for server in self.servers:
             server.queued = {split: False for split in SPLITS}
             self.healthy_count += server.healthy
@@ -2043,7 +2055,7 @@ class Slots:
     def wait(self, split: str) -> "asyncio.Future":
         """Join the line: the future gets a server (its slot counted) or None (look again)."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters[split].append(waiter)
+        self._waiters[split][waiter] = None
         return waiter
 
     def leave(self, waiter: "asyncio.Future", split: str) -> None:
@@ -2055,10 +2067,7 @@ class Slots:
                 self.give_back(server, split)
             return
         waiter.cancel()  # a no-op on a waiter a deadline failed: it is done
-        try:
-            self._waiters[split].remove(waiter)
-        except ValueError:
-            pass
+        self._waiters[split].pop(waiter, None)
 
     def give_back(self, server: "OpenAIServer", split: str) -> None:
         server.in_flight[split] -= 1
@@ -2096,7 +2105,7 @@ class Slots:
         """Resolve every waiter with None, so that each looks at the servers again."""
         for waiters in self._waiters.values():
             while waiters:
-                waiter = waiters.popleft()
+                waiter, _ = waiters.popitem(last=False)
                 if not waiter.done():
                     waiter.set_result(None)
 
@@ -2131,13 +2140,15 @@ class Slots:
     def _hand_over(self, split: str) -> None:
         waiters = self._waiters[split]
         while waiters:
-            if waiters[0].done():  # cancelled while waiting
-                waiters.popleft()
+            waiter = next(iter(waiters))
+            if waiter.done():  # failed by its deadline, not yet gone (leave() follows)
+                del waiters[waiter]
                 continue
             server = self._take_next(split, None)
             if server is None:
                 return
-            waiters.popleft().set_result(server)
+            del waiters[waiter]
+            waiter.set_result(server)
 
 
 # =============================================================================================

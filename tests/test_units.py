@@ -125,6 +125,22 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertIs(next_one.result(), s0, "the slot moves on instead of leaking")
         self.assertEqual(s0.in_flight["train"], 1)
 
+    async def test_waiters_leaving_from_the_middle_keep_the_rest_in_order(self):
+        (s0,) = servers(1, train=1)
+        slots = a.Slots([s0])
+        slots.take("train")
+        waiters = [slots.wait("train") for _ in range(2000)]
+        for w in waiters[1::2]:  # a mass cancellation: every other waiter, none at the front
+            slots.leave(w, "train")
+        self.assertEqual(slots.waiting("train"), 1000)
+        self.assertEqual(len(slots._waiters["train"]), 1000, "those that left are out of the line at once")
+        served = []
+        for _ in range(1000):
+            slots.give_back(s0, "train")
+            served.append(next(i for i, w in enumerate(waiters) if w.done() and not w.cancelled() and i not in served))
+        self.assertEqual(served, list(range(0, 2000, 2)), "the others, first come first served")
+        self.assertTrue(all(w.cancelled() for w in waiters[1::2]))
+
     async def test_leaving_while_waiting_removes_the_waiter(self):
         (s0,) = servers(1, train=1)
         slots = a.Slots([s0])
