@@ -16,6 +16,7 @@ One helper per need, one meaning per name:
 """
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import functools
@@ -137,6 +138,13 @@ def free_port_block(count: int, host: str = "127.0.0.1") -> int:
 
 
 _held: List[socket.socket] = []  # closed_port's sockets, held for the life of the test process
+
+
+@atexit.register
+def _release_held() -> None:
+    """Close ``closed_port``'s sockets at exit rather than leave them to the GC (a ResourceWarning each)."""
+    for sock in _held:
+        sock.close()
 
 
 def closed_port(host: str = "127.0.0.1") -> int:

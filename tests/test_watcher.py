@@ -261,6 +261,14 @@ class WatcherProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def close(self) -> None:
+        """Kill it if it still runs, let the readers drain, close the pipes (a test's cleanup)."""
+        self.kill()
+        for reader in self._readers:
+            reader.join(5)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
     def count_err(self, text: str) -> int:
         return sum(text in line for line in self.err)
 
@@ -304,7 +312,7 @@ class WatcherTestCase(unittest.TestCase):
                 module: bool = False) -> WatcherProcess:
         prefix = [sys.executable, "-m", "atropos_slurm", "watch"] if module else [sys.executable, WATCHER]
         proc = WatcherProcess(prefix + list(args), env or self.env(), self.tmp)
-        self.addCleanup(proc.kill)
+        self.addCleanup(proc.close)
         return proc
 
     def api(self) -> TrainerAPIStub:
@@ -687,7 +695,7 @@ class JsonLinesTest(WatcherTestCase):
             sock.close()
         stub = WatcherProcess([sys.executable, "-m", "atropos_slurm", "stub-server", "--port", str(base),
                                "--count", "2", "--no-health-generate"], self.env(), self.tmp)
-        self.addCleanup(stub.kill)
+        self.addCleanup(stub.close)
         stub.wait_err("stub-server: listening")
         api = self.api()
         api.register("proj", "grp", step=11)
