@@ -798,8 +798,8 @@ class TricklingServer:
 
 # Answers no trainer should give (``TrainerAPIStub.garbage``): (status, content type, body) or raw bytes.
 HOSTILE = [(200, "application/json", b"[" * 100000),  # nested past the JSON parser's depth
-           (200, "application/json", b'{"current_step": 5, "queue_size": ' + b'{"a": ' * 5000 + b"1"
-            + b"}" * 5000 + b"}"),
+           (200, "application/json", b'{"current_step": 5, "queue_size": ' + b'{"a": ' * 100000 + b"1"
+            + b"}" * 100000 + b"}"),  # 5,000 levels parse on 3.13
            (200, "application/json", b'{"current_step": 1e400, "project": "p", "group": "g"}'),
            (200, "application/json", b'{"current_step": NaN, "project": ["p"], "group": {"g": 1}}'),
            (200, "application/json", b'{"current_step": true, "project": true, "group": null}'),
