@@ -15,7 +15,10 @@ measures what grows with the server count:
 * **probe load with half of 4,096 servers down** (every other node of 8 down: nothing
   listens on their ports): health probes per second, the busiest 100 ms against the mean
   (a synchronised herd shows as a high peak), and, once the servers come back, how long the
-  2,048 recoveries take from first to last (all at once = a thundering herd).
+  2,048 recoveries take from first to last (all at once = a thundering herd);
+* **mass cancellation**: 10,000 and 40,000 callers waiting for a slot (every server at its
+  cap) cancelled at once, in random order (a trainer step aborted): the event loop time until
+  every one is gone, and that the slots still work after.
 
 One server process holds every server: the canned-answer ``asyncio.Protocol`` server of
 ``bench_dispatch.py`` (``--server fast``) listening on K ports of 127.0.0.1, in a block outside
@@ -25,6 +28,7 @@ measurement runs in a fresh client process.  RLIMIT_NOFILE is raised to its hard
     python3 bench/bench_scale.py                    # everything, ~3 min
     python3 bench/bench_scale.py --only cpu --repeats 5
     python3 bench/bench_scale.py --only probes
+    python3 bench/bench_scale.py --only cancel
 """
 
 from __future__ import annotations
@@ -81,10 +85,10 @@ def port_block(count: int) -> int:
 class Servers:
     """The fast canned-answer server of bench_dispatch.py on ``ports``, in its own process."""
 
-    def __init__(self, ports):
+    def __init__(self, ports, latency: float = 0.0):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "bench_dispatch.py"), "--fast-server", ",".join(map(str, ports)),
-             "--latency", "0"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+             "--latency", str(latency)], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
             preexec_fn=raise_nofile)
         line = self.proc.stderr.readline()
         if "listening" not in line:
@@ -277,6 +281,40 @@ async def worker_probes(urls, down, interval: float, recover_after: float, ports
 # =============================================================================================
 
 
+async def worker_cancel(urls, waiting: int, cap: int) -> dict:
+    """Fill every slot with requests the server answers only after 30 s, queue ``waiting`` more
+    callers, cancel those in random order at once; then free the slots and check one more call."""
+    import random
+    manager = make_manager(urls, cap)
+    loop = asyncio.get_running_loop()
+
+    def call():
+        return asyncio.ensure_future(manager.chat_completion(messages=bd.MESSAGES, max_tokens=bd.MAX_TOKENS))
+    try:
+        holders = [call() for _ in range(cap * len(urls))]
+        while sum(s.in_flight["train"] for s in manager.servers) < len(holders):
+            await asyncio.sleep(0.01)
+        waiters = [call() for _ in range(waiting)]
+        while manager.slots.waiting("train") < waiting:
+            await asyncio.sleep(0.01)
+        order = list(waiters)
+        random.Random(1).shuffle(order)
+        cpu0, wall0 = time.process_time(), loop.time()
+        for task in order:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+        left = manager.slots.waiting("train")
+        for task in holders:
+            task.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        free = sum(s.in_flight["train"] for s in manager.servers)
+    finally:
+        await manager.close()
+    return {"waiting": waiting, "cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3, "left_waiting": left,
+            "in_flight_after": free}
+
+
 def run_worker(kind: str, payload: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind]  # the payload on stdin: 4,096 URLs are long
     done = subprocess.run(cmd, cwd=ROOT, input=json.dumps(payload), capture_output=True, text=True, timeout=900,
@@ -308,7 +346,7 @@ def measure_cpu(args, base) -> dict:
     return results
 
 
-def report(cpu, build, memory, probes, meta) -> str:
+def report(cpu, build, memory, probes, cancel, meta) -> str:
     med = statistics.median
     out = ["# Scale benchmark: ServerManager over 8, 512 and 4,096 servers\n", meta, ""]
     if cpu:
@@ -347,6 +385,16 @@ def report(cpu, build, memory, probes, meta) -> str:
             out.append(f"| {m['servers']:,} | {m['rss_constructed'] / 1024:.1f} KiB | {m['heap_constructed'] / 1024:.1f} KiB"
                        f" | {m['rss_idle_conn'] / 1024:.1f} KiB | {m['heap_idle_conn'] / 1024:.1f} KiB |")
         out.append("")
+    if cancel:
+        out += ["## Mass cancellation\n",
+                "Every slot held (8 servers, cap 64, answers after 30 s); then *waiting* callers queue for a slot "
+                "and are all cancelled at once, in random order.\n",
+                "| waiting callers | event loop time until all gone | client CPU | still waiting after | "
+                "slots in use after the holders are cancelled too |", "|---|---|---|---|---|"]
+        for c in cancel:
+            out.append(f"| {c['waiting']:,} | {c['wall_ms']:.1f} ms | {c['cpu_ms']:.1f} ms | {c['left_waiting']} | "
+                       f"{c['in_flight_after']} |")
+        out.append("")
     if probes:
         p = probes[0]
         out += ["## Health probes with half of 4,096 servers down\n",
@@ -371,7 +419,7 @@ def report(cpu, build, memory, probes, meta) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("cpu", "build", "memory", "probes"), action="append",
+    p.add_argument("--only", choices=("cpu", "build", "memory", "probes", "cancel"), action="append",
                    help="run only these parts (repeatable); default: all")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--requests", type=int, default=40960, help="measured requests per CPU run (40960)")
@@ -389,13 +437,15 @@ def main(argv=None) -> int:
             r = worker_build(w["count"], w["repeats"])
         elif args.worker == "memory":
             r = asyncio.run(worker_memory(w["urls"]))
+        elif args.worker == "cancel":
+            r = asyncio.run(worker_cancel(w["urls"], w["waiting"], w["cap"]))
         else:
             r = asyncio.run(worker_probes(w["urls"], w["down"], w["interval"], w["recover_after"], w["ports_down"],
                                           w["jitter"]))
         print(json.dumps(r))
         return 0
 
-    parts = set(args.only or ("cpu", "build", "memory", "probes"))
+    parts = set(args.only or ("cpu", "build", "memory", "probes", "cancel"))
     base = port_block(max(SIZES))
     busy0, wall0 = bd._machine_busy(), time.perf_counter()
     cpu = measure_cpu(args, base) if "cpu" in parts else {}
@@ -422,12 +472,19 @@ def main(argv=None) -> int:
                                                     "ports_down": [base + i for i in down], "jitter": jitter}))
             finally:
                 servers.stop()
+    cancel = []
+    if "cancel" in parts:
+        servers = Servers(range(base, base + 8), latency=30.0)
+        try:
+            cancel = [run_worker("cancel", {"urls": urls_for(base, 8), "waiting": w, "cap": 64}) for w in (10000, 40000)]
+        finally:
+            servers.stop()
     load = (bd._machine_busy() - busy0) / (time.perf_counter() - wall0)
     meta = (f"- {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
             f"`python3 bench/bench_scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
             f"servers: bench_dispatch.py's fast canned-answer server, one process, ports {base}+; "
             f"whole machine busy {load:.2f} cores on average during the run (client + server + others)")
-    print(report(cpu, build, memory, probes, meta))
+    print(report(cpu, build, memory, probes, cancel, meta))
     return 0
 
 

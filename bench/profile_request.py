@@ -12,7 +12,7 @@ Three views, all in µs of client CPU per request:
 2. **Stages in isolation**: each stage of the request path run alone in a tight loop on
    real objects (the same manager, pool, connection and bytes the end-to-end run uses):
    build (body dict, JSON, request bytes), pool (take + release of an idle connection),
-   write (``StreamWriter.write``, the send syscall, timed in place in an end-to-end run: its
+   write (the transport's ``write``, the send syscall, timed in place in an end-to-end run: its
    cost depends on what the server process is doing), head read
    + parse, body read, JSON decode, response object, slot bookkeeping (acquire + release),
    deadline (the request timeout), and the manager's layers around ``post`` (``_generate``,
@@ -51,7 +51,8 @@ import atropos_slurm as a  # noqa: E402
 import bench_dispatch as bd  # noqa: E402
 
 IN_MEMORY = "whole request in memory (a connection answering each write at once: no socket, no event loop)"
-WRITE = "write (StreamWriter.write: the send syscall; timed in place, end to end)"
+WRITE = "write (transport.write: the send syscall; timed in place, end to end)"
+BODY = "body read (a whole body in the reader: size check, StreamReader.read, release)"
 KWARGS = {"messages": bd.MESSAGES, "max_tokens": bd.MAX_TOKENS}
 
 
@@ -95,14 +96,15 @@ async def end_to_end(client: str, urls, concurrency: int, requests: int) -> floa
 
 
 async def write_in_place(client: str, urls, concurrency: int, requests: int) -> float:
-    """CPU µs per ``StreamWriter.write`` call (the send syscall) in an end-to-end run, timed in place.
+    """CPU µs per socket-transport ``write`` call (the send syscall) in an end-to-end run, timed in place.
 
     Under load the send's cost depends on what the other side is doing (waking a sleeping
     server costs more than feeding a busy one), so it is timed where it happens, not alone,
     and in thread CPU time: the woken server may preempt the client in the middle of it.
     The clock's own cost (two ``clock_gettime`` calls) is subtracted.
     """
-    original, spent, calls = asyncio.StreamWriter.write, [0], [0]
+    from asyncio.selector_events import _SelectorSocketTransport as transport  # ours and StreamWriter.write's
+    original, spent, calls = transport.write, [0], [0]
     clock = time.thread_time_ns
 
     def timed_write(self, data):
@@ -110,7 +112,7 @@ async def write_in_place(client: str, urls, concurrency: int, requests: int) -> 
         original(self, data)
         spent[0] += clock() - t0
         calls[0] += 1
-    asyncio.StreamWriter.write = timed_write
+    transport.write = timed_write
     try:
         one, close = await bd.make_client(client, urls, concurrency)
         try:
@@ -120,7 +122,7 @@ async def write_in_place(client: str, urls, concurrency: int, requests: int) -> 
         finally:
             await close()
     finally:
-        asyncio.StreamWriter.write = original
+        transport.write = original
     t0 = clock()
     for _ in range(10000):
         clock()
@@ -150,7 +152,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
 
     def build():
         body = server.request_body("/chat/completions", KWARGS)
-        payload = a._JSON_ENCODER.encode(body).encode()
+        payload = a._json_compact(body).encode()
         return b"%sContent-Length: %d\r\n\r\n%s" % (start, len(payload), payload)
     request = build()
     stages["build (body dict, JSON encode, request bytes)"] = per_call_us(build, n, batches)
@@ -179,24 +181,32 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     stages["head read (StreamReader.readuntil, data buffered)"] = per_call_us(read_head, n, batches) - empty_reader
     stages["head parse (parse_response_head)"] = per_call_us(lambda: a.parse_response_head(head_block[:-4]), n, batches)
 
-    # body read: pool.read_body on a buffered reader (readexactly + size check + release)
+    # body read: as ConnectionPool.send reads a body already whole in the reader (size check,
+    # StreamReader.read, release)
     def read_body():
         r = asyncio.StreamReader(limit=a.MAX_HEADER_BYTES)
         r.feed_data(body)
         c = a._Connection(r, writer)
-        data = drive(pool.read_body(c, head))
+        length = head.content_length
+        if not (len(r._buffer) == length <= pool.max_body_bytes and head.has_body):
+            raise RuntimeError("the body is not whole in the reader")
+        data = drive(r.read(length))
+        pool.release(c, head.keep_alive)
         pool._idle.pop()
         return data
-    stages["body read (pool.read_body: readexactly, release)"] = per_call_us(read_body, n, batches) - empty_reader
+    stages[BODY] = per_call_us(read_body, n, batches) - empty_reader
 
     stages["JSON decode (_loads_attr: AttrDict per object)"] = per_call_us(lambda: a._loads_attr(raw), n, batches)
     data = a._loads_attr(raw)
 
-    def response_object():
+    def response_object():  # decode_response minus the JSON decode: the shape and abort checks, the copy
         r = a.APIResponse(data)
         r.raw = raw
-        return a.check_not_aborted(r, url)
-    stages["response object (APIResponse copy, abort check)"] = per_call_us(response_object, n, batches)
+        for choice in r["choices"]:
+            if not isinstance(choice, dict) or choice.get("finish_reason") == "abort":
+                raise RuntimeError("unexpected choice")
+        return r
+    stages["response object (APIResponse copy, choices and abort check)"] = per_call_us(response_object, n, batches)
 
     def slots():
         s = drive(manager._acquire("train", None))
@@ -297,7 +307,7 @@ async def bare_stages(url: str, n: int, batches: int) -> dict:
         r = asyncio.StreamReader()
         r.feed_data(body)
         return drive(r.readexactly(size))
-    stages["body read (pool.read_body: readexactly, release)"] = per_call_us(read_body, n, batches) - empty_reader
+    stages[BODY] = per_call_us(read_body, n, batches) - empty_reader
     stages["JSON decode (_loads_attr: AttrDict per object)"] = per_call_us(lambda: json.loads(body), n, batches)
     loopback = LoopbackWriter(answer)
 
@@ -325,7 +335,7 @@ STAGE_OF = [  # (substring of the function name, stage); first match wins
     ("'send' of '_socket", "write"), ("'recv' of '_socket", "event loop"), ("write", "write"), ("drain", "write"),
     ("readuntil", "head read"), ("parse_response_head", "head parse"), ("_STATUS_LINE", "head parse"),
     ("match", "head parse"), ("partition", "head parse"), ("strip", "head parse"), ("ResponseHead", "head parse"),
-    ("readexactly", "body read"), ("read_body", "body read"), ("_read_pieces", "body read"), ("feed", "body read"), ("body_framer", "body read"), ("_ReadingBody", "body read"), ("_count", "body read"), ("'read'", "body read"),
+    ("readexactly", "body read"), ("_read_body", "body read"), ("_read_pieces", "body read"), ("feed", "body read"), ("body_framer", "body read"), ("_ReadingBody", "body read"), ("_count", "body read"), ("'read'", "body read"),
     ("_loads_attr", "JSON decode"), ("decode", "JSON decode"), ("raw_decode", "JSON decode"),
     ("detect_encoding", "JSON decode"), ("AttrDict", "JSON decode"),
     ("decode_response", "response object"), ("check_not_aborted", "response object"),
