@@ -135,6 +135,26 @@ class CallsOnTheWire(Case):
         self.assertEqual(dumped, json.loads(chat.raw))
         self.assertNotIn("logprobs", chat.model_dump(exclude_none=True)["choices"][0])
 
+    async def test_attribute_reads_agree_with_item_reads_for_every_field_name(self):
+        """Before 3.12 the SDK's field names are class-level descriptors (speed); from 3.12 they go
+        through ``__getattr__``.  Both read the same: present -> the value, absent optional -> None,
+        absent otherwise -> AttributeError (so hasattr and getattr's default work)."""
+        names = sorted(a._OPENAI_READ_FIELDS) + ["no_such_field"]
+        full = a.AttrDict({name: [name] for name in names})
+        empty = a.AttrDict()
+        for name in names:
+            with self.subTest(name=name):
+                self.assertEqual(getattr(full, name), [name])
+                if name in a.OPENAI_OPTIONAL_FIELDS:
+                    self.assertIsNone(getattr(empty, name))
+                else:
+                    with self.assertRaisesRegex(AttributeError, name):
+                        getattr(empty, name)
+                    self.assertFalse(hasattr(empty, name))
+                    self.assertEqual(getattr(empty, name, "default"), "default")
+        self.assertEqual(full.get("choices"), ["choices"], "dict methods stay methods")
+        self.assertEqual(sorted(a.APIResponse(full).keys()), sorted(names))
+
     async def test_split_other_than_train_is_eval(self):
         stub = await self.stub()
         manager = self.manager([stub])
