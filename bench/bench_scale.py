@@ -44,6 +44,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,6 +151,12 @@ def worker_build(count: int, repeats: int) -> dict:
     nodelist = f"gpu-a[0001-{nodes // 2:04d}],gpu-b[0001-{nodes - nodes // 2 + 1:04d}]"  # 1 training node
     env = {"SLURM_JOB_NODELIST": nodelist, "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_HOSTLIST": "python"}
     have_scontrol = shutil.which("scontrol")
+    if have_scontrol and not os.environ.get("SLURM_CONF") and not os.path.exists("/etc/slurm/slurm.conf"):
+        # ``scontrol show hostnames`` needs a configuration source, not a controller: two lines do.
+        conf = os.path.join(tempfile.mkdtemp(prefix="bench-scale-"), "slurm.conf")
+        with open(conf, "w") as f:
+            f.write("ClusterName=bench\nSlurmctldHost=localhost\n")
+        os.environ["SLURM_CONF"] = conf
     for _ in range(repeats):
         gc.collect()
         t0 = time.perf_counter()
