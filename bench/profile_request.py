@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import inspect
 import json
 import os
 import statistics
@@ -340,10 +341,9 @@ STAGE_OF = [  # (substring of the function name, stage); first match wins
     ("detect_encoding", "JSON decode"), ("AttrDict", "JSON decode"),
     ("decode_response", "response object"), ("check_not_aborted", "response object"),
     ("_acquire", "slots"), ("give_back", "slots"), ("_take_next", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("has_room", "slots"), ("take", "slots"),
-    ("Deadline", "deadline"), ("QueuedTimer", "deadline"), ("_ended", "deadline"), ("current_task", "deadline"),
+    ("current_task", "deadline"),
     ("_generate", "manager layers"), ("_request", "manager layers"), ("chat_completion", "manager layers"),
     ("'post'", "post/send coroutines"), ("post", "post/send coroutines"), ("send", "post/send coroutines"),
-    ("_exchange", "post/send coroutines"),
     ("select", "event loop"), ("_run_once", "event loop"), ("_read_ready", "event loop"), ("recv", "event loop"),
     ("data_received", "event loop"), ("feed_data", "event loop"), ("_wakeup", "event loop"), ("__step", "event loop"),
     ("_run", "event loop"), ("set_result", "event loop"), ("call_soon", "event loop"), ("_wait_for_data", "event loop"),
@@ -367,10 +367,19 @@ def cprofile_attribution(url: str, concurrency: int, requests: int) -> list:
         return prof
     stats = pstats.Stats(asyncio.run(run())).stats
     groups, total = {}, 0.0
-    for (filename, _, func), (_, _, tottime, _, _) in stats.items():
+    # cProfile names functions without their class: the deadline's methods are found by line.
+    deadline_lines = set()
+    for cls in (a._Deadline, a._DeadlineQueue):
+        source, first = inspect.getsourcelines(cls)
+        deadline_lines.update(range(first, first + len(source)))
+    for (filename, line, func), (_, _, tottime, _, _) in stats.items():
         key = f"{os.path.basename(filename)}:{func}"
-        stage = ("benchmark harness" if os.path.basename(filename) == "bench_dispatch.py"
-                 else next((s for sub, s in STAGE_OF if sub in func), "other"))
+        if os.path.basename(filename) == "bench_dispatch.py":
+            stage = "benchmark harness"
+        elif filename == a.__file__ and line in deadline_lines:
+            stage = "deadline"
+        else:
+            stage = next((s for sub, s in STAGE_OF if sub in func), "other")
         total += tottime
         g = groups.setdefault(stage, [0.0, []])
         g[0] += tottime
