@@ -314,7 +314,12 @@ def fast_server_main(ports, latency: float) -> None:
         for s in servers:
             s.close()
 
-    asyncio.run(main())
+    try:  # uvloop when the venv has it (bench/setup.sh): the server's own delays then decide less
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 # =============================================================================================
@@ -402,6 +407,15 @@ def median_of(runs, key):
     return statistics.median(values) if values else float("nan")
 
 
+def fast_server_loop() -> str:
+    """The event loop the fast server runs on (it takes uvloop when this Python has it)."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio's event loop"
+    return f"uvloop {uvloop.__version__}"
+
+
 def build_report(cells, clients, missing, args, meta) -> str:
     out = []
     out.append("# Dispatch benchmark results\n")
@@ -410,8 +424,12 @@ def build_report(cells, clients, missing, args, meta) -> str:
                f"Python {meta['python']}")
     out.append(f"- peers: {meta['versions']}")
     out.append(f"- command: `{meta['command']}`")
-    out.append(f"- server: {'`python -m atropos_slurm stub-server`' if args.server == 'stub' else 'minimal canned-answer asyncio.Protocol server (--server fast)'}"
-               f", one separate process holding all K servers; clients in a fresh process per run")
+    if args.server == "stub":
+        server = "`python -m atropos_slurm stub-server`"
+    else:
+        server = f"minimal canned-answer asyncio.Protocol server (--server fast) on {fast_server_loop()}"
+    out.append(f"- server: {server}, one separate process holding all K servers; clients in a fresh process per run, "
+               "on asyncio's own event loop")
     out.append(f"- load: chat completion, `max_tokens={MAX_TOKENS}`, closed loop of C workers; "
                f"{args.requests:,} measured requests per run ({args.slow_requests:,} for "
                f"{', '.join(c for c in SLOW_CLIENTS)}), at least {args.min_rounds}·C for the others, "

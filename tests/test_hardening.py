@@ -363,6 +363,73 @@ class EarlyAnswer(AsyncCase):
 
 
 # =============================================================================================
+# Requests leave together at the end of the loop iteration (issue 12): nothing lost or sent late
+# =============================================================================================
+
+
+async def answer_numbered(fake_server, request, writer):
+    writer.write(numbered(fake_server, request, writer))
+    return True
+
+
+class SentTogether(AsyncCase):
+    async def test_the_requests_of_one_iteration_leave_together_and_all_get_their_answer(self):
+        server = await fake(self, answer_numbered)
+        manager = make_manager([server.url])
+        self.addAsyncCleanup(manager.close)
+        await manager.chat_completion(messages=MESSAGES)  # one connection opened and idle
+        calls = [asyncio.ensure_future(manager.chat_completion(messages=MESSAGES)) for _ in range(20)]
+        await asyncio.sleep(0)  # every call ran up to its write: none has left yet
+        self.assertEqual(len(server.posts), 1)
+        self.assertEqual(len(a._OUTBOXES.get(asyncio.get_running_loop(), ())), 1,
+                         "written in this iteration, waiting for its end (the others are connecting)")
+        texts = sorted(int(r.choices[0].message.content) for r in await asyncio.gather(*calls))
+        self.assertEqual(texts, list(range(2, 22)), "each call got its own answer")
+
+    async def test_a_call_cancelled_while_its_request_waits_to_leave_loses_nothing(self):
+        server = await fake(self, answer_numbered)
+        manager = make_manager([server.url])
+        self.addAsyncCleanup(manager.close)
+        await manager.chat_completion(messages=MESSAGES)
+        call = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await asyncio.sleep(0)  # written, not yet sent
+        call.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await call
+        self.assertEqual(manager.servers[0].in_flight["train"], 0, "its slot is back")
+        later = await manager.chat_completion(messages=MESSAGES)
+        self.assertEqual(later.choices[0].message.content, str(len(server.posts)),
+                         "the next call gets its own answer, not the cancelled one's")
+
+    def test_a_loop_closed_before_its_last_iteration_leaves_nothing_behind(self):
+        closed, running = asyncio.new_event_loop(), asyncio.new_event_loop()
+        lost = Transport()
+        a._send_soon(closed, lost, b"never sent")
+        closed.close()  # its flush never ran
+        sent, shut = Transport(), Transport(closing=True)
+        a._send_soon(running, sent, b"sent")
+        a._send_soon(running, shut, b"its call ended before it left")
+        self.assertNotIn(closed, a._OUTBOXES, "the closed loop's writes are dropped, not kept")
+        running.run_until_complete(asyncio.sleep(0))
+        running.close()
+        self.assertEqual((lost.sent, sent.sent, shut.sent), ([], [b"sent"], []))
+        self.assertNotIn(running, a._OUTBOXES)
+
+
+class Transport:
+    """What ``_send_soon`` uses of a transport."""
+
+    def __init__(self, closing=False):
+        self.closing, self.sent = closing, []
+
+    def is_closing(self):
+        return self.closing
+
+    def write(self, data):
+        self.sent.append(data)
+
+
+# =============================================================================================
 # Item 16: close() while calls run
 # =============================================================================================
 
