@@ -401,6 +401,20 @@ class SentTogether(AsyncCase):
         self.assertEqual(later.choices[0].message.content, str(len(server.posts)),
                          "the next call gets its own answer, not the cancelled one's")
 
+    def test_a_burst_leaves_at_once_the_rest_at_the_iterations_end(self):
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        transports = [Transport() for _ in range(a._SEND_BURST + 3)]
+        for i, t in enumerate(transports):
+            a._send_soon(loop, t, b"%d" % i)
+        self.assertEqual([t.sent for t in transports[:a._SEND_BURST]], [[b"%d" % i] for i in range(a._SEND_BURST)],
+                         "a full burst is sent at once, in order")
+        self.assertEqual([t.sent for t in transports[a._SEND_BURST:]], [[], [], []])
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertEqual([t.sent for t in transports[a._SEND_BURST:]],
+                         [[b"%d" % i] for i in range(a._SEND_BURST, a._SEND_BURST + 3)])
+        self.assertNotIn(loop, a._OUTBOXES)
+
     def test_a_loop_closed_before_its_last_iteration_leaves_nothing_behind(self):
         closed, running = asyncio.new_event_loop(), asyncio.new_event_loop()
         lost = Transport()
