@@ -1244,8 +1244,8 @@ def _send_soon(loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTranspor
     """
     box = _OUTBOXES.get(loop)
     if box is None:
-        for other in [other for other in _OUTBOXES if other.is_closed()]:
-            del _OUTBOXES[other]  # a loop closed before its last iteration ran: nothing to send there
+        for other in [other for other in list(_OUTBOXES) if other.is_closed()]:  # a copy: other threads' loops
+            _OUTBOXES.pop(other, None)  # a loop closed before its last iteration ran: nothing to send there
         box = _OUTBOXES[loop] = []
         loop.call_soon(_send_all, loop)
     box.append((transport, data))
@@ -1259,8 +1259,12 @@ def _send_all(loop: asyncio.AbstractEventLoop) -> None:
 
 def _send_box(box: List[Tuple[asyncio.WriteTransport, bytes]]) -> None:
     for transport, data in box:
-        if not transport.is_closing():  # else its call ended (cancelled, timed out) before it left
+        if transport.is_closing():  # its call ended (cancelled, timed out) before it left
+            continue
+        try:
             transport.write(data)
+        except Exception:  # one connection's fault must not strand the rest of the burst:
+            transport.abort()  # its caller reads the end of the connection instead of an answer
     box.clear()
 
 

@@ -415,6 +415,16 @@ class SentTogether(AsyncCase):
                          [[b"%d" % i] for i in range(a._SEND_BURST, a._SEND_BURST + 3)])
         self.assertNotIn(loop, a._OUTBOXES)
 
+    def test_a_transport_failing_its_write_is_aborted_and_the_rest_still_leave(self):
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        first, broken, last = Transport(), Transport(broken=True), Transport()
+        for t in (first, broken, last):
+            a._send_soon(loop, t, b"request")
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertEqual((first.sent, last.sent), ([b"request"], [b"request"]))
+        self.assertTrue(broken.aborted, "its caller reads a closed connection, it does not wait forever")
+
     def test_a_loop_closed_before_its_last_iteration_leaves_nothing_behind(self):
         closed, running = asyncio.new_event_loop(), asyncio.new_event_loop()
         lost = Transport()
@@ -431,16 +441,21 @@ class SentTogether(AsyncCase):
 
 
 class Transport:
-    """What ``_send_soon`` uses of a transport."""
+    """What ``_send_soon`` uses of a transport; ``broken`` ones raise on write."""
 
-    def __init__(self, closing=False):
-        self.closing, self.sent = closing, []
+    def __init__(self, closing=False, broken=False):
+        self.closing, self.broken, self.sent, self.aborted = closing, broken, [], False
 
     def is_closing(self):
         return self.closing
 
     def write(self, data):
+        if self.broken:
+            raise RuntimeError("broken transport")
         self.sent.append(data)
+
+    def abort(self):
+        self.aborted = self.closing = True
 
 
 # =============================================================================================
