@@ -236,7 +236,12 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
         def one():
             return drive(manager.chat_completion(**KWARGS)).choices[0].message.content
         return per_call_us(one, n, batches)
-    stages[IN_MEMORY] = await asyncio.ensure_future(whole())
+    send_soon = a._send_soon  # no loop iteration ends here: each request is written at once
+    a._send_soon = lambda loop, transport, data: transport.write(data)
+    try:
+        stages[IN_MEMORY] = await asyncio.ensure_future(whole())
+    finally:
+        a._send_soon = send_soon
     pool._idle.clear()
 
     # the manager's layers: chat_completion -> _generate -> _request with post() answering at once
