@@ -1244,8 +1244,8 @@ def _send_soon(loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTranspor
     """
     box = _OUTBOXES.get(loop)
     if box is None:
-        for other in [other for other in list(_OUTBOXES) if other.is_closed()]:  # a copy: other threads' loops
-            _OUTBOXES.pop(other, None)  # a loop closed before its last iteration ran: nothing to send there
+        for closed in [other for other in list(_OUTBOXES) if other.is_closed()]:  # list(): other threads' loops
+            _OUTBOXES.pop(closed, None)  # closed before its last iteration ran: nothing to send there
         box = _OUTBOXES[loop] = []
         loop.call_soon(_send_all, loop)
     box.append((transport, data))
