@@ -1856,6 +1856,7 @@ class OpenAIServer:
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
         self.queued = {"train": False, "eval": False}  # in Slots' lines; set here, so that instances share keys
+        self.reported_load: Optional[int] = None  # requests running + waiting, as the server says (ServerLoad)
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
         # Per split, for Atropos' W&B metrics: [requests done, attempts failed], latencies of the done.
@@ -2104,6 +2105,7 @@ class Slots:
     def __init__(self, servers: Sequence["OpenAIServer"]):
         self.servers = list(servers)
         self.healthy_count = 0
+        self.total = 0  # slots taken, both splits (the mean load of the routing's bound)
         self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
         # Waiters in line, oldest first; an ordered dict, so that one leaving from the middle
         # (cancelled, timed out) costs O(1): a mass cancellation stays linear.
@@ -2122,13 +2124,21 @@ class Slots:
 
     # -- taking and giving back ------------------------------------------------------------------
 
-    def take(self, split: str, avoid: Optional["OpenAIServer"] = None) -> Optional["OpenAIServer"]:
+    def take(self, split: str, avoid: Optional["OpenAIServer"] = None,
+             prefer: Optional["OpenAIServer"] = None) -> Optional["OpenAIServer"]:
         """A slot on the next server in line, counted, or None (none free, or others wait first).
 
         ``avoid`` (the server that just failed) is taken only when no other has room.
+        ``prefer`` (the routing's choice) is taken out of turn when it has room and is not
+        ``avoid``; the line is not moved (it places the requests nobody prefers).
         """
         if self._waiters[split]:
             return None
+        if (prefer is not None and prefer is not avoid and prefer.healthy
+                and prefer.in_flight[split] < prefer.caps[split]):
+            prefer.in_flight[split] += 1  # left in the line: _take_next drops it there if now full
+            self.total += 1
+            return prefer
         return self._take_next(split, avoid)
 
     def wait(self, split: str) -> "asyncio.Future":
@@ -2150,6 +2160,7 @@ class Slots:
 
     def give_back(self, server: "OpenAIServer", split: str) -> None:
         server.in_flight[split] -= 1
+        self.total -= 1
         self._enqueue(server, split)
         if self._waiters[split]:
             self._hand_over(split)
@@ -2209,6 +2220,7 @@ class Slots:
                 avoid = None
                 continue
             server.in_flight[split] += 1
+            self.total += 1
             if server.in_flight[split] < server.caps[split]:
                 ready.append(server)  # round-robin: to the back of the line
             else:
@@ -2228,6 +2240,176 @@ class Slots:
                 return
             del waiters[waiter]
             waiter.set_result(server)
+
+
+# =============================================================================================
+# Routing: the server a request would like (prefix affinity), learnt from requests and answers
+# =============================================================================================
+
+ROUTINGS = ("prefix", "round_robin")
+ENV_ROUTING = "ATROPOS_SLURM_ROUTING"
+ROUTE_BLOCK_CHARS = 128  # a text prompt is keyed at every 128th character (about 32 tokens)
+ROUTE_BLOCK_IDS = 32  # a token-id prompt at every 32nd id
+ROUTE_INDEX_ENTRIES = 65536  # keys remembered, least recently used dropped first (about 9 MB)
+ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
+
+
+def check_routing(routing: Any, name: str = "routing") -> str:
+    if routing not in ROUTINGS:
+        raise ConfigError(f"{name}={routing!r} must be one of {', '.join(map(repr, ROUTINGS))}")
+    return routing
+
+
+def _message_unit(message: Any) -> Tuple[Any, str]:
+    """What of a chat message decides the server's cache: role and content (stripped, as
+    environments often strip the answer they append)."""
+    if not isinstance(message, dict):
+        return (None, repr(message))
+    content = message.get("content")
+    if not isinstance(content, str):
+        content = "" if content is None else json.dumps(content, sort_keys=True, default=str)
+    return (message.get("role"), content.strip())
+
+
+def _chain(start: int, units: Sequence[Any], size: int, keys: List[int]) -> Tuple[int, Any]:
+    """Chain-hash ``units`` in blocks of ``size`` from ``start``, appending the hash at each
+    full block to ``keys``; the last full block's hash and the rest (a partial block)."""
+    key, full = start, len(units) - len(units) % size
+    for i in range(0, full, size):
+        key = hash((key, units[i:i + size]))
+        keys.append(key)
+    return key, units[full:]
+
+
+class RouteKeys:
+    """One request's keys: a hash at each boundary where an earlier request (or request plus
+    answer) may have ended, shallowest first, the whole prompt's last; and how to extend them
+    by an answer.  Chat: a boundary after every message.  Text or token ids: after every block
+    (``ROUTE_BLOCK_CHARS`` / ``ROUTE_BLOCK_IDS``), then the whole prompt."""
+
+    __slots__ = ("keys", "chat", "base", "rest", "size")
+
+    def __init__(self, keys: List[int], chat: bool, base: int, rest: Any, size: int):
+        self.keys, self.chat, self.base, self.rest, self.size = keys, chat, base, rest, size
+
+    @classmethod
+    def of(cls, kwargs: Dict[str, Any]) -> Optional["RouteKeys"]:
+        """The keys of a request's ``messages``, ``prompt`` (text or ids) or ``input_ids``;
+        None when it has none of them (nothing to route by)."""
+        messages = kwargs.get("messages")
+        keys: List[int] = []
+        if isinstance(messages, list):
+            key = 0
+            for message in messages:
+                key = hash((key, _message_unit(message)))
+                keys.append(key)
+            return cls(keys, True, key, None, 1) if keys else None
+        prompt = kwargs.get("input_ids", kwargs.get("prompt"))
+        if isinstance(prompt, str):
+            size = ROUTE_BLOCK_CHARS
+        elif isinstance(prompt, list) and prompt and all(type(i) is int for i in prompt):
+            prompt, size = tuple(prompt), ROUTE_BLOCK_IDS
+        else:
+            return None
+        base, rest = _chain(0, prompt, size, keys)
+        keys.append(hash((base, rest, "end")))
+        return cls(keys, False, base, rest, size)
+
+    def after(self, answer: Any) -> Optional[int]:
+        """The key at which a next request that repeats this one and ``answer`` continues."""
+        if self.chat:
+            return hash((self.base, _message_unit({"role": "assistant", "content": answer})))
+        if self.size == ROUTE_BLOCK_IDS:
+            if not isinstance(answer, list):
+                return None
+            answer = tuple(answer)
+        elif not isinstance(answer, str):
+            return None
+        before = len(self.rest) + len(answer)
+        if before < self.size:  # no new full block: the key would be one the prompt shares
+            return None
+        return _chain(self.base, self.rest + answer, self.size, [])[0]
+
+
+class PrefixRouter:
+    """Prefix affinity: the server a request would like, so that its prompt's start is still in
+    that server's prefix cache (vLLM's and SGLang's automatic prefix caching).
+
+    The manager tells it where each request went (``placed``: the whole prompt's key, so the
+    other parts of a split call and repeats of a prompt follow) and each answer (``answered``:
+    the key of prompt plus answer, where the conversation's next turn continues).  ``prefer``
+    looks a request's keys up from the deepest: a hit names the server of the earlier request
+    this one continues.  Only ends of requests are keys, never a prefix many share (a system
+    prompt), so a new conversation finds nothing and is placed round-robin by ``Slots``, which
+    spreads conversations (placing them by momentary in-flight counts concentrates load).
+
+    Bounded load: the preferred server is declined when it would have more than
+    ``ceil((1 + epsilon) x mean) + ROUTE_LOAD_SLACK`` requests in flight (the mean over the
+    healthy servers, both splits, this request counted; the slack keeps a split call's parts
+    together while the servers are nearly idle), or, with ``server_load_interval``, when the
+    load the servers report puts it over that bound.  A server down or at its cap is declined by ``Slots``: the request goes
+    round-robin, and its conversation follows it from then on (its next turn finds the new key).
+
+    Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, about 140 bytes a key),
+    least recently used dropped first; one request adds one key plus one per answer.
+    """
+
+    def __init__(self, epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
+        self.epsilon, self.entries = epsilon, entries
+        self._where: "OrderedDict[int, OpenAIServer]" = OrderedDict()
+        self.matched = self.spilled = 0  # requests sent to their prefix's server / declined by the bound
+        self.reported_total = 0  # the sum of the servers' reported loads (ServerLoad), 0 when not read
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def prefer(self, route: RouteKeys, slots: "Slots") -> Optional["OpenAIServer"]:
+        where = self._where
+        for key in reversed(route.keys):
+            server = where.get(key)
+            if server is not None:
+                where.move_to_end(key)
+                break
+        else:
+            return None
+        if not server.healthy:
+            return None
+        healthy = slots.healthy_count or 1
+        bound = math.ceil((1 + self.epsilon) * (slots.total + 1) / healthy) + ROUTE_LOAD_SLACK
+        load = server.in_flight["train"] + server.in_flight["eval"]
+        if server.reported_load is not None and self.reported_total:
+            load = max(load, server.reported_load)
+            bound = max(bound, math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + ROUTE_LOAD_SLACK)
+        if load + 1 > bound:
+            self.spilled += 1
+            return None
+        self.matched += 1
+        return server
+
+    def placed(self, route: RouteKeys, server: "OpenAIServer") -> None:
+        self._remember(route.keys[-1], server)
+
+    def answered(self, route: RouteKeys, server: "OpenAIServer", response: Any) -> None:
+        """Learn where each choice's conversation continues (chat and text completions)."""
+        choices = response.get("choices") if isinstance(response, dict) else None
+        for choice in choices or ():
+            if not isinstance(choice, dict):
+                continue
+            if route.chat:
+                message = choice.get("message")
+                answer = message.get("content") if isinstance(message, dict) else None
+            else:
+                answer = choice.get("text")
+            key = route.after(answer if answer is not None else "")
+            if key is not None:
+                self._remember(key, server)
+
+    def _remember(self, key: int, server: "OpenAIServer") -> None:
+        where = self._where
+        where[key] = server
+        where.move_to_end(key)
+        if len(where) > self.entries:
+            where.popitem(last=False)
 
 
 # =============================================================================================
@@ -2334,7 +2516,8 @@ class ServerManager:
                  testing: bool = False, max_n_completions: int = 8, reasoning_config: Any = None,
                  proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
                  max_retries: int = 2, retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
-                 no_server_timeout: float = 60.0, health_probe_interval: float = 5.0):
+                 no_server_timeout: float = 60.0, health_probe_interval: float = 5.0,
+                 routing: Optional[str] = None, routing_epsilon: float = 0.25):
         configs, server_class, slurm = manager_arguments(configs, server_class, slurm, testing, reasoning_config,
                                                          proxy_url, use_proxy)
         self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
@@ -2363,6 +2546,12 @@ class ServerManager:
         self.no_server_timeout = no_server_timeout
         self.health_probe_interval = health_probe_interval
         self.slots = Slots(self.servers)
+        self.routing = check_routing(os.environ.get(ENV_ROUTING, "").strip() or "prefix", ENV_ROUTING) \
+            if routing is None else check_routing(routing)
+        if isinstance(routing_epsilon, bool) or not isinstance(routing_epsilon, (int, float)) \
+                or not 0 <= routing_epsilon < math.inf:
+            raise ConfigError(f"routing_epsilon={routing_epsilon!r} must be a number >= 0")
+        self.router = PrefixRouter(routing_epsilon) if self.routing == "prefix" else None
         self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -2602,9 +2791,14 @@ class ServerManager:
         attempts = self.retry_policy.max_retries + 1
         avoid: Optional[OpenAIServer] = None
         resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
+        router = self.router if episode is None else None
+        route = RouteKeys.of(kwargs) if router is not None else None
         for attempt in range(1, attempts + 1):
             if not resend:  # the manager's free slot is taken at once, without the coroutine of a wait
-                server = (episode is None and self.slots.take(split, avoid)) or await acquire(split, avoid)
+                server = (episode is None and self.slots.take(split, avoid, route and router.prefer(route, self.slots))
+                          or await acquire(split, avoid))
+                if route:
+                    router.placed(route, server)
             started = time.monotonic()
             try:
                 if send is not None:
@@ -2634,6 +2828,8 @@ class ServerManager:
             else:
                 if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
                     slots.give_back(server, split)
+                    if route:
+                        router.answered(route, server, result)
                 server.done += 1
                 elapsed = time.monotonic() - started
                 server.latencies.append(elapsed)
