@@ -2337,7 +2337,7 @@ class PrefixRouter:
 
     The manager tells it where each request went (``placed``: the whole prompt's key, so the
     other parts of a split call and repeats of a prompt follow) and each answer (``answered``:
-    the key of prompt plus answer, where the conversation's next turn continues).  ``prefer``
+    the key of prompt plus answer, where the conversation's next turn continues).  ``choose``
     looks a request's keys up from the deepest: a hit names the server of the earlier request
     this one continues.  Only ends of requests are keys, never a prefix many share (a system
     prompt), so a new conversation finds nothing and is placed round-robin by ``Slots``, which
@@ -2363,7 +2363,10 @@ class PrefixRouter:
     def __len__(self) -> int:
         return len(self._where)
 
-    def prefer(self, route: RouteKeys, slots: "Slots") -> Optional["OpenAIServer"]:
+    def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Optional["OpenAIServer"], Optional["OpenAIServer"]]:
+        """``(prefer, None)``: the server of the deepest key found, within the bound; ``(None,
+        spill)``: found, but over the bound (``Slots.take`` avoids it); ``(None, None)``: a new
+        conversation, or its server is down."""
         where = self._where
         for key in reversed(route.keys):
             server = where.get(key)
@@ -2371,9 +2374,9 @@ class PrefixRouter:
                 where.move_to_end(key)
                 break
         else:
-            return None
+            return None, None
         if not server.healthy:
-            return None
+            return None, None
         healthy = slots.healthy_count or 1
         bound = math.ceil((1 + self.epsilon) * (slots.total + 1) / healthy) + ROUTE_LOAD_SLACK
         load = server.in_flight["train"] + server.in_flight["eval"]
@@ -2382,9 +2385,9 @@ class PrefixRouter:
             bound = max(bound, math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + ROUTE_LOAD_SLACK)
         if load + 1 > bound:
             self.spilled += 1
-            return None
+            return None, server
         self.matched += 1
-        return server
+        return server, None
 
     def placed(self, route: RouteKeys, server: "OpenAIServer") -> None:
         self._remember(route.keys[-1], server)
@@ -2793,10 +2796,13 @@ class ServerManager:
         resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
         router = self.router if episode is None else None
         route = RouteKeys.of(kwargs) if router is not None else None
+        prefer = spill = None
         for attempt in range(1, attempts + 1):
             if not resend:  # the manager's free slot is taken at once, without the coroutine of a wait
-                server = (episode is None and self.slots.take(split, avoid, route and router.prefer(route, self.slots))
-                          or await acquire(split, avoid))
+                if route:
+                    prefer, spill = router.choose(route, self.slots)
+                server = (episode is None and self.slots.take(split, avoid or spill, prefer)
+                          or await acquire(split, avoid or spill))
                 if route:
                     router.placed(route, server)
             started = time.monotonic()
