@@ -2065,6 +2065,43 @@ async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: fl
         await asyncio.sleep(interval)
 
 
+# The queue a server reports: vLLM's Prometheus text at /metrics, SGLang's JSON at /get_load.
+_VLLM_QUEUE = re.compile(rb"^vllm:num_requests_(running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+)\s*$", re.M)
+MAX_LOAD_READS_PER_SECOND = 100  # over all servers: at 4,096 servers each is read every 41 s at most
+
+
+def parse_server_load(path: str, body: bytes) -> Optional[int]:
+    """Requests running plus waiting on a server, from its ``/metrics`` (vLLM:
+    ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, summed over engines) or its
+    ``/get_load`` (SGLang: ``num_reqs`` + ``num_waiting_reqs``, per data-parallel rank or not);
+    None when the body has neither."""
+    if path == "/metrics":
+        found = _VLLM_QUEUE.findall(body)
+        return int(sum(float(value) for _, value in found)) if found else None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    ranks = data if isinstance(data, list) else [data]
+    loads = [r.get("num_reqs", 0) + r.get("num_waiting_reqs", 0) for r in ranks
+             if isinstance(r, dict) and isinstance(r.get("num_reqs", 0), int) and "num_reqs" in r]
+    return sum(loads) if loads else None
+
+
+async def read_server_load(base_url: str, paths: List[str], timeout: float) -> Optional[int]:
+    """The load ``parse_server_load`` finds at ``paths[0]``; a path answering 404 or with no load
+    in it is dropped from ``paths`` (vLLM has no /get_load, SGLang no vLLM metrics)."""
+    while paths:
+        status, body = await http_get(base_url, paths[0], timeout)
+        load = parse_server_load(paths[0], body) if status == 200 else None
+        if load is not None:
+            return load
+        if status not in (200, 404):
+            return None  # failing now: the same path next time
+        paths.pop(0)
+    return None
+
+
 def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterator[float]:
     """The waits before each health probe of a down server: 0.1 s doubling up to ``interval``,
     each times a jitter in [0.5, 1.5].
@@ -2340,54 +2377,77 @@ class PrefixRouter:
     the key of prompt plus answer, where the conversation's next turn continues).  ``choose``
     looks a request's keys up from the deepest: a hit names the server of the earlier request
     this one continues.  Only ends of requests are keys, never a prefix many share (a system
-    prompt), so a new conversation finds nothing and is placed round-robin by ``Slots``, which
-    spreads conversations (placing them by momentary in-flight counts concentrates load).
+    prompt), so a new conversation finds nothing: it is placed on the server with the fewest
+    requests so far among the next 8 round-robin within the bound below, which spreads
+    conversations and evens out their different lengths (placing by the fewest in flight
+    alone concentrates a burst of new ones).
 
-    Bounded load: the preferred server is declined when it would have more than
-    ``ceil((1 + epsilon) x mean) + ROUTE_LOAD_SLACK`` requests in flight (the mean over the
-    healthy servers, both splits, this request counted; the slack keeps a split call's parts
-    together while the servers are nearly idle), or, with ``server_load_interval``, when the
-    load the servers report puts it over that bound.  A server down or at its cap is declined by ``Slots``: the request goes
-    round-robin, and its conversation follows it from then on (its next turn finds the new key).
+    Bounded load, as in consistent hashing with bounded loads: with ``mean`` the requests in
+    flight per healthy server (both splits, this request counted), a new conversation skips
+    servers that would go over ``ceil((1 + epsilon) x mean)``, and a continuation leaves its
+    server (``spill``) only over that plus ``ROUTE_LOAD_SLACK`` (the slack keeps a split call's
+    parts together while the servers are nearly idle).  With ``server_load_interval`` a
+    server's load is also what it reports (other processes' requests too), against the mean of
+    the reports.  A server down or at its cap is declined by ``Slots``, which then takes the
+    next in its line; the conversation follows the request (its next turn finds the new key).
 
     Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, about 140 bytes a key),
     least recently used dropped first; one request adds one key plus one per answer.
     """
 
-    def __init__(self, epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
-        self.epsilon, self.entries = epsilon, entries
+    def __init__(self, servers: Sequence["OpenAIServer"], epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
+        self.servers, self.epsilon, self.entries = list(servers), epsilon, entries
         self._where: "OrderedDict[int, OpenAIServer]" = OrderedDict()
+        self._next = 0  # where the placement of new conversations goes on (round-robin)
         self.matched = self.spilled = 0  # requests sent to their prefix's server / declined by the bound
-        self.reported_total = 0  # the sum of the servers' reported loads (ServerLoad), 0 when not read
+        self.reported_total = 0  # the sum of the servers' reported loads (read_server_load), 0 when not read
 
-    def __len__(self) -> int:
+    @property
+    def remembered(self) -> int:
+        """Keys in the index now (at most ``entries``)."""
         return len(self._where)
 
     def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Optional["OpenAIServer"], Optional["OpenAIServer"]]:
-        """``(prefer, None)``: the server of the deepest key found, within the bound; ``(None,
-        spill)``: found, but over the bound (``Slots.take`` avoids it); ``(None, None)``: a new
-        conversation, or its server is down."""
+        """``(prefer, spill)`` for ``Slots.take``: the server of the deepest key found within the
+        bound and None; else a server for a new conversation (or None) and the found server
+        over its bound (or None)."""
         where = self._where
         for key in reversed(route.keys):
             server = where.get(key)
             if server is not None:
                 where.move_to_end(key)
-                break
-        else:
-            return None, None
-        if not server.healthy:
-            return None, None
+                if not server.healthy:
+                    break
+                if self._within(server, slots, ROUTE_LOAD_SLACK):
+                    self.matched += 1
+                    return server, None
+                self.spilled += 1
+                return self._place(slots), server
+        return self._place(slots), None
+
+    def _within(self, server: "OpenAIServer", slots: "Slots", slack: int) -> bool:
         healthy = slots.healthy_count or 1
-        bound = math.ceil((1 + self.epsilon) * (slots.total + 1) / healthy) + ROUTE_LOAD_SLACK
         load = server.in_flight["train"] + server.in_flight["eval"]
-        if server.reported_load is not None and self.reported_total:
-            load = max(load, server.reported_load)
-            bound = max(bound, math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + ROUTE_LOAD_SLACK)
-        if load + 1 > bound:
-            self.spilled += 1
-            return None, server
-        self.matched += 1
-        return server, None
+        if load + 1 <= math.ceil((1 + self.epsilon) * (slots.total + 1) / healthy) + slack:
+            reported = server.reported_load
+            return (reported is None or not self.reported_total or
+                    reported + 1 <= math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + slack)
+        return False
+
+    def _place(self, slots: "Slots") -> Optional["OpenAIServer"]:
+        """Of the next 8 servers round-robin, healthy and within the bound, the one that has had
+        the fewest requests (done and in flight), or None (``Slots`` picks): conversations differ
+        in length, and their servers' totals stay even."""
+        servers, count = self.servers, len(self.servers)
+        best, fewest = None, math.inf
+        for _ in range(min(count, 8)):
+            server = servers[self._next]
+            self._next = self._next + 1 if self._next + 1 < count else 0
+            if server.healthy and self._within(server, slots, 0):
+                had = server.done + server.in_flight["train"] + server.in_flight["eval"]
+                if had < fewest:
+                    best, fewest = server, had
+        return best
 
     def placed(self, route: RouteKeys, server: "OpenAIServer") -> None:
         self._remember(route.keys[-1], server)
@@ -2520,7 +2580,7 @@ class ServerManager:
                  proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
                  max_retries: int = 2, retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
                  no_server_timeout: float = 60.0, health_probe_interval: float = 5.0,
-                 routing: Optional[str] = None, routing_epsilon: float = 0.25):
+                 routing: Optional[str] = None, routing_epsilon: float = 0.25, server_load_interval: float = 0.0):
         configs, server_class, slurm = manager_arguments(configs, server_class, slurm, testing, reasoning_config,
                                                          proxy_url, use_proxy)
         self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
@@ -2539,7 +2599,8 @@ class ServerManager:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
         for name, value in (("retry_backoff", retry_backoff), ("retry_backoff_max", retry_backoff_max),
-                            ("no_server_timeout", no_server_timeout), ("health_probe_interval", health_probe_interval)):
+                            ("no_server_timeout", no_server_timeout), ("health_probe_interval", health_probe_interval),
+                            ("server_load_interval", server_load_interval)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0")
         self.configs = configs
@@ -2554,7 +2615,8 @@ class ServerManager:
         if isinstance(routing_epsilon, bool) or not isinstance(routing_epsilon, (int, float)) \
                 or not 0 <= routing_epsilon < math.inf:
             raise ConfigError(f"routing_epsilon={routing_epsilon!r} must be a number >= 0")
-        self.router = PrefixRouter(routing_epsilon) if self.routing == "prefix" else None
+        self.router = PrefixRouter(self.servers, routing_epsilon) if self.routing == "prefix" else None
+        self.server_load_interval = server_load_interval
         self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -2775,6 +2837,8 @@ class ServerManager:
         if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
             self._loop = loop
             self._probe_all_down()
+            if self.server_load_interval and self.router is not None and not self._closed:
+                self._probes[-1] = asyncio.ensure_future(self._read_loads())
         n = kwargs.get("n", 1)
         per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
         if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
@@ -2896,6 +2960,42 @@ class ServerManager:
         log.warning("server %s marked down: %s", server.url, server.last_error)
         self.slots.set_healthy(server, False)
         self._start_probe(server)
+
+    async def _read_loads(self) -> None:
+        """Read each healthy server's own queue (``read_server_load``) every
+        ``server_load_interval`` seconds, or slower: at most ``MAX_LOAD_READS_PER_SECOND`` reads
+        a second over all servers, one at a time per server; the router's bound uses them."""
+        servers, router = self.servers, self.router
+        gap = max(self.server_load_interval / len(servers), 1 / MAX_LOAD_READS_PER_SECOND)
+        paths = {id(s): ["/metrics", "/get_load"] for s in servers}
+        reading: set = set()
+
+        async def read(server: OpenAIServer) -> None:
+            try:
+                load = await read_server_load(server.url, paths[id(server)], server.config.health_timeout)
+            except ServerError:
+                load = None
+            finally:
+                reading.discard(server)
+            router.reported_total += (load or 0) - (server.reported_load or 0)
+            server.reported_load = load
+
+        tasks: set = set()
+        for server in itertools.cycle(servers):
+            if server.healthy and paths[id(server)] and server not in reading:
+                reading.add(server)
+                task = asyncio.ensure_future(read(server))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif not server.healthy and server.reported_load is not None:
+                router.reported_total -= server.reported_load
+                server.reported_load = None
+            try:
+                await asyncio.sleep(gap)
+            except asyncio.CancelledError:
+                for task in list(tasks):
+                    task.cancel()
+                raise
 
     def _probe_all_down(self) -> None:
         for server in self.servers:

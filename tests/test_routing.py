@@ -22,7 +22,7 @@ class Server:
     """What ``Slots`` and ``PrefixRouter`` read on a server."""
 
     def __init__(self, name, train=8, eval=2):
-        self.name, self.healthy, self.reported_load = name, True, None
+        self.name, self.healthy, self.reported_load, self.done = name, True, None, 0
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": train, "eval": eval}
 
@@ -51,7 +51,7 @@ class Dispatch:
     def __init__(self, count=3, epsilon=0.25, entries=1000, **caps):
         self.servers = [Server(f"s{i}", **caps) for i in range(count)]
         self.slots = a.Slots(self.servers)
-        self.router = a.PrefixRouter(epsilon, entries)
+        self.router = a.PrefixRouter(self.servers, epsilon, entries)
 
     def send(self, kwargs, split="train", avoid=None):
         route = a.RouteKeys.of(kwargs)
@@ -65,6 +65,7 @@ class Dispatch:
         """Send, answer, give the slot back; the server."""
         route, server = self.send(kwargs, split)
         self.slots.give_back(server, split)
+        server.done += 1
         self.router.answered(route, server, response)
         return server
 
@@ -134,9 +135,9 @@ class Selection(unittest.TestCase):
         d.send(chat("two"))  # s1
         self.assertIs(d.send(chat("one"))[1], d.servers[0], "a hit refreshes the key")
         d.send(chat("three"))  # s2: "two" is the least recently used, dropped
-        self.assertEqual(len(d.router), 2)
+        self.assertEqual(d.router.remembered, 2)
         self.assertIs(d.send(chat("one"))[1], d.servers[0])
-        self.assertIs(d.send(chat("two"))[1], d.servers[0], "forgotten: placed round-robin (s0's turn)")
+        self.assertIs(d.send(chat("two"))[1], d.servers[1], "forgotten: placed as new, s0 (3 of 5 in flight) over the bound")
 
 
 class Bounds(unittest.TestCase):
@@ -168,7 +169,7 @@ class Bounds(unittest.TestCase):
         d.router.placed(route, d.servers[0])
         d.servers[0].reported_load, d.servers[1].reported_load = 40, 0
         d.router.reported_total = 40  # other processes' requests: ceil(1.25 * 41 / 2) + 4 = 30 < 41
-        self.assertEqual(d.router.choose(route, d.slots), (None, d.servers[0]))
+        self.assertEqual(d.router.choose(route, d.slots), (d.servers[1], d.servers[0]), "spilled to the next within")
         d.servers[0].reported_load, d.servers[1].reported_load = 20, 20
         d.router.reported_total = 40
         self.assertEqual(d.router.choose(route, d.slots), (d.servers[0], None))
