@@ -254,7 +254,41 @@ async def run_sessions(client, sessions, latencies):
     await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
 
 
-def run_arm(arm, name, urls, sessions):
+class Tracer:
+    """Records, for the simulator's check (``sim_routing.py --replay``), each request's server,
+    prompt and output token ids (vLLM's ``return_token_ids``), start and end times."""
+
+    def __init__(self):
+        self.events, self._post = [], a.OpenAIServer.post
+
+    def __enter__(self):
+        tracer, post = self, self._post
+
+        async def traced(server, path, body, *args, **kwargs):
+            started = time.monotonic()
+            resp = await post(server, path, dict(body, return_token_ids=True), *args, **kwargs)
+            ended = time.monotonic()
+            tracer.events.append({"url": server.url, "n": body.get("n", 1), "start": started, "end": ended,
+                                  "prompt": resp["prompt_token_ids"],
+                                  "outputs": [c["token_ids"] for c in resp["choices"]]})
+            return resp
+
+        a.OpenAIServer.post = traced
+        return self
+
+    def __exit__(self, *exc):
+        a.OpenAIServer.post = self._post
+
+    def replay_events(self):
+        """Start (the prompt looked up) and end (the outputs cached) events, in time order."""
+        out = []
+        for e in self.events:
+            out.append((e["start"], {"kind": "start", "url": e["url"], "prompt": e["prompt"], "n": e["n"]}))
+            out.append((e["end"], {"kind": "end", "url": e["url"], "prompt": e["prompt"], "outputs": e["outputs"]}))
+        return [event for _, event in sorted(out, key=lambda pair: pair[0])]
+
+
+def run_arm(arm, name, urls, sessions, tracer=None):
     targets = urls[:1] if arm == "one_server" else urls
     reset_caches(urls)
     before = [counters(u) for u in urls]
@@ -278,7 +312,11 @@ def run_arm(arm, name, urls, sessions):
 
     cpu, wall = time.process_time(), time.monotonic()
     try:
-        asyncio.run(main())
+        if tracer is not None:
+            with tracer:
+                asyncio.run(main())
+        else:
+            asyncio.run(main())
     finally:
         if router is not None:
             stop_router(router)
@@ -296,6 +334,51 @@ def run_arm(arm, name, urls, sessions):
             "cpu_per_request_ms": 1000 * cpu / max(1, sum(per_server))}
 
 
+FAKE_METRICS = ("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+                "# TYPE vllm:num_requests_running gauge\n"
+                'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+                'vllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n'
+                'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+                + "".join(f'vllm:other_metric_{i}_bucket{{le="{i}"}} {i}.0\n' for i in range(400))).encode()
+
+
+def load_cost(count, seconds, interval):
+    """A manager over ``count`` servers (16 ports of one fake /metrics server) reading their
+    load for ``seconds``: reads done, the client CPU they cost, per read and per second."""
+
+    async def main():
+        async def serve(reader, writer):
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                             + str(len(FAKE_METRICS)).encode() + b"\r\nConnection: close\r\n\r\n" + FAKE_METRICS)
+                await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        listeners = [await asyncio.start_server(serve, "127.0.0.1", 0) for _ in range(16)]
+        ports = [srv.sockets[0].getsockname()[1] for srv in listeners]
+        urls = [f"http://127.0.0.1:{ports[i % 16]}/v1" for i in range(count)]
+        manager = a.ServerManager(a.configs_for_urls(a.APIServerConfig(base_url=urls[0]), urls),
+                                  routing="prefix", server_load_interval=interval)
+        manager._n_sizes({})  # starts the reader in this loop, as a first call does
+        cpu, wall = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        reads = sum(s.reported_load is not None for s in manager.servers)
+        await manager.close()
+        for srv in listeners:
+            srv.close()
+        return cpu, wall, reads
+
+    cpu, wall, reads = asyncio.run(main())
+    print(f"{count} servers, server_load_interval={interval:g} s, {wall:.1f} s: {reads} servers read "
+          f"(at most {a.MAX_LOAD_READS_PER_SECOND}/s), client CPU {100 * cpu / wall:.1f}% of a core, "
+          f"{1e6 * cpu / max(1, reads):.0f} us a read (server side included: same process)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -310,20 +393,33 @@ def main(argv=None):
     r.add_argument("--scale", type=float, default=1.0, help="sessions per workload, times the issue's")
     r.add_argument("--repeats", type=int, default=1)
     r.add_argument("--out", default="")
+    r.add_argument("--trace", default="", help="write each request's token ids here (manager arms; for "
+                   "sim_routing.py --replay)")
+    c = sub.add_parser("load-cost", help="client CPU of reading the servers' load, at many servers")
+    c.add_argument("--servers", type=int, default=4096)
+    c.add_argument("--seconds", type=float, default=10.0)
+    c.add_argument("--interval", type=float, default=1.0)
     args = p.parse_args(argv)
+    if args.cmd == "load-cost":
+        return load_cost(args.servers, args.seconds, args.interval)
     if args.cmd == "serve":
         return serve(args.count, args.base_port)
     if args.cmd == "stop":
         return stop()
     urls = args.urls.split(",")
-    rows = []
+    rows, traces = [], []
     for name in args.workloads.split(","):
         for repeat in range(args.repeats):
             sessions = workload(name, args.scale, random.Random(1000 * repeat + ord(name[1])))
             for arm in args.arms.split(","):
-                row = run_arm(arm, name, urls, sessions)
+                tracer = Tracer() if args.trace and not arm.startswith("router_") else None
+                row = run_arm(arm, name, urls, sessions, tracer)
                 row["repeat"] = repeat
                 rows.append(row)
+                if tracer is not None:
+                    traces.append(dict(row, events=tracer.replay_events()))
+                    with open(args.trace, "w") as f:
+                        json.dump(traces, f)
                 print(f"{name} {arm:14s} hit {row['hit']:.3f}  per server {row['per_server']}  spread "
                       f"{row['spread']:.2f}  wall {row['wall']:.1f} s  p50 {row['p50']:.3f}  p99 {row['p99']:.3f}  "
                       f"cpu/req {row['cpu_per_request_ms']:.2f} ms", flush=True)
