@@ -2397,6 +2397,9 @@ class PrefixRouter:
 
     def __init__(self, servers: Sequence["OpenAIServer"], epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
         self.servers, self.epsilon, self.entries = list(servers), epsilon, entries
+        for server in self.servers:  # a server_class of the user's may lack it
+            if not hasattr(server, "reported_load"):
+                server.reported_load = None
         self._where: "OrderedDict[int, OpenAIServer]" = OrderedDict()
         self._next = 0  # where the placement of new conversations goes on (round-robin)
         self.matched = self.spilled = 0  # requests sent to their prefix's server / declined by the bound

@@ -400,7 +400,7 @@ class CompletionTests(VLLMTestCase):
         self.assertEqual(self.requests_sent(mgr), 1)
 
     async def test_chat_n_above_max_n_completions_is_split_and_merged(self):
-        mgr = self.manager(max_n_completions=2)
+        mgr = self.manager(max_n_completions=2, routing="round_robin")  # (prefix keeps the parts together)
         single = await mgr.chat_completion(messages=MESSAGES, n=1, max_tokens=3, ignore_eos=True)
         before = self.requests_sent(mgr)
         resp = await mgr.chat_completion(messages=MESSAGES, n=5, max_tokens=3, ignore_eos=True, temperature=1.0)
@@ -447,7 +447,7 @@ class CompletionTests(VLLMTestCase):
         self.assertEqual(visible(e.token for e in content), resp.choices[0].message.content)
 
     async def test_greedy_output_is_the_same_on_both_servers(self):
-        mgr = self.manager()
+        mgr = self.manager(routing="round_robin")  # the same prompt twice: one on each server
         texts = [(await mgr.chat_completion(messages=MESSAGES, max_tokens=8, temperature=0)).choices[0].message.content
                  for _ in range(2)]
         self.assertEqual([row["done"] for row in mgr.stats()], [1, 1])
