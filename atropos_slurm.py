@@ -1856,7 +1856,6 @@ class OpenAIServer:
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
         self.queued = {"train": False, "eval": False}  # in Slots' lines; set here, so that instances share keys
-        self.reported_load: Optional[int] = None  # requests running + waiting, as the server says (ServerLoad)
         self.done = self.failed = self.retried = 0
         self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
         # Per split, for Atropos' W&B metrics: [requests done, attempts failed], latencies of the done.
@@ -2142,7 +2141,7 @@ class Slots:
     def __init__(self, servers: Sequence["OpenAIServer"]):
         self.servers = list(servers)
         self.healthy_count = 0
-        self.total = 0  # slots taken, both splits (the mean load of the routing's bound)
+        self._in_flight_total = {split: 0 for split in SPLITS}
         self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
         # Waiters in line, oldest first; an ordered dict, so that one leaving from the middle
         # (cancelled, timed out) costs O(1): a mass cancellation stays linear.
@@ -2159,6 +2158,10 @@ class Slots:
     def waiting(self, split: str) -> int:
         return sum(not w.done() for w in self._waiters[split])
 
+    def in_flight_total(self, split: str) -> int:
+        """Requests in flight of ``split`` over every server (O(1): kept as slots are taken)."""
+        return self._in_flight_total[split]
+
     # -- taking and giving back ------------------------------------------------------------------
 
     def take(self, split: str, avoid: Optional["OpenAIServer"] = None,
@@ -2174,7 +2177,7 @@ class Slots:
         if (prefer is not None and prefer is not avoid and prefer.healthy
                 and prefer.in_flight[split] < prefer.caps[split]):
             prefer.in_flight[split] += 1  # left in the line: _take_next drops it there if now full
-            self.total += 1
+            self._in_flight_total[split] += 1
             return prefer
         return self._take_next(split, avoid)
 
@@ -2197,7 +2200,7 @@ class Slots:
 
     def give_back(self, server: "OpenAIServer", split: str) -> None:
         server.in_flight[split] -= 1
-        self.total -= 1
+        self._in_flight_total[split] -= 1
         self._enqueue(server, split)
         if self._waiters[split]:
             self._hand_over(split)
@@ -2257,7 +2260,7 @@ class Slots:
                 avoid = None
                 continue
             server.in_flight[split] += 1
-            self.total += 1
+            self._in_flight_total[split] += 1
             if server.in_flight[split] < server.caps[split]:
                 ready.append(server)  # round-robin: to the back of the line
             else:
@@ -2397,20 +2400,19 @@ class PrefixRouter:
 
     def __init__(self, servers: Sequence["OpenAIServer"], epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
         self.servers, self.epsilon, self.entries = list(servers), epsilon, entries
-        for server in self.servers:  # a server_class of the user's may lack it
-            if not hasattr(server, "reported_load"):
-                server.reported_load = None
-        self._where: "OrderedDict[int, OpenAIServer]" = OrderedDict()
+        self._where: "OrderedDict[int, Any]" = OrderedDict()  # key -> server
         self._next = 0  # where the placement of new conversations goes on (round-robin)
+        self._sent: Dict[Any, int] = dict.fromkeys(self.servers, 0)  # requests placed per server
+        self.reported: Dict[Any, int] = {}  # the load each server reports (``report``), when read
+        self.reported_total = 0
         self.matched = self.spilled = 0  # requests sent to their prefix's server / declined by the bound
-        self.reported_total = 0  # the sum of the servers' reported loads (read_server_load), 0 when not read
 
     @property
     def remembered(self) -> int:
         """Keys in the index now (at most ``entries``)."""
         return len(self._where)
 
-    def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Optional["OpenAIServer"], Optional["OpenAIServer"]]:
+    def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Any, Any]:
         """``(prefer, spill)`` for ``Slots.take``: the server of the deepest key found within the
         bound and None; else a server for a new conversation (or None) and the found server
         over its bound (or None)."""
@@ -2428,18 +2430,19 @@ class PrefixRouter:
                 return self._place(slots), server
         return self._place(slots), None
 
-    def _within(self, server: "OpenAIServer", slots: "Slots", slack: int) -> bool:
+    def _within(self, server: Any, slots: "Slots", slack: int) -> bool:
         healthy = slots.healthy_count or 1
         load = server.in_flight["train"] + server.in_flight["eval"]
-        if load + 1 <= math.ceil((1 + self.epsilon) * (slots.total + 1) / healthy) + slack:
-            reported = server.reported_load
-            return (reported is None or not self.reported_total or
+        total = slots.in_flight_total("train") + slots.in_flight_total("eval")
+        if load + 1 <= math.ceil((1 + self.epsilon) * (total + 1) / healthy) + slack:
+            reported = self.reported.get(server) if self.reported_total else None
+            return (reported is None or
                     reported + 1 <= math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + slack)
         return False
 
-    def _place(self, slots: "Slots") -> Optional["OpenAIServer"]:
+    def _place(self, slots: "Slots") -> Any:
         """Of the next 8 servers round-robin, healthy and within the bound, the one that has had
-        the fewest requests (done and in flight), or None (``Slots`` picks): conversations differ
+        the fewest requests placed, or None (``Slots`` picks): conversations differ
         in length, and their servers' totals stay even."""
         servers, count = self.servers, len(self.servers)
         best, fewest = None, math.inf
@@ -2447,15 +2450,23 @@ class PrefixRouter:
             server = servers[self._next]
             self._next = self._next + 1 if self._next + 1 < count else 0
             if server.healthy and self._within(server, slots, 0):
-                had = server.done + server.in_flight["train"] + server.in_flight["eval"]
+                had = self._sent[server]
                 if had < fewest:
                     best, fewest = server, had
         return best
 
-    def placed(self, route: RouteKeys, server: "OpenAIServer") -> None:
+    def placed(self, route: RouteKeys, server: Any) -> None:
         self._remember(route.keys[-1], server)
+        self._sent[server] += 1
 
-    def answered(self, route: RouteKeys, server: "OpenAIServer", response: Any) -> None:
+    def report(self, server: Any, load: Optional[int]) -> None:
+        """The load ``server`` reported (None: unknown, as when it is down)."""
+        old = self.reported.pop(server, None)
+        if load is not None:
+            self.reported[server] = load
+        self.reported_total += (load or 0) - (old or 0)
+
+    def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
         """Learn where each choice's conversation continues (chat and text completions)."""
         choices = response.get("choices") if isinstance(response, dict) else None
         for choice in choices or ():
@@ -2470,7 +2481,7 @@ class PrefixRouter:
             if key is not None:
                 self._remember(key, server)
 
-    def _remember(self, key: int, server: "OpenAIServer") -> None:
+    def _remember(self, key: int, server: Any) -> None:
         where = self._where
         where[key] = server
         where.move_to_end(key)
@@ -2980,8 +2991,7 @@ class ServerManager:
                 load = None
             finally:
                 reading.discard(server)
-            router.reported_total += (load or 0) - (server.reported_load or 0)
-            server.reported_load = load
+            router.report(server, load)
 
         tasks: set = set()
         for server in itertools.cycle(servers):
@@ -2990,9 +3000,8 @@ class ServerManager:
                 task = asyncio.ensure_future(read(server))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            elif not server.healthy and server.reported_load is not None:
-                router.reported_total -= server.reported_load
-                server.reported_load = None
+            elif not server.healthy and server in router.reported:
+                router.report(server, None)
             try:
                 await asyncio.sleep(gap)
             except asyncio.CancelledError:

@@ -81,7 +81,7 @@ class Server:
     """What ``Slots`` and ``PrefixRouter`` read, plus the server's cache."""
 
     def __init__(self, i, cache, cap):
-        self.name, self.healthy, self.reported_load, self.done = f"s{i}", True, None, 0
+        self.name, self.healthy = f"s{i}", True
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": cap, "eval": cap}
         self.cache, self.requests = cache, 0
@@ -210,7 +210,6 @@ def simulate(trace, servers_count, routing, block, capacity, concurrency_per_ser
             full = tokens + tokens_of(answer)
             server.cache.store(server.cache.hashes(full, st["hashes"], len(st["hashes"])))
         slots.give_back(server, "train")
-        server.done += 1
         if router:
             router.answered(route, server, {"choices": [{"message": {"content": x}} for x in answers]})
         finished = True

@@ -22,7 +22,7 @@ class Server:
     """What ``Slots`` and ``PrefixRouter`` read on a server."""
 
     def __init__(self, name, train=8, eval=2):
-        self.name, self.healthy, self.reported_load, self.done = name, True, None, 0
+        self.name, self.healthy = name, True
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": train, "eval": eval}
 
@@ -65,7 +65,6 @@ class Dispatch:
         """Send, answer, give the slot back; the server."""
         route, server = self.send(kwargs, split)
         self.slots.give_back(server, split)
-        server.done += 1
         self.router.answered(route, server, response)
         return server
 
@@ -159,7 +158,7 @@ class Bounds(unittest.TestCase):
                 d.router.placed(route, d.servers[0])
                 d.servers[0].in_flight["train"] = mine
                 d.servers[1].in_flight["train"] = others
-                d.slots.total = mine + others
+                d.slots._in_flight_total["train"] = mine + others
                 # bound = ceil(1.25 * (total + 1) / 3) + 4
                 self.assertEqual(d.router.choose(route, d.slots)[0] is d.servers[0], preferred)
 
@@ -167,11 +166,12 @@ class Bounds(unittest.TestCase):
         d = Dispatch(count=2, train=100)
         route = a.RouteKeys.of(chat("hot"))
         d.router.placed(route, d.servers[0])
-        d.servers[0].reported_load, d.servers[1].reported_load = 40, 0
-        d.router.reported_total = 40  # other processes' requests: ceil(1.25 * 41 / 2) + 4 = 30 < 41
+        d.router.report(d.servers[0], 40)  # other processes' requests: ceil(1.25 * 41 / 2) + 4 = 30 < 41
+        d.router.report(d.servers[1], 0)
         self.assertEqual(d.router.choose(route, d.slots), (d.servers[1], d.servers[0]), "spilled to the next within")
-        d.servers[0].reported_load, d.servers[1].reported_load = 20, 20
-        d.router.reported_total = 40
+        d.router.report(d.servers[1], 20)
+        d.router.report(d.servers[0], 20)
+        self.assertEqual(d.router.reported_total, 40)
         self.assertEqual(d.router.choose(route, d.slots), (d.servers[0], None))
 
     def test_epsilon_zero_and_ties(self):
@@ -233,9 +233,9 @@ class Slots(unittest.TestCase):
         d = Dispatch(count=2)
         for _ in range(3):
             d.send(chat("x"))
-        self.assertEqual(d.slots.total, 3)
+        self.assertEqual(d.slots.in_flight_total("train"), 3)
         d.slots.give_back(d.servers[0], "train")
-        self.assertEqual(d.slots.total, 2)
+        self.assertEqual(d.slots.in_flight_total("train"), 2)
 
 
 class Knob(unittest.TestCase):
@@ -250,6 +250,7 @@ class Knob(unittest.TestCase):
         cases = [
             ({"routing": "sticky"}, "routing='sticky' must be one of 'prefix', 'round_robin'"),
             ({"routing_epsilon": -1}, "routing_epsilon=-1 must be a number >= 0"),
+            ({"server_load_interval": "1"}, "server_load_interval='1' must be a number of seconds >= 0"),
         ]
         for kwargs, message in cases:
             with self.subTest(kwargs=kwargs):
@@ -259,6 +260,89 @@ class Knob(unittest.TestCase):
         with mock.patch.dict(os.environ, {"ATROPOS_SLURM_ROUTING": "prefix-cache"}):
             with self.assertRaisesRegex(a.ConfigError, "^ATROPOS_SLURM_ROUTING='prefix-cache' must be one of"):
                 a.ServerManager([template])
+
+
+VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+vllm:num_requests_running{engine="1",model_name="tiny"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 4.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.5
+"""
+
+
+class ServerLoad(unittest.TestCase):
+    def test_parse(self):
+        cases = [
+            ("/metrics", VLLM_METRICS, 9),
+            ("/metrics", b"# nothing of vLLM\nprocess_cpu_seconds_total 1.0\n", None),
+            ("/metrics", b"vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n", 0),
+            ("/get_load", b'{"num_reqs": 5, "num_waiting_reqs": 2, "num_tokens": 900}', 7),
+            ("/get_load", b'[{"dp_rank": 0, "num_reqs": 1, "num_waiting_reqs": 0}, {"dp_rank": 1, "num_reqs": 2}]', 3),
+            ("/get_load", b'{"load": 3}', None),
+            ("/get_load", b"not json", None),
+            ("/get_load", b'{"num_reqs": "5"}', None),
+        ]
+        for path, body, load in cases:
+            with self.subTest(path=path, body=body):
+                self.assertEqual(a.parse_server_load(path, body), load)
+
+    def test_read_from_a_server_and_the_fallback_path(self):
+        async def main():
+            seen = []
+
+            async def serve(reader, writer):
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1].decode()
+                seen.append(path)
+                status, body = (b"404 Not Found", b"{}") if path == "/metrics" else \
+                    (b"200 OK", b'{"num_reqs": 6, "num_waiting_reqs": 1}')
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode()
+                             + b"\r\nConnection: close\r\n\r\n" + body)
+                await writer.drain()
+                writer.close()
+
+            listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+            url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1"
+            paths = ["/metrics", "/get_load"]
+            first = await a.read_server_load(url, paths, 5)
+            second = await a.read_server_load(url, paths, 5)
+            listener.close()
+            return first, second, paths, seen
+
+        first, second, paths, seen = asyncio.run(asyncio.wait_for(main(), LIMIT))
+        self.assertEqual((first, second), (7, 7))
+        self.assertEqual(paths, ["/get_load"], "a 404 path is not asked again")
+        self.assertEqual(seen, ["/metrics", "/get_load", "/get_load"])
+
+    def test_the_manager_reads_the_loads(self):
+        async def main():
+            async def serve(reader, writer):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(VLLM_METRICS)).encode()
+                             + b"\r\nConnection: close\r\n\r\n" + VLLM_METRICS)
+                await writer.drain()
+                writer.close()
+
+            listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+            url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1"
+            manager = make_manager([url, url], routing="prefix", server_load_interval=0.05)
+            off = make_manager([url], routing="prefix")
+            manager._n_sizes({})  # the first call starts the reader in its loop
+            off._n_sizes({})
+            while len(manager.router.reported) < 2:
+                await asyncio.sleep(0.01)
+            reported = dict(manager.router.reported), manager.router.reported_total
+            await manager.close()
+            await off.close()
+            listener.close()
+            return reported, -1 in off._probes
+
+        (reported, total), off_reads = asyncio.run(asyncio.wait_for(main(), LIMIT))
+        self.assertEqual(sorted(reported.values()), [9, 9])
+        self.assertEqual(total, 18)
+        self.assertFalse(off_reads, "off by default")
 
 
 class ThroughTheManager(unittest.TestCase):
