@@ -2389,10 +2389,10 @@ class PrefixRouter:
     flight per healthy server (both splits, this request counted), a new conversation skips
     servers that would go over ``ceil((1 + epsilon) x mean)``, and a continuation leaves its
     server (``spill``) only over that plus ``ROUTE_LOAD_SLACK`` (the slack keeps a split call's
-    parts together while the servers are nearly idle).  With ``server_load_interval`` a
-    server's load is also what it reports (other processes' requests too), against the mean of
-    the reports.  A server down or at its cap is declined by ``Slots``, which then takes the
-    next in its line; the conversation follows the request (its next turn finds the new key).
+    parts together while the servers are nearly idle).  With ``server_load_interval``, the
+    requests of other processes that the servers report (``report``) count too.  A server
+    down or at its cap is declined by ``Slots``, which then takes the next in its line; the
+    conversation follows the request (its next turn finds the new key).
 
     Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, about 140 bytes a key),
     least recently used dropped first; one request adds one key plus one per answer.
@@ -2431,14 +2431,12 @@ class PrefixRouter:
         return self._place(slots), None
 
     def _within(self, server: Any, slots: "Slots", slack: int) -> bool:
-        healthy = slots.healthy_count or 1
         load = server.in_flight["train"] + server.in_flight["eval"]
         total = slots.in_flight_total("train") + slots.in_flight_total("eval")
-        if load + 1 <= math.ceil((1 + self.epsilon) * (total + 1) / healthy) + slack:
-            reported = self.reported.get(server) if self.reported_total else None
-            return (reported is None or
-                    reported + 1 <= math.ceil((1 + self.epsilon) * (self.reported_total + 1) / healthy) + slack)
-        return False
+        if self.reported_total:  # other processes' requests, as the servers last said
+            load += self.reported.get(server, 0)
+            total += self.reported_total
+        return load + 1 <= math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1)) + slack
 
     def _place(self, slots: "Slots") -> Any:
         """Of the next 8 servers round-robin, healthy and within the bound, the one that has had
@@ -2460,7 +2458,8 @@ class PrefixRouter:
         self._sent[server] += 1
 
     def report(self, server: Any, load: Optional[int]) -> None:
-        """The load ``server`` reported (None: unknown, as when it is down)."""
+        """Requests on ``server`` that are not this manager's (its reported load less this
+        manager's in flight there; None: unknown, as when it is down)."""
         old = self.reported.pop(server, None)
         if load is not None:
             self.reported[server] = load
@@ -2991,7 +2990,8 @@ class ServerManager:
                 load = None
             finally:
                 reading.discard(server)
-            router.report(server, load)
+            mine = server.in_flight["train"] + server.in_flight["eval"]
+            router.report(server, None if load is None else max(0, load - mine))
 
         tasks: set = set()
         for server in itertools.cycle(servers):
