@@ -2290,7 +2290,7 @@ ROUTINGS = ("prefix", "round_robin")
 ENV_ROUTING = "ATROPOS_SLURM_ROUTING"
 ROUTE_BLOCK_CHARS = 128  # a text prompt is keyed at every 128th character (about 32 tokens)
 ROUTE_BLOCK_IDS = 32  # a token-id prompt at every 32nd id
-ROUTE_INDEX_ENTRIES = 65536  # keys remembered, least recently used dropped first (about 9 MB)
+ROUTE_INDEX_ENTRIES = 65536  # keys remembered at least (8 MB), and 256 per server (32 KB each) at many servers
 ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
 
 
@@ -2394,12 +2394,15 @@ class PrefixRouter:
     down or at its cap is declined by ``Slots``, which then takes the next in its line; the
     conversation follows the request (its next turn finds the new key).
 
-    Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, about 140 bytes a key),
-    least recently used dropped first; one request adds one key plus one per answer.
+    Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, 124 bytes a key
+    measured; by default ``ROUTE_INDEX_ENTRIES``, or 256 per server over 256 servers: 8 MB, 130
+    MB at 4,096 servers), least recently used dropped first; one request adds one key plus one
+    per answer.
     """
 
-    def __init__(self, servers: Sequence["OpenAIServer"], epsilon: float = 0.25, entries: int = ROUTE_INDEX_ENTRIES):
-        self.servers, self.epsilon, self.entries = list(servers), epsilon, entries
+    def __init__(self, servers: Sequence[Any], epsilon: float = 0.25, entries: Optional[int] = None):
+        self.servers, self.epsilon = list(servers), epsilon
+        self.entries = entries or max(ROUTE_INDEX_ENTRIES, 256 * len(self.servers))
         self._where: "OrderedDict[int, Any]" = OrderedDict()  # key -> server
         self._next = 0  # where the placement of new conversations goes on (round-robin)
         self._sent: Dict[Any, int] = dict.fromkeys(self.servers, 0)  # requests placed per server
