@@ -2356,17 +2356,13 @@ class RouteKeys:
         return cls(keys, False, base, rest, size)
 
     def after(self, answer: Any) -> Optional[int]:
-        """The key at which a next request that repeats this one and ``answer`` continues."""
+        """The key at which a next request that repeats this one and ``answer`` continues (None
+        for token ids, whose answers are not learnt, and for an answer that fills no block)."""
         if self.chat:
             return hash((self.base, _message_unit({"role": "assistant", "content": answer})))
-        if self.size == ROUTE_BLOCK_IDS:
-            if not isinstance(answer, list):
-                return None
-            answer = tuple(answer)
-        elif not isinstance(answer, str):
+        if self.size != ROUTE_BLOCK_CHARS or not isinstance(answer, str):
             return None
-        before = len(self.rest) + len(answer)
-        if before < self.size:  # no new full block: the key would be one the prompt shares
+        if len(self.rest) + len(answer) < self.size:  # no new full block: the key would be one the prompt shares
             return None
         return _chain(self.base, self.rest + answer, self.size, [])[0]
 

@@ -100,7 +100,7 @@ async def make_client(name: str, urls, concurrency: int):
         import atropos_slurm as a
         template = a.ServerBaseline(timeout=60, model_name=MODEL, num_max_requests_at_once=max(512, concurrency))
         manager = a.ServerManager(a.configs_for_urls(template, urls),
-                                  routing="round_robin" if name == "ours_rr" else "prefix")
+                                  routing="round_robin" if name == "ours_rr" else None)  # None: the default
 
         async def one(i):
             resp = await manager.chat_completion(messages=MESSAGES, max_tokens=MAX_TOKENS)
