@@ -2359,7 +2359,8 @@ class RouteKeys:
         """The key at which a next request that repeats this one and ``answer`` continues (None
         for token ids, whose answers are not learnt, and for an answer that fills no block)."""
         if self.chat:
-            return hash((self.base, _message_unit({"role": "assistant", "content": answer})))
+            return hash((self.base, ("assistant", answer.strip() if isinstance(answer, str) else
+                                     _message_unit({"content": answer})[1])))
         if self.size != ROUTE_BLOCK_CHARS or not isinstance(answer, str):
             return None
         if len(self.rest) + len(answer) < self.size:  # no new full block: the key would be one the prompt shares
@@ -2415,41 +2416,39 @@ class PrefixRouter:
         """``(prefer, spill)`` for ``Slots.take``: the server of the deepest key found within the
         bound and None; else a server for a new conversation (or None) and the found server
         over its bound (or None)."""
-        where = self._where
+        where, found = self._where, None
         for key in reversed(route.keys):
-            server = where.get(key)
-            if server is not None:
+            found = where.get(key)
+            if found is not None:
                 where.move_to_end(key)
-                if not server.healthy:
-                    break
-                if self._within(server, slots, ROUTE_LOAD_SLACK):
-                    self.matched += 1
-                    return server, None
-                self.spilled += 1
-                return self._place(slots), server
-        return self._place(slots), None
+                break
+        # The bound: a server may hold ceil((1 + epsilon) x mean) with this request counted.
+        total = slots.in_flight_total("train") + slots.in_flight_total("eval") + self.reported_total
+        bound = math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1))
+        if found is not None and found.healthy:
+            if self._load(found) < bound + ROUTE_LOAD_SLACK:
+                self.matched += 1
+                return found, None
+            self.spilled += 1
+            return self._place(bound), found
+        return self._place(bound), None
 
-    def _within(self, server: Any, slots: "Slots", slack: int) -> bool:
+    def _load(self, server: Any) -> int:
+        """Requests in flight on ``server``: this manager's, and others' as last reported."""
         load = server.in_flight["train"] + server.in_flight["eval"]
-        total = slots.in_flight_total("train") + slots.in_flight_total("eval")
-        if self.reported_total:  # other processes' requests, as the servers last said
-            load += self.reported.get(server, 0)
-            total += self.reported_total
-        return load + 1 <= math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1)) + slack
+        return load + self.reported.get(server, 0) if self.reported_total else load
 
-    def _place(self, slots: "Slots") -> Any:
-        """Of the next 8 servers round-robin, healthy and within the bound, the one that has had
-        the fewest requests placed, or None (``Slots`` picks): conversations differ
-        in length, and their servers' totals stay even."""
-        servers, count = self.servers, len(self.servers)
+    def _place(self, bound: int) -> Any:
+        """Of the next 8 servers round-robin, healthy and under ``bound``, the one that has had
+        the fewest requests placed, or None (``Slots`` picks): conversations differ in length,
+        and their servers' totals stay even."""
+        servers, count, sent = self.servers, len(self.servers), self._sent
         best, fewest = None, math.inf
         for _ in range(min(count, 8)):
             server = servers[self._next]
             self._next = self._next + 1 if self._next + 1 < count else 0
-            if server.healthy and self._within(server, slots, 0):
-                had = self._sent[server]
-                if had < fewest:
-                    best, fewest = server, had
+            if server.healthy and sent[server] < fewest and self._load(server) < bound:
+                best, fewest = server, sent[server]
         return best
 
     def placed(self, route: RouteKeys, server: Any) -> None:

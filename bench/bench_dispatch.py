@@ -102,8 +102,13 @@ async def make_client(name: str, urls, concurrency: int):
         manager = a.ServerManager(a.configs_for_urls(template, urls),
                                   routing="round_robin" if name == "ours_rr" else None)  # None: the default
 
+        # BENCH_DISTINCT_PROMPTS=1: a prompt of its own per request (as new conversations), for
+        # the routing's cost: one prompt again and again is one hot prefix, piled and spilled.
+        distinct = os.environ.get("BENCH_DISTINCT_PROMPTS") == "1"
+
         async def one(i):
-            resp = await manager.chat_completion(messages=MESSAGES, max_tokens=MAX_TOKENS)
+            messages = [{"role": "user", "content": f"Say hello to the benchmark {i}."}] if distinct else MESSAGES
+            resp = await manager.chat_completion(messages=messages, max_tokens=MAX_TOKENS)
             return resp.choices[0].message.content
 
         return one, manager.close
