@@ -2377,8 +2377,8 @@ class PrefixRouter:
     the key of prompt plus answer, where the conversation's next turn continues).  ``choose``
     looks a request's keys up from the deepest: a hit names the server of the earlier request
     this one continues.  Only ends of requests are keys, never a prefix many share (a system
-    prompt), so a new conversation finds nothing: it is placed on the server with the fewest
-    requests so far among the next 8 round-robin within the bound below, which spreads
+    prompt), so a new conversation finds nothing: of the next two servers round-robin within
+    the bound below, it goes to the one that has had fewer requests, which spreads
     conversations and evens out their different lengths (placing by the fewest in flight
     alone concentrates a burst of new ones).
 
@@ -2439,16 +2439,20 @@ class PrefixRouter:
         return load + self.reported.get(server, 0) if self.reported_total else load
 
     def _place(self, bound: int) -> Any:
-        """Of the next 8 servers round-robin, healthy and under ``bound``, the one that has had
-        the fewest requests placed, or None (``Slots`` picks): conversations differ in length,
-        and their servers' totals stay even."""
+        """Of the next two servers round-robin that are healthy and under ``bound``, the one
+        that has had fewer requests placed, or None (``Slots`` picks): conversations differ in
+        length, and two choices keep the servers' totals even (the power of two choices)."""
         servers, count, sent = self.servers, len(self.servers), self._sent
-        best, fewest = None, math.inf
-        for _ in range(min(count, 8)):
-            server = servers[self._next]
-            self._next = self._next + 1 if self._next + 1 < count else 0
-            if server.healthy and sent[server] < fewest and self._load(server) < bound:
-                best, fewest = server, sent[server]
+        i = self._next
+        self._next = i + 1 if i + 1 < count else 0  # the line moves by one a placement
+        best = None
+        for _ in range(min(count, 8)):  # at most 8 looks past servers down or over the bound
+            server = servers[i]
+            i = i + 1 if i + 1 < count else 0
+            if server.healthy and self._load(server) < bound:
+                if best is not None:
+                    return server if sent[server] < sent[best] else best
+                best = server
         return best
 
     def placed(self, route: RouteKeys, server: Any) -> None:
@@ -2466,9 +2470,7 @@ class PrefixRouter:
     def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
         """Learn where each choice's conversation continues (chat and text completions)."""
         choices = response.get("choices") if isinstance(response, dict) else None
-        for choice in choices or ():
-            if not isinstance(choice, dict):
-                continue
+        for choice in choices or ():  # objects: decode_response checked them
             if route.chat:
                 message = choice.get("message")
                 answer = message.get("content") if isinstance(message, dict) else None
@@ -2479,9 +2481,9 @@ class PrefixRouter:
                 self._remember(key, server)
 
     def _remember(self, key: int, server: Any) -> None:
+        """Keep ``key`` -> ``server`` (a key found again was moved to the end by ``choose``)."""
         where = self._where
         where[key] = server
-        where.move_to_end(key)
         if len(where) > self.entries:
             where.popitem(last=False)
 
