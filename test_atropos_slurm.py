@@ -293,7 +293,7 @@ class Discovery(unittest.TestCase):
     def test_seed_defaults(self):
         found = a.discover_servers(env=self.env())
         self.assertEqual(found.inference_nodes, ("gpu02", "gpu03"))
-        self.assertEqual(found.servers_per_node, 8)
+        self.assertEqual(found.layout.servers_per_node, 8)
         self.assertEqual(found.urls[:2], ["http://gpu02:9000/v1", "http://gpu02:9001/v1"])
         self.assertEqual(found.urls[-1], "http://gpu03:9007/v1")
         self.assertEqual(len(found.urls), 16)
@@ -321,7 +321,7 @@ class Discovery(unittest.TestCase):
     def test_tp_not_dividing_warns(self):
         with self.assertLogs("atropos_slurm", "WARNING") as logs:
             found = a.discover_servers(env=self.env(INFER_TP="3"))
-        self.assertEqual(found.servers_per_node, 2)
+        self.assertEqual(found.layout.servers_per_node, 2)
         self.assertIn("does not divide", logs.output[0])
 
     def test_bad_values_are_one_line_errors_naming_the_variable(self):
@@ -336,7 +336,10 @@ class Discovery(unittest.TestCase):
             (dict(INFER_TP="0"), "INFER_TP='0' must be at least 1"),
             (dict(INFER_TP="-2"), "INFER_TP='-2' must be at least 1"),
             (dict(INFER_TP=""), "INFER_TP='' is not an integer"),
-            (dict(INFER_TP="16"), "INFER_TP=16 is larger than the 8 GPUs per node"),
+            (dict(INFER_TP="12"), "INFER_TP=12 needs 12 GPUs per server, more than a node's 8 (default) and not a "
+                                  "multiple of it"),
+            (dict(INFER_TP="8", INFER_PP="3"), "2 inference node(s) of nodelist 'gpu[01-03]' cannot be split into "
+                                               "servers of 3 nodes each (INFER_TP=8 x INFER_PP=3 on 8 GPUs per node)"),
             ({a.ENV_GPUS_PER_NODE: "0"}, "ATROPOS_SLURM_GPUS_PER_NODE='0' must be at least 1"),
             ({a.ENV_GPUS_PER_NODE: "eight"}, "ATROPOS_SLURM_GPUS_PER_NODE='eight' is not an integer"),
             ({a.ENV_BASE_PORT: "65530"}, "ATROPOS_SLURM_BASE_PORT='65530' must be at most 65528"),
@@ -356,7 +359,9 @@ class Discovery(unittest.TestCase):
         self.assertEqual(data["training_nodes"], ["gpu01"])
         self.assertEqual(data["ports"], [9000, 9001])
         self.assertEqual(data["servers"][0], {"host": "gpu02", "port": 9000, "node_index": 0, "local_index": 0,
-                                              "url": "http://gpu02:9000/v1"})
+                                              "scheme": "http", "path": "/v1", "url": "http://gpu02:9000/v1"})
+        self.assertEqual((data["source"], data["gpus_per_node"], data["gpus_from"], data["nodes_per_server"]),
+                         ("slurm", 8, "default", 1))
 
 
 # ----------------------------------------------------------------------------------------------

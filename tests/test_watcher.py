@@ -915,7 +915,8 @@ class BadArgumentsTest(WatcherTestCase):
         api = "http://127.0.0.1:8000"
         cases = [
             (["--api_addr", api, "--node_num", "0", "--tp", "0"], "--tp"),
-            (["--api_addr", api, "--node_num", "0", "--tp", "16", "--gpus-per-node", "8"], "larger than the 8 GPUs"),
+            (["--api_addr", api, "--node_num", "0", "--tp", "12", "--gpus-per-node", "8"],
+             "more than a node's 8 (--gpus-per-node)"),
             (["--api_addr", api, "--node_num", "0", "--tp", "two"], "not an integer"),
             (["--api_addr", "notaurl", "--node_num", "0"], "--api_addr"),
             (["--api_addr", "http://trainer:99999", "--node_num", "0"], "--api_addr"),
