@@ -3465,7 +3465,9 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
         slurm = True
     backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
-    if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
+    # Not about a heterogeneous job (its SLURM_JOB_NODELIST is component 0's alone) or a server list.
+    one_nodelist = "SLURM_HET_SIZE" not in os.environ and not os.environ.get(ENV_SERVERS, "").strip()
+    if (slurm and nodelist and one_nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
             and len(resolve_hostnames(nodelist, backend)[0]) < 2):
         log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
                  "as in Atropos", nodelist)
