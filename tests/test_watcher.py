@@ -752,6 +752,49 @@ class JsonLinesTest(WatcherTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# Cluster shapes: the defaults follow the allocation; servers spanning nodes
+# ---------------------------------------------------------------------------------------------
+
+
+class ClusterShapesTest(WatcherTestCase):
+    def test_het_job_gpus_default_to_the_inference_components(self):
+        """In a heterogeneous job's step, the GPUs per node are the inference component's (as Slurm 22.05 sets them)."""
+        env = self.env(self.shadow_wandb(NO_WANDB))
+        env.update(SLURM_HET_SIZE="2", SLURM_GPUS_PER_NODE_HET_GROUP_0="8", SLURM_GPUS_PER_NODE_HET_GROUP_1="h100:2",
+                   SLURM_JOB_NODELIST_HET_GROUP_0="node1", SLURM_JOB_NODELIST_HET_GROUP_1="node[2-3]")
+        base, _ = self.two_stubs()
+        api = self.api()
+        args = ["--api_addr", api.url, "--node_num", "1", "--base-port", str(base), "--host", "127.0.0.1",
+                "--probe-timeout", str(PROBE_TIMEOUT), "--once"]
+        proc = self.watcher(args, env)
+        self.assertEqual(proc.finish(), 0, proc.dump())
+        record = json.loads(proc.out[0])
+        self.assertEqual((record["server/healthy_servers_1"], sorted(k for k in record if "server_health" in k)),
+                         (2, health_keys(1, 2)), record)
+
+    def test_spanning_server_watched_from_its_first_node_only(self):
+        env = self.env(self.shadow_wandb(NO_WANDB))
+        base = self.one_stub()
+        api = self.api()
+        common = ["--api_addr", api.url, "--tp", "8", "--pp", "2", "--gpus-per-node", "4", "--base-port", str(base),
+                  "--host", "127.0.0.1", "--probe-timeout", str(PROBE_TIMEOUT), "--once"]
+        head = self.watcher(common + ["--node_num", "4"], env)  # nodes 4-7 run one server, on node 4
+        self.assertEqual(head.finish(), 0, head.dump())
+        self.assertEqual(json.loads(head.out[0])["server/server_health_4_0"], 1)
+        other = self.watcher(common + ["--node_num", "6"], env)
+        self.assertEqual(other.finish(), 0, other.dump())
+        self.assertEqual(other.out, [])
+        other.wait_err("inference node 6 serves nothing itself: each server spans 4 nodes and listens on the first of "
+                       "its group; the watcher of inference node 4 watches it. Nothing to do here.")
+
+    def test_console_script_names_itself(self):
+        proc = subprocess.run([sys.executable, WATCHER, "--help"], capture_output=True, text=True, timeout=60,
+                              env=self.env())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertTrue(proc.stdout.startswith("usage: inference-node-wandb-watcher "), proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer API answering anything, or trickling
 # ---------------------------------------------------------------------------------------------
 
