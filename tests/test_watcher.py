@@ -986,7 +986,7 @@ class BadArgumentsTest(WatcherTestCase):
                 self.assertEqual(proc.finish(), 2, proc.dump())
                 self.assertEqual(proc.out, [], proc.dump())
                 self.assertEqual(len(proc.err), 1, proc.dump())
-                self.assertRegex(proc.err[0], r"^(inference_watcher\.py|atropos-slurm): error: ")
+                self.assertRegex(proc.err[0], r"^(inference-node-wandb-watcher|atropos-slurm): error: ")
                 self.assertIn(expected, proc.err[0])
                 self.assertNotIn("s3cr3t", proc.err[0])
 
