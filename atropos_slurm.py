@@ -39,10 +39,8 @@ CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import itertools
 import json
@@ -51,19 +49,38 @@ import math
 import os
 import random
 import re
-import runpy
 import signal
-import socket
-import ssl
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
 import warnings
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+
+class _LazyModule:
+    """A module imported on its first use, which then takes this stand-in's place in our globals.
+
+    ``import atropos_slurm`` must stay fast (bench/bench_import.py) for what needs no event
+    loop: discovery, the CLI's ``discover``/``hostnames``, scripts that only build configs.
+    asyncio (with the ssl, socket, concurrent.futures and inspect it loads) was half of the
+    import, so it and socket are loaded when code first touches ``asyncio.<name>``/``socket.<name>``.
+    Modules with a single use (subprocess, ssl, uuid, runpy, email.utils) are imported in the
+    function that uses them instead.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio: Any = _LazyModule("asyncio")
+socket: Any = _LazyModule("socket")
 
 __version__ = "0.1.0"
 __all__ = [
@@ -358,6 +375,7 @@ def scontrol_hostnames(text: str, scontrol: str = "scontrol", timeout: float = S
     non-empty list, is a failure; scontrol's own message is surfaced.  Every name it prints is
     checked too, because some malformed lists come back as garbage on stdout.
     """
+    import subprocess  # lazily: see _LazyModule
     text = text.strip()
     if text.startswith("-"):
         raise HostlistError(f"hostlist {text!r} starts with '-'")
@@ -1208,7 +1226,8 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
     except ValueError:
         pass
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+        from email.utils import parsedate_to_datetime  # lazily: see _LazyModule
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
@@ -1291,7 +1310,7 @@ class _Expired(Exception):
     """Thrown into a task whose ``_Deadline`` passed (Python < 3.11); never leaves ``_Deadline``."""
 
 
-_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: a task counts the cancellations it was sent
+_UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a task counts the cancellations it was sent
 
 
 class _Deadline:
@@ -1525,7 +1544,11 @@ class ConnectionPool:
         self.host, self.port, self.url = host, port, url
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
-        self._ssl = ssl.create_default_context() if scheme == "https" else None
+        if scheme == "https":
+            import ssl  # lazily: see _LazyModule
+            self._ssl = ssl.create_default_context()
+        else:
+            self._ssl = None
         self._idle: List[_Connection] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
@@ -3191,6 +3214,7 @@ def _finish_reason(raw: Any) -> Any:
 def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
     """A ChatCompletion/Completion as Atropos' managed server builds it (no usage; ``raw`` empty:
     the server's own answer had another shape)."""
+    import uuid  # lazily: see _LazyModule
     response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
                            object="chat.completion" if kind == "chat" else "text_completion",
                            choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
@@ -3626,6 +3650,7 @@ def run_env(script: str, argv: Sequence[str]) -> None:
     patch_atropos()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    import runpy  # lazily: see _LazyModule
     runpy.run_path(script, run_name="__main__")
 
 
