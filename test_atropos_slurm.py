@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
-from support import require, run_cli, run_module  # noqa: E402
+from support import closed_port, require, run_cli, run_module  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,16 +545,20 @@ class ClusterShapes(unittest.TestCase):
                 self.assertNotIn("pw", str(ctx.exception))
 
     def test_server_list_wins_over_slurm_for_every_consumer(self):
-        env = self.env(**{a.ENV_SERVERS: "http://127.0.0.1:9/v1,http://127.0.0.1:10/v1"})
+        urls = [f"http://127.0.0.1:{closed_port()}/v1", f"http://127.0.0.1:{closed_port()}/v1"]
+        env = self.env(**{a.ENV_SERVERS: ",".join(urls)})  # in a heterogeneous job: the list wins
         with mock.patch.dict(os.environ, env, clear=True):
             manager = ServerManager(ServerBaseline(), slurm=True)
-            self.assertEqual([s.config.base_url for s in manager.servers], ["http://127.0.0.1:9/v1",
-                                                                              "http://127.0.0.1:10/v1"])
+            self.assertEqual([s.config.base_url for s in manager.servers], urls)
         code, out, err = run_cli("discover", "--explain", env=env)
-        self.assertEqual((code, out.split()), (0, ["http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"]), err)
+        self.assertEqual((code, out.split()), (0, urls), err)
         self.assertIn("2 server(s) listed by ATROPOS_SLURM_SERVERS on 1 host(s); no Slurm discovery", err)
         code, out, err = run_cli("discover", "--servers", "http://x:1/v1", env=env)
         self.assertEqual(out.split(), ["http://x:1/v1"])
+        code, out, err = run_cli("wait", "--timeout", "0.3", "--interval", "0.1", env=env)
+        self.assertEqual(code, 1, err)
+        self.assertIn("fewer than 2 of 2 servers healthy", err)
+        self.assertIn(urls[1], err)
 
     # -- the CLI -------------------------------------------------------------------------------
 
