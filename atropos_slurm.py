@@ -4,7 +4,8 @@ An Atropos-style RL job on Slurm trains on its first ``NUM_TRAINING_NODES`` node
 OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, on ports
 9000, 9001, ... (``gpus_per_node // INFER_TP`` of them per node).  This module
 
-* discovers those servers from ``SLURM_JOB_NODELIST`` (``discover_servers``),
+* discovers those servers from ``SLURM_JOB_NODELIST`` and the GPUs the job got, also in a
+  heterogeneous job, for servers spanning nodes, or from a list (``discover_servers``),
 * dispatches async chat/completion requests over them, round-robin, capped, with health
   tracking and bounded retries (``ServerManager``, drop-in for Atropos' class of that name),
 * watches the servers of one inference node and logs their health to Weights & Biases or
@@ -16,7 +17,8 @@ cluster is a supported install.  The sections follow the data; each begins with 
 =================  ==========================================================================
 Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
 Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
-Discovery          nodelist -> server URLs; scontrol through an argument list
+Discovery          allocation (nodelists, GPUs, het components) or a server list -> ``Layout``,
+                   server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE

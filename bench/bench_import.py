@@ -8,10 +8,12 @@ module's cumulative line (its own body plus every module it imported first), in 
 ``pip install`` or on a cluster's second run; ``--cold`` also shows it compiled from source
 every time (what a read-only copy with ``PYTHONDONTWRITEBYTECODE=1`` costs).
 
-    python3 bench/bench_import.py [--repeats 21] [--cold] [--module path/to/atropos_slurm.py]
+    python3 bench/bench_import.py [--repeats 21] [--cold] [--baseline OLD/atropos_slurm.py]
 
-Prints a table: the module, ``import asyncio`` alone (what ``atropos_slurm`` loads on first
-use of the event loop), and the ratio of the two.  Target (issue 19): ``atropos_slurm`` warm
+Prints a table: the module, ``--baseline`` (another version of it, e.g. ``git show
+main:atropos_slurm.py > /tmp/old.py``), ``import asyncio`` alone (what ``atropos_slurm`` loads on
+first use of the event loop), each against asyncio.  The runs alternate between them, so
+other load on the machine weighs on all alike.  Target (issue 19): ``atropos_slurm`` warm
 <= 30 ms on this 2-core machine.
 """
 
@@ -28,18 +30,28 @@ MODULE = os.path.join(os.path.dirname(HERE), "atropos_slurm.py")
 TARGET_MS = 30.0
 
 
-def import_ms(name: str, cwd: str, env: dict, repeats: int) -> float:
-    """Median over ``repeats`` fresh interpreters of ``name``'s cumulative import time, in ms."""
-    times = []
-    for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {name}"], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            raise SystemExit(f"import {name} failed:\n{proc.stderr[-2000:]}")
-        lines = [line.split("|") for line in proc.stderr.splitlines() if line.startswith("import time:")]
-        cumulative = [int(cols[1]) for cols in lines if len(cols) == 3 and cols[2].strip() == name]
-        times.append(cumulative[-1] / 1000.0 if cumulative else 0.0)  # 0: already loaded by site
-    return statistics.median(times)
+def import_ms(name: str, cwd: str, env: dict) -> float:
+    """``name``'s cumulative import time in a fresh interpreter, in ms."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {name}"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise SystemExit(f"import {name} failed:\n{proc.stderr[-2000:]}")
+    lines = [line.split("|") for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    cumulative = [int(cols[1]) for cols in lines if len(cols) == 3 and cols[2].strip() == name]
+    return cumulative[-1] / 1000.0 if cumulative else 0.0  # 0: already loaded by site
+
+
+def copy_of(module: str, parent: str, label: str) -> str:
+    """A directory holding ``module`` as ``atropos_slurm.py``, its bytecode written once."""
+    path = os.path.join(parent, label)
+    os.mkdir(path)
+    shutil.copy(module, os.path.join(path, "atropos_slurm.py"))
+    subprocess.run([sys.executable, "-c", "import atropos_slurm"], cwd=path, env=warm_env(), check=True)
+    return path
+
+
+def warm_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
 
 
 def main() -> int:
@@ -47,31 +59,38 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--cold", action="store_true", help="also time the import compiled from source each time")
     parser.add_argument("--module", default=MODULE, help="the atropos_slurm.py to time (default: this checkout's)")
+    parser.add_argument("--baseline", help="another atropos_slurm.py to time alongside")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-import-")
     try:
-        shutil.copy(args.module, os.path.join(tmp, "atropos_slurm.py"))
-        warm_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
-        subprocess.run([sys.executable, "-c", "import atropos_slurm"], cwd=tmp, env=warm_env, check=True)
-        rows = [("import atropos_slurm (bytecode cached)", import_ms("atropos_slurm", tmp, warm_env, args.repeats)),
-                ("import asyncio alone", import_ms("asyncio", tmp, warm_env, args.repeats))]
+        env = warm_env()
+        cases = [("import atropos_slurm (bytecode cached)", "atropos_slurm", copy_of(args.module, tmp, "new"), env)]
+        if args.baseline:
+            cases.append(("baseline: " + os.path.basename(args.baseline) + " (bytecode cached)", "atropos_slurm",
+                          copy_of(args.baseline, tmp, "old"), env))
+        cases.append(("import asyncio alone", "asyncio", tmp, env))
         if args.cold:
-            cold_env = dict(warm_env, PYTHONDONTWRITEBYTECODE="1")
-            shutil.rmtree(os.path.join(tmp, "__pycache__"))
-            rows.append(("import atropos_slurm (compiled each time)",
-                         import_ms("atropos_slurm", tmp, cold_env, args.repeats)))
+            cold = os.path.join(tmp, "cold")
+            os.mkdir(cold)
+            shutil.copy(args.module, os.path.join(cold, "atropos_slurm.py"))
+            cases.append(("import atropos_slurm (compiled each time)", "atropos_slurm", cold,
+                          dict(env, PYTHONDONTWRITEBYTECODE="1")))
+        times = {label: [] for label, *_ in cases}
+        for _ in range(args.repeats):  # alternating: load on the machine weighs on every case alike
+            for label, name, cwd, case_env in cases:
+                times[label].append(import_ms(name, cwd, case_env))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} cores, median of {args.repeats} fresh interpreters "
-          f"(-X importtime, cumulative)\n")
+    medians = {label: statistics.median(values) for label, values in times.items()}
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"median of {args.repeats} fresh interpreters each, alternating (-X importtime, cumulative)\n")
     print("| what | ms | vs asyncio alone |")
     print("|---|---|---|")
-    asyncio_ms = rows[1][1]
-    for what, ms in rows:
-        print(f"| {what} | {ms:.1f} | {ms / asyncio_ms:.2f}x |")
-    warm = rows[0][1]
+    for label, ms in medians.items():
+        print(f"| {label} | {ms:.1f} | {ms / medians['import asyncio alone']:.2f}x |")
+    warm = medians[cases[0][0]]
     print(f"\ntarget: import atropos_slurm (bytecode cached) <= {TARGET_MS:.0f} ms: "
           f"{'PASS' if warm <= TARGET_MS else 'FAIL'} ({warm:.1f} ms)")
     return 0 if warm <= TARGET_MS else 1
