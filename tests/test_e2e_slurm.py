@@ -18,6 +18,10 @@ variant, ``atropos-rl-het.sbatch``, with its components given on the command lin
     INFER_TP=2, no NUM_TRAINING_NODES, no GPUS_PER_NODE  ->  node1 (component 0) trains,
     node2 and node3 (component 1: Slurm writes 'h100:4') run 2 servers each.
 
+Last ``atropos-rl.sbatch`` with ``INFER_TP=16`` on the 8-GPU nodes and an ``INFER_CMD``: one
+server spans node2 and node3, its command runs on both ({node_rank} 0 and 1), it listens on
+node2, one watcher runs there, and the main command finds that one server.
+
 (A node of two GPU types breaks untyped --gpus-per-node steps in Slurm 22.05: "Step requested
 gres_per_node=gpu:8 is more than the job's gres_per_node=gpu:4"; the several-types form,
 ``h100:2,a100:2``, is checked in test_atropos_slurm.py with the variables 22.05 wrote.)
@@ -380,6 +384,52 @@ class TestHeterogeneousJob(unittest.TestCase):
             mine = [r for r in self.watch if r.get("node_num") == k]
             for i in range(HET_GPUS // HET_TP):
                 self.assertIn(1, [r.get(f"server/server_health_{k}_{i}") for r in mine], (k, i, mine[-3:]))
+
+
+class TestServersSpanningNodes(unittest.TestCase):
+    """atropos-rl.sbatch with INFER_TP=16 on 8-GPU nodes: one server on node2 + node3, listening on node2."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="atropos-e2e-span-")
+        # INFER_CMD runs on every node of the group; the stub's --model shows the placeholders it got.
+        cmd = "{python} -m atropos_slurm stub-server --host {host} --port {port} --model rank{node_rank}-of-{nnodes}-{head}"
+        cls.sbatch, cls.output, seconds = submit(
+            JOB_SCRIPT, driver_settings(NUM_TRAINING_NODES="1", INFER_TP="16", INFER_CMD=cmd),
+            [f"--nodes={len(NODES)}"], cls.tmp)
+        cls.markers = markers(cls.output)
+        cls.watch = watcher_records(cls.output)
+        sys.stderr.write(f"\ne2e timings: spanning sbatch --wait {seconds:.1f} s\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def marker(self, event, **match):
+        return TestSlurmEndToEnd.marker(self, event, **match)
+
+    def test_job_succeeded_and_no_request_lost(self):
+        self.assertEqual(self.sbatch.returncode, 0,
+                         f"sbatch --wait exit {self.sbatch.returncode}: {self.sbatch.stderr}\n{self.output[-6000:]}")
+        self.assertEqual(self.marker("done")["lost"], 0)
+
+    def test_one_server_on_the_groups_first_node(self):
+        self.assertIn("each server spans 2 nodes (INFER_TP=16 x INFER_PP=1 on 8 GPUs per node) and listens on the "
+                      "first, port 9000; 1 in all", self.output)
+        d = self.marker("discovery")
+        self.assertEqual((d["urls"], d["nodes_per_server"]), (["http://node2:9000/v1"], 2))
+        stats = self.marker("stub_stats", when="after_A")["stats"]
+        self.assertEqual(stats["http://node2:9000/v1"]["completed"], PHASE_REQUESTS)
+
+    def test_command_ran_on_every_node_of_the_group_with_all_its_gpus(self):
+        for node, rank in (("node2", 0), ("node3", 1)):
+            self.assertRegex(self.output, rf"atropos-rl: server {node}:9000 \(inference node {rank}, GPUs 0,1,2,3,4,5,6,7, "
+                                          rf"rank {rank} of 2\): .* --model rank{rank}-of-2-node2\n")
+
+    def test_one_watcher_on_the_first_node(self):
+        self.assertIn("atropos-rl: watcher on node2 (node_num 0)", self.output)
+        self.assertNotIn("watcher on node3", self.output)
+        self.assertIn(1, [r.get("server/server_health_0_0") for r in self.watch if r.get("node_num") == 0])
 
 if __name__ == "__main__":
     unittest.main()
