@@ -632,9 +632,10 @@ class Discovery:
         if self.het_group is not None:
             lines.append(f"heterogeneous job: the servers are component {self.het_group}'s nodes "
                          f"({ENV_INFERENCE_HET_GROUP}, default the last); the other components train")
-        lines.append(f"nodes: {len(self.training_nodes)} training {_shown(' '.join(self.training_nodes))}, "
-                     f"{len(self.inference_nodes)} inference {_shown(' '.join(self.inference_nodes))} "
-                     f"(hostlist backend {self.backend})")
+        named = {k: f" {_shown(' '.join(v))}" if v else "" for k, v in (("training", self.training_nodes),
+                                                                      ("inference", self.inference_nodes))}
+        lines.append(f"nodes: {len(self.training_nodes)} training{named['training']}, {len(self.inference_nodes)} "
+                     f"inference{named['inference']} (hostlist backend {self.backend})")
         lines.append(f"GPUs per node: {lay.gpus_per_node}, from {lay.gpus_from}")
         lines.append(f"GPUs per server: INFER_TP {lay.tp} x INFER_PP {lay.pp} = {lay.tp * lay.pp}")
         if lay.nodes_per_server > 1:
@@ -643,6 +644,34 @@ class Discovery:
             lines.append(f"{lay.servers_per_node} server(s) per inference node, ports {lay.base_port}-{lay.ports[-1]}")
         lines.append(f"{len(self.servers)} server(s) in all")
         return lines
+
+
+def inference_het_group(env: Dict[str, str]) -> Optional[int]:
+    """In a heterogeneous job (``SLURM_HET_SIZE`` set), the component that runs the servers:
+    ``ATROPOS_SLURM_INFERENCE_HET_GROUP``, default the last; None in an ordinary job."""
+    if "SLURM_HET_SIZE" not in env:
+        if ENV_INFERENCE_HET_GROUP in env:
+            raise ConfigError(f"{ENV_INFERENCE_HET_GROUP}={_shown(env[ENV_INFERENCE_HET_GROUP])} is set but this is "
+                              "not a heterogeneous job (SLURM_HET_SIZE is not set)")
+        return None
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    if ENV_INFERENCE_HET_GROUP not in env:
+        return size - 1
+    return _int_setting(ENV_INFERENCE_HET_GROUP, env[ENV_INFERENCE_HET_GROUP], minimum=0, maximum=size - 1)
+
+
+def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[str]], str]:
+    """Each component's nodes (``SLURM_JOB_NODELIST_HET_GROUP_<n>``: in a heterogeneous job's
+    batch script ``SLURM_JOB_NODELIST`` holds component 0's alone) and the backend used."""
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    components, used = [], backend
+    for group in range(size):
+        name = f"SLURM_JOB_NODELIST_HET_GROUP_{group}"
+        if not env.get(name):
+            raise ConfigError(f"SLURM_HET_SIZE={size} but {name} is not set")
+        names, used = resolve_hostnames(env[name], backend)
+        components.append(names)
+    return components, used
 
 
 def read_server_list(value: str, name: str = ENV_SERVERS) -> List[str]:
@@ -690,34 +719,6 @@ def listed_servers(value: str, name: str = ENV_SERVERS) -> Discovery:
         mine.append(ServerAddress(host, port, list(hosts).index(host), len(mine), scheme, path))
         servers.append(mine[-1])
     return Discovery(tuple(servers), name, nodes=tuple(hosts), inference_nodes=tuple(hosts))
-
-
-def inference_het_group(env: Dict[str, str]) -> Optional[int]:
-    """In a heterogeneous job (``SLURM_HET_SIZE`` set), the component that runs the servers:
-    ``ATROPOS_SLURM_INFERENCE_HET_GROUP``, default the last; None in an ordinary job."""
-    if "SLURM_HET_SIZE" not in env:
-        if ENV_INFERENCE_HET_GROUP in env:
-            raise ConfigError(f"{ENV_INFERENCE_HET_GROUP}={_shown(env[ENV_INFERENCE_HET_GROUP])} is set but this is "
-                              "not a heterogeneous job (SLURM_HET_SIZE is not set)")
-        return None
-    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
-    if ENV_INFERENCE_HET_GROUP not in env:
-        return size - 1
-    return _int_setting(ENV_INFERENCE_HET_GROUP, env[ENV_INFERENCE_HET_GROUP], minimum=0, maximum=size - 1)
-
-
-def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[str]], str]:
-    """Each component's nodes (``SLURM_JOB_NODELIST_HET_GROUP_<n>``: in a heterogeneous job's
-    batch script ``SLURM_JOB_NODELIST`` holds component 0's alone) and the backend used."""
-    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
-    components, used = [], backend
-    for group in range(size):
-        name = f"SLURM_JOB_NODELIST_HET_GROUP_{group}"
-        if not env.get(name):
-            raise ConfigError(f"SLURM_HET_SIZE={size} but {name} is not set")
-        names, used = resolve_hostnames(env[name], backend)
-        components.append(names)
-    return components, used
 
 
 def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = None, tp: Any = None,

@@ -763,6 +763,17 @@ class CLI(unittest.TestCase):
         if sys.version_info >= (3, 10):
             self.assertEqual(proc.stdout.strip(), "[]")
 
+    def test_import_leaves_the_event_loop_and_single_use_modules_for_later(self):
+        # What keeps the import fast (bench/bench_import.py); discovery runs without them too.
+        heavy = ["asyncio", "ssl", "socket", "subprocess", "uuid", "runpy", "email.utils", "concurrent.futures"]
+        code = (f"import sys; import atropos_slurm as a; print([m for m in {heavy!r} if m in sys.modules]); "
+                "a.discover_servers('n[1-2]', 1, backend='python', env={}); "
+                f"print([m for m in {heavy!r} if m in sys.modules])")
+        proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=HERE,
+                              timeout=30)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split("\n")[:2], ["[]", "[]"])
+
 
 # ----------------------------------------------------------------------------------------------
 # Hardening (issue 10): bounded hostlists, values that cannot be sent, numbers, closed pipes
