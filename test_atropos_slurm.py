@@ -442,6 +442,14 @@ class ClusterShapes(unittest.TestCase):
         self.assertEqual((found.layout.gpus_per_node, found.layout.gpus_from), (4, "SLURM_GPUS_PER_NODE_HET_GROUP_1"))
         self.assertEqual(found.urls, [f"http://node{k}:{9000 + i}/v1" for k in (2, 3) for i in range(4)])
 
+    def test_manager_in_a_het_job_discovers_despite_a_one_node_job_nodelist(self):
+        # Atropos' rule "a one-node SLURM_JOB_NODELIST discovers nothing" must not read component 0's list.
+        env = self.env()
+        with mock.patch.dict(os.environ, env, clear=True):
+            for manager in (ServerManager(ServerBaseline(), slurm=True), ServerManager(ServerBaseline())):
+                self.assertEqual([s.config.base_url for s in manager.servers],
+                                 [f"http://node{k}:{9000 + i}/v1" for k in (2, 3) for i in range(4)])
+
     def test_het_job_other_component_and_tp(self):
         found = self.discover(**{a.ENV_INFERENCE_HET_GROUP: "0", "INFER_TP": "1"})
         self.assertEqual((found.training_nodes, found.inference_nodes), (("node2", "node3"), ("node1",)))
