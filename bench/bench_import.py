@@ -3,7 +3,9 @@
 
 Each measurement is a fresh interpreter running ``python -X importtime -c "import NAME"``: the
 module's cumulative line (its own body plus every module it imported first), in ms, median of
-``--repeats`` runs.  The module is imported from a copy in a temporary directory whose
+``--repeats`` runs.  That is wall time; on a loaded machine it grows with the load, so a second
+column gives the CPU time the import costs: the interpreter's CPU time (user + system) minus
+that of one running ``pass``, medians.  The module is imported from a copy in a temporary directory whose
 ``__pycache__`` is written once first (``PYTHONDONTWRITEBYTECODE`` unset), as after
 ``pip install`` or on a cluster's second run; ``--cold`` also shows it compiled from source
 every time (what a read-only copy with ``PYTHONDONTWRITEBYTECODE=1`` costs).
@@ -19,6 +21,7 @@ other load on the machine weighs on all alike.  Target (issue 19): ``atropos_slu
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +42,14 @@ def import_ms(name: str, cwd: str, env: dict) -> float:
     lines = [line.split("|") for line in proc.stderr.splitlines() if line.startswith("import time:")]
     cumulative = [int(cols[1]) for cols in lines if len(cols) == 3 and cols[2].strip() == name]
     return cumulative[-1] / 1000.0 if cumulative else 0.0  # 0: already loaded by site
+
+
+def cpu_ms(statement: str, cwd: str, env: dict) -> float:
+    """CPU time (user + system) of a fresh interpreter running ``statement``, in ms."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", statement], cwd=cwd, env=env, check=True, timeout=60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000.0
 
 
 def copy_of(module: str, parent: str, label: str) -> str:
@@ -77,19 +88,25 @@ def main() -> int:
             cases.append(("import atropos_slurm (compiled each time)", "atropos_slurm", cold,
                           dict(env, PYTHONDONTWRITEBYTECODE="1")))
         times = {label: [] for label, *_ in cases}
+        cpu = {label: [] for label, *_ in cases + [("pass", None, None, None)]}
         for _ in range(args.repeats):  # alternating: load on the machine weighs on every case alike
+            cpu["pass"].append(cpu_ms("pass", tmp, env))
             for label, name, cwd, case_env in cases:
                 times[label].append(import_ms(name, cwd, case_env))
+                cpu[label].append(cpu_ms(f"import {name}", cwd, case_env))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     medians = {label: statistics.median(values) for label, values in times.items()}
+    cpu_medians = {label: statistics.median(values) - statistics.median(cpu["pass"])
+                   for label, values in cpu.items() if label != "pass"}
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"median of {args.repeats} fresh interpreters each, alternating (-X importtime, cumulative)\n")
-    print("| what | ms | vs asyncio alone |")
-    print("|---|---|---|")
+    print("| what | ms (-X importtime) | CPU ms | vs asyncio alone (ms, CPU) |")
+    print("|---|---|---|---|")
+    base, base_cpu = medians["import asyncio alone"], cpu_medians["import asyncio alone"]
     for label, ms in medians.items():
-        print(f"| {label} | {ms:.1f} | {ms / medians['import asyncio alone']:.2f}x |")
+        print(f"| {label} | {ms:.1f} | {cpu_medians[label]:.1f} | {ms / base:.2f}x, {cpu_medians[label] / base_cpu:.2f}x |")
     warm = medians[cases[0][0]]
     print(f"\ntarget: import atropos_slurm (bytecode cached) <= {TARGET_MS:.0f} ms: "
           f"{'PASS' if warm <= TARGET_MS else 'FAIL'} ({warm:.1f} ms)")
