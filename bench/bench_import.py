@@ -10,7 +10,10 @@ that of one running ``pass``, medians.  The module is imported from a copy in a 
 ``pip install`` or on a cluster's second run; ``--cold`` also shows it compiled from source
 every time (what a read-only copy with ``PYTHONDONTWRITEBYTECODE=1`` costs).
 
-    python3 bench/bench_import.py [--repeats 21] [--cold] [--baseline OLD/atropos_slurm.py]
+    python3 bench/bench_import.py [--repeats 21] [--cold] [--baseline OLD/atropos_slurm.py] [--instructions]
+
+``--instructions`` also counts the instructions of each import under valgrind's callgrind
+(minus those of ``pass``): the same on a loaded machine as on a quiet one.
 
 Prints a table: the module, ``--baseline`` (another version of it, e.g. ``git show
 main:atropos_slurm.py > /tmp/old.py``), ``import asyncio`` alone (what ``atropos_slurm`` loads on
@@ -52,6 +55,17 @@ def cpu_ms(statement: str, cwd: str, env: dict) -> float:
     return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000.0
 
 
+def instructions(statement: str, cwd: str, env: dict) -> int:
+    """Instructions a fresh interpreter executes for ``statement`` (callgrind's total)."""
+    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                           os.path.realpath(sys.executable), "-c", statement],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    found = [line.split()[-1] for line in proc.stderr.splitlines() if "Collected :" in line]
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"valgrind failed (apt-get install valgrind):\n{proc.stderr[-2000:]}")
+    return int(found[-1])
+
+
 def copy_of(module: str, parent: str, label: str) -> str:
     """A directory holding ``module`` as ``atropos_slurm.py``, its bytecode written once."""
     path = os.path.join(parent, label)
@@ -71,6 +85,7 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true", help="also time the import compiled from source each time")
     parser.add_argument("--module", default=MODULE, help="the atropos_slurm.py to time (default: this checkout's)")
     parser.add_argument("--baseline", help="another atropos_slurm.py to time alongside")
+    parser.add_argument("--instructions", action="store_true", help="also count instructions (valgrind)")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-import-")
@@ -94,6 +109,11 @@ def main() -> int:
             for label, name, cwd, case_env in cases:
                 times[label].append(import_ms(name, cwd, case_env))
                 cpu[label].append(cpu_ms(f"import {name}", cwd, case_env))
+        counts = {}
+        if args.instructions:
+            floor = instructions("pass", tmp, env)
+            counts = {label: instructions(f"import {name}", cwd, case_env) - floor
+                      for label, name, cwd, case_env in cases}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -107,6 +127,11 @@ def main() -> int:
     base, base_cpu = medians["import asyncio alone"], cpu_medians["import asyncio alone"]
     for label, ms in medians.items():
         print(f"| {label} | {ms:.1f} | {cpu_medians[label]:.1f} | {ms / base:.2f}x, {cpu_medians[label] / base_cpu:.2f}x |")
+    if counts:
+        print("\n| what | instructions (callgrind, minus `pass`) | vs asyncio alone |")
+        print("|---|---|---|")
+        for label, count in counts.items():
+            print(f"| {label} | {count / 1e6:.1f} M | {count / counts['import asyncio alone']:.2f}x |")
     warm = medians[cases[0][0]]
     print(f"\ntarget: import atropos_slurm (bytecode cached) <= {TARGET_MS:.0f} ms: "
           f"{'PASS' if warm <= TARGET_MS else 'FAIL'} ({warm:.1f} ms)")
