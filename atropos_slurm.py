@@ -639,7 +639,8 @@ class Discovery:
         lines.append(f"GPUs per node: {lay.gpus_per_node}, from {lay.gpus_from}")
         lines.append(f"GPUs per server: INFER_TP {lay.tp} x INFER_PP {lay.pp} = {lay.tp * lay.pp}")
         if lay.nodes_per_server > 1:
-            lines.append(f"each server spans {lay.nodes_per_server} nodes and listens on the first, port {lay.base_port}")
+            lines.append(f"each server spans {lay.nodes_per_server} nodes and listens on the first, "
+                         f"port {lay.base_port}")
         else:
             lines.append(f"{lay.servers_per_node} server(s) per inference node, ports {lay.base_port}-{lay.ports[-1]}")
         lines.append(f"{len(self.servers)} server(s) in all")
@@ -4265,7 +4266,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         use_wandb=not args.no_wandb, legacy_metric_names=args.legacy_metric_names,
         layout={"node_num": node_num, "host": args.host, "tp": layout.tp, "pp": layout.pp,
                 "gpus_per_node": layout.gpus_per_node, "gpus_per_node_from": layout.gpus_from,
-                "nodes_per_server": layout.nodes_per_server, "base_port": base, "ports": ports, "health_path": args.health_path, "api_addr": args.api_addr,
+                "nodes_per_server": layout.nodes_per_server, "base_port": base, "ports": ports,
+                "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
     log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],

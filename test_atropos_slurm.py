@@ -471,7 +471,8 @@ class ClusterShapes(unittest.TestCase):
             ({a.ENV_INFERENCE_HET_GROUP: "2"}, "ATROPOS_SLURM_INFERENCE_HET_GROUP='2' must be at most 1"),
             ({a.ENV_INFERENCE_HET_GROUP: "last"}, "ATROPOS_SLURM_INFERENCE_HET_GROUP='last' is not an integer"),
             (dict(SLURM_HET_SIZE="two"), "SLURM_HET_SIZE='two' is not an integer"),
-            (dict(SLURM_JOB_NODELIST_HET_GROUP_1=None), "SLURM_HET_SIZE=2 but SLURM_JOB_NODELIST_HET_GROUP_1 is not set"),
+            (dict(SLURM_JOB_NODELIST_HET_GROUP_1=None),
+             "SLURM_HET_SIZE=2 but SLURM_JOB_NODELIST_HET_GROUP_1 is not set"),
             (dict(SLURM_JOB_NODELIST_HET_GROUP_1="node[3-2]"), "scontrol rejected hostlist 'node[3-2]'"),
             (dict(SLURM_GPUS_PER_NODE_HET_GROUP_1="lots"), "SLURM_GPUS_PER_NODE_HET_GROUP_1='lots' is not a GPU count"),
         ]:
@@ -523,7 +524,8 @@ class ClusterShapes(unittest.TestCase):
         urls = ["http://a:9000/v1", "https://b.example:8443/v1", "http://[::1]:9100/v1", "http://a:9001/v1"]
         found = self.discover(**{a.ENV_SERVERS: " , ".join(urls[:2]) + "\n\t" + " ".join(urls[2:])})
         self.assertEqual(found.urls, urls)
-        self.assertEqual((found.source, found.layout, found.inference_nodes), (a.ENV_SERVERS, None, ("a", "b.example", "::1")))
+        self.assertEqual((found.source, found.layout, found.inference_nodes),
+                         (a.ENV_SERVERS, None, ("a", "b.example", "::1")))
         self.assertEqual([(s.node_index, s.local_index) for s in found.servers], [(0, 0), (1, 0), (2, 0), (0, 1)])
         path = os.path.join(self.tmp, "servers.txt")
         with open(path, "w") as f:

@@ -393,7 +393,8 @@ class TestServersSpanningNodes(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="atropos-e2e-span-")
         # INFER_CMD runs on every node of the group; the stub's --model shows the placeholders it got.
-        cmd = "{python} -m atropos_slurm stub-server --host {host} --port {port} --model rank{node_rank}-of-{nnodes}-{head}"
+        cmd = ("{python} -m atropos_slurm stub-server --host {host} --port {port} "
+               "--model rank{node_rank}-of-{nnodes}-{head}")
         cls.sbatch, cls.output, seconds = submit(
             JOB_SCRIPT, driver_settings(NUM_TRAINING_NODES="1", INFER_TP="16", INFER_CMD=cmd),
             [f"--nodes={len(NODES)}"], cls.tmp)
@@ -423,8 +424,8 @@ class TestServersSpanningNodes(unittest.TestCase):
 
     def test_command_ran_on_every_node_of_the_group_with_all_its_gpus(self):
         for node, rank in (("node2", 0), ("node3", 1)):
-            self.assertRegex(self.output, rf"atropos-rl: server {node}:9000 \(inference node {rank}, GPUs 0,1,2,3,4,5,6,7, "
-                                          rf"rank {rank} of 2\): .* --model rank{rank}-of-2-node2\n")
+            self.assertRegex(self.output, rf"atropos-rl: server {node}:9000 \(inference node {rank}, GPUs "
+                                          rf"0,1,2,3,4,5,6,7, rank {rank} of 2\): .* --model rank{rank}-of-2-node2\n")
 
     def test_one_watcher_on_the_first_node(self):
         self.assertIn("atropos-rl: watcher on node2 (node_num 0)", self.output)
