@@ -636,7 +636,8 @@ class Discovery:
                                                                       ("inference", self.inference_nodes))}
         lines.append(f"nodes: {len(self.training_nodes)} training{named['training']}, {len(self.inference_nodes)} "
                      f"inference{named['inference']} (hostlist backend {self.backend})")
-        lines.append(f"GPUs per node: {lay.gpus_per_node}, from {lay.gpus_from}")
+        lines.append(f"GPUs per node: {lay.gpus_per_node}, from "
+                     + ("the default (no flag or variable says)" if lay.gpus_from == "default" else lay.gpus_from))
         lines.append(f"GPUs per server: INFER_TP {lay.tp} x INFER_PP {lay.pp} = {lay.tp * lay.pp}")
         if lay.nodes_per_server > 1:
             lines.append(f"each server spans {lay.nodes_per_server} nodes and listens on the first, "
