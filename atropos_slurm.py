@@ -677,14 +677,15 @@ def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[st
 
 
 def read_server_list(value: str, name: str = ENV_SERVERS) -> List[str]:
-    """The URLs of ``value``: separated by commas or whitespace, or ``@path``, a file of them,
-    one per line, ``#`` starting a comment.  Each is checked as ``base_url`` is (``parse_base_url``);
-    a server listed twice is refused (it would take twice the load)."""
+    """The URLs of ``value``: separated by commas or whitespace, or ``@path``, a file of them
+    (``~`` expanded, UTF-8 with or without a BOM), one per line, ``#`` starting a comment.  Each is
+    checked as ``base_url`` is (``parse_base_url``); a server listed twice is refused (it would
+    take twice the load)."""
     value = value.strip()
     if value.startswith("@"):
-        path = value[1:]
+        path = os.path.expanduser(value[1:])
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read(MAX_SERVER_LIST_BYTES + 1)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{name}={_shown(value)}: cannot read {path!r}: {getattr(e, 'strerror', None) or e}") \

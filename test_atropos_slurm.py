@@ -528,7 +528,7 @@ class ClusterShapes(unittest.TestCase):
                          (a.ENV_SERVERS, None, ("a", "b.example", "::1")))
         self.assertEqual([(s.node_index, s.local_index) for s in found.servers], [(0, 0), (1, 0), (2, 0), (0, 1)])
         path = os.path.join(self.tmp, "servers.txt")
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8-sig", newline="\r\n") as f:  # as a Windows editor saves it
             f.write("# servers of job 123\nhttp://a:9000/v1   # the first\n\nhttps://b.example:8443/v1/\n")
         found = self.discover(**{a.ENV_SERVERS: "@" + path})
         self.assertEqual(found.urls, ["http://a:9000/v1", "https://b.example:8443/v1"])
