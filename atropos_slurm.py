@@ -2563,7 +2563,10 @@ class RouteKeys:
         if isinstance(messages, list):
             key = 0
             for message in messages:
-                key = hash((key, _message_unit(message)))
+                content = message.get("content") if type(message) is dict else None
+                unit = ((message["role"] if "role" in message else None, content.strip())
+                        if type(content) is str else _message_unit(message))  # the usual case inline
+                key = hash((key, unit))
                 keys.append(key)
             return cls(keys, True, key, None, 1) if keys else None
         prompt = kwargs.get("input_ids", kwargs.get("prompt"))
@@ -2678,7 +2681,10 @@ class PrefixRouter:
         return best
 
     def placed(self, route: RouteKeys, server: Any) -> None:
-        self._remember(route.keys[-1], server)
+        where = self._where
+        where[route.keys[-1]] = server  # (_remember, inline: it runs on every request)
+        if len(where) > self.entries:
+            where.popitem(last=False)
         self._sent[server] += 1
 
     def report(self, server: Any, load: Optional[int]) -> None:
