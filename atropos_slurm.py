@@ -2674,7 +2674,8 @@ class PrefixRouter:
         for _ in range(min(count, 8)):  # at most 8 looks past servers down or over the bound
             server = servers[i]
             i = i + 1 if i + 1 < count else 0
-            if server.healthy and self._load(server) < bound:
+            if server.healthy and (self._load(server) if self.reported_total else
+                                   server.in_flight["train"] + server.in_flight["eval"]) < bound:
                 if best is not None:
                     return server if sent[server] < sent[best] else best
                 best = server
@@ -2682,7 +2683,7 @@ class PrefixRouter:
 
     def placed(self, route: RouteKeys, server: Any) -> None:
         where = self._where
-        where[route.keys[-1]] = server  # (_remember, inline: it runs on every request)
+        where[route.keys[-1]] = server  # a key found again was moved to the end by choose
         if len(where) > self.entries:
             where.popitem(last=False)
         self._sent[server] += 1
@@ -2698,22 +2699,21 @@ class PrefixRouter:
     def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
         """Learn where each choice's conversation continues (chat and text completions)."""
         choices = response.get("choices") if isinstance(response, dict) else None
-        for choice in choices or ():  # objects: decode_response checked them
-            if route.chat:
+        if not choices:
+            return
+        where, chat = self._where, route.chat
+        for choice in choices:  # objects: decode_response checked them
+            if chat:
                 message = choice.get("message")
                 answer = message.get("content") if isinstance(message, dict) else None
             else:
                 answer = choice.get("text")
             key = route.after(answer if answer is not None else "")
             if key is not None:
-                self._remember(key, server)
-
-    def _remember(self, key: int, server: Any) -> None:
-        """Keep ``key`` -> ``server`` (a key found again was moved to the end by ``choose``)."""
-        where = self._where
-        where[key] = server
-        if len(where) > self.entries:
+                where[key] = server
+        while len(where) > self.entries:
             where.popitem(last=False)
+
 
 
 # =============================================================================================
