@@ -1697,20 +1697,35 @@ def decode_object(data: Any, url: str, what: str, aborts: bool = False) -> AttrD
     return value
 
 
-def decode_response(body: bytes, url: str = "", array_ok: bool = False, aborts: bool = False) -> Any:
-    """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
-    ``/generate`` with ``n > 1``); ``aborts``: see ``decode_object``."""
-    if array_ok and body.lstrip()[:1] == b"[":
-        try:
-            items = _loads_attr(body)
-        except (ValueError, RecursionError):
-            raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
-        if not all(isinstance(item, dict) for item in items):
-            raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
-        return items
+def decode_response(body: bytes, url: str = "", aborts: bool = False) -> Any:
+    """An ``APIResponse``; ``aborts``: see ``decode_object``."""
     response = APIResponse(decode_object(body, url, "response body", aborts))
     response.raw = body
     return response
+
+
+class _NonFiniteLiteral(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: Python's JSON reader takes them, JSON has none."""
+
+
+def _refuse_literal(name: str) -> Any:
+    raise _NonFiniteLiteral(name)
+
+
+_TOKEN_DECODER = json.JSONDecoder(parse_constant=_refuse_literal)
+
+
+def decode_token_answer(body: bytes, url: str = "") -> Any:
+    """A token protocol's answer (``TokenReader`` reads it): any JSON value, as plain data;
+    ``NaN``/``Infinity`` literals raise ``TokenProtocolError``, a body that is not JSON
+    ``ProtocolError`` (as for any answer)."""
+    try:
+        return _TOKEN_DECODER.decode(body.decode("utf-8"))
+    except _NonFiniteLiteral as e:
+        raise TokenProtocolError(f"the answer holds {e}, which is not JSON (a logprob must be a finite number)",
+                                 url) from None
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
 
 
 def check_not_aborted(response: Any, url: str) -> Any:
@@ -1907,10 +1922,11 @@ class OpenAIServer:
         return await self.post("/completions", self.request_body("/completions", kwargs), timeout=kwargs.get("timeout"))
 
     async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
-                   timeout: Optional[float] = None, root: bool = False,
+                   timeout: Optional[float] = None, root: bool = False, tokens: bool = False,
                    loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
         """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
-        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming.
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming;
+        with ``tokens``, a token protocol's answer as plain JSON (``decode_token_answer``).
 
         ``timeout`` (seconds) replaces the config's for this request, as the SDK's ``timeout=``.
         ``loop``: the running loop, when the caller has it (see ``ConnectionPool.send``).
@@ -1941,8 +1957,8 @@ class OpenAIServer:
             raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
         if conn is not None:
             return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
-        if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
-            return decode_response(data, self.url, array_ok=True)
+        if tokens:  # its protocol reads it (and its aborts)
+            return decode_token_answer(data, self.url)
         return decode_response(data, self.url, aborts=True)
 
     async def check_health(self) -> bool:
@@ -2257,6 +2273,7 @@ class RetryPolicy:
     or the server's ``Retry-After`` if longer (over ``MAX_RETRY_AFTER`` we give up instead).
     Marked down: servers that failed to answer (connection, timeout, protocol) or answered 5xx.
     Not a sign of death: a stale pooled connection, 408/429, an abort (a paused server).
+    Not retried: other 4xx, a too large body, a malformed token answer (``TokenProtocolError``).
     """
 
     max_retries: int = 2
@@ -2267,7 +2284,7 @@ class RetryPolicy:
         """The decision after ``attempt`` (1-based) failed with ``error``; ``jitter`` in [0.75, 1]."""
         if isinstance(error, StaleConnectionError):
             return Retry(Retry.RESEND)
-        if isinstance(error, ResponseTooLargeError):
+        if isinstance(error, (ResponseTooLargeError, TokenProtocolError)):  # the same answer again
             return Retry(Retry.RAISE)
         mark_down, retry_after = False, None
         if isinstance(error, APIStatusError):
@@ -2418,9 +2435,14 @@ class ServerManager:
     async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
         """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
         for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
-        one list per choice, in choice order, ``n`` split as for ``completion``."""
+        one list per choice, in choice order, ``n`` split as for ``completion``.  Every id and
+        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
+        return await self._token_completion(kwargs)
+
+    async def _token_completion(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
+        """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
         token_prompt(kwargs)
-        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False))
+        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False, vocab))
         outputs, logprobs, reasons = [], [], []
         for _, part_outputs, part_logprobs, part_reasons in parts:
             outputs += part_outputs
@@ -2432,17 +2454,26 @@ class ServerManager:
         """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
         "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
-        token_prompt(kwargs)
-        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True)))[0]
+        return await self._prompt_logprobs(kwargs)
 
-    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> Any:
+    async def _prompt_logprobs(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Dict[str, Any]:
+        """``get_logprobs``; ``vocab``: the tokenizer's size, when known."""
+        token_prompt(kwargs)
+        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True, vocab)))[0]
+
+    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool, vocab: Optional[int] = None) -> Any:
         """One token request through the slots and retries, in the protocol of whichever server
-        takes it: on a 404 the server's next protocol is tried (once per server, said once)."""
+        takes it: on a 404 the server's next protocol is tried (once per server, said once).
+        The answer is read (``TokenReader``) before the slot is given back: an aborted
+        generation is retried like a 5xx, a malformed answer raises ``TokenProtocolError``."""
         prompt, params = token_prompt(kwargs), sampling_params(kwargs)
+        top_k, n = 0, params.get("n", 1)
         if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
-            top_k = params.pop("top_k", params.pop("top_logprobs", 1))
+            top_k, n = params.pop("top_k", params.pop("top_logprobs", 1)), 1
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={_shown(n)} must be a positive integer")
 
         async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any, str]:
             protocols = token_protocols(server.config.server_type)
@@ -2453,7 +2484,7 @@ class ServerManager:
                 body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
                         else protocol.completion_body(model, prompt, params))
                 try:
-                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root,
+                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root, tokens=True,
                                              timeout=kwargs.get("timeout"))
                 except APIStatusError as error:
                     if error.status != 404 or index + 1 >= len(protocols):
@@ -2464,25 +2495,10 @@ class ServerManager:
                                     protocols[index].name)
                         self._tokens_via[server] = index
                     continue
-                if protocol.aborted(data):
-                    raise GenerationAbortedError("the server aborted the generation", server.url)
-                return protocol, data, server.url
+                read = TokenReader(protocol.name, server.url, n, vocab, prompt, top_k)
+                return (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, read)
 
-        protocol, data, url = await self._request("", kwargs, send=send)
-        try:
-            result = (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, url)
-        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
-            raise TokenProtocolError(f"malformed {protocol.name} answer ({type(e).__name__}: {e})", url) from None
-        ids = prompt if isinstance(prompt, list) else self._reported(result[0], url)
-        if prompt_logprobs:
-            return {"prompt_tokens": ids, "prompt_topk_token_ids": result[1], "prompt_topk_logprobs": result[2]}
-        return (ids,) + tuple(result[1:])
-
-    @staticmethod
-    def _reported(ids: Optional[List[int]], url: str) -> List[int]:
-        if not ids:
-            raise TokenProtocolError("the server did not report the prompt's token ids; pass input_ids", url)
-        return list(ids)
+        return await self._request("", kwargs, send=send)
 
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
@@ -2741,35 +2757,169 @@ def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
     return params
 
 
-def _field(data: Any, path: str, url: str) -> Any:
-    """``data["a"]["b"]`` for ``path`` "a.b", or a ``TokenProtocolError`` naming what is missing."""
-    for key in path.split("."):
-        if not isinstance(data, dict) or data.get(key) is None:
-            raise TokenProtocolError(f"the answer has no {path!r}: is server_type right for this server?", url)
-        data = data[key]
-    return data
+_TOKEN_DIGITS = re.compile(r"[0-9]{1,19}\Z")  # a token id written as text: ASCII digits only ("٣" is a digit too)
+TOKEN_ID_BOUND = 2 ** 31  # token ids are below this when the tokenizer's size is unknown (every vocabulary is)
+MAX_LOGPROB = 1e-4  # a log-probability is <= 0; this much above is float rounding
 
 
-def _topk(entry: Any) -> Tuple[List[int], List[float]]:
-    """One prompt position's logprobs as (ids, logprobs), in the server's order, from any of
-    ``{id: logprob}``, ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]``
-    (Atropos' server) or ``[[logprob, id, text], ...]`` (SGLang); ``None`` (position 0) -> empty."""
-    pairs: List[Tuple[Any, Any]] = []
-    for item in (entry if isinstance(entry, list) else [entry or {}]):
-        if isinstance(item, dict):
-            pairs.extend(item.items())
-        elif isinstance(item, list) and len(item) >= 2:
-            pairs.append((item[1], item[0]))
-    return ([int(k) for k, _ in pairs],
-            [float(v["logprob"] if isinstance(v, dict) else v) for _, v in pairs])
+class _Count(int):
+    """A length, shown as ``3 item(s)`` in a ``TokenReader`` error."""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} item(s)"
+
+    __str__ = __repr__
+
+
+class TokenReader:
+    """Reads one token-protocol answer, strictly, before anything of it is recorded or returned.
+
+    Each read takes the JSON value and the field's name as it stands in the answer, and either
+    gives the value (ids as ``int``, logprobs as ``float``) or raises ``TokenProtocolError``
+    naming the server, the protocol, the field, what was expected and (cut short) what came.
+    ``n`` is the number of choices the request asked for; ``vocab`` the tokenizer's size
+    (``len(tokenizer)``) when known, else ids are only bounded by ``TOKEN_ID_BOUND``; ``prompt``
+    the request's token ids (or its text, which the server tokenizes); ``top_k`` the logprobs
+    asked per prompt position (prompt scoring).
+    """
+
+    def __init__(self, protocol: str, url: str, n: int = 1, vocab: Optional[int] = None, prompt: Any = None,
+                 top_k: int = 0):
+        self.protocol, self.url, self.n, self.prompt, self.top_k = protocol, url, n, prompt, top_k
+        self.bound = vocab or TOKEN_ID_BOUND
+        self.id_rule = (f"a token id: an integer >= 0 and < {vocab} (len(tokenizer))" if vocab
+                        else f"a token id: an integer >= 0 and < 2**31")
+
+    def error(self, field: str, expected: str, got: Any) -> TokenProtocolError:
+        shown = got if isinstance(got, _Count) else _shown(got)
+        return TokenProtocolError(f"{self.protocol} answer: {field} must be {expected}, got {shown}", self.url)
+
+    def get(self, obj: Any, key: str, field: str) -> Any:
+        """``obj[key]``, present and not null; ``field`` is the name of ``obj``'s ``key`` in the answer."""
+        if not isinstance(obj, dict):
+            raise self.error(field.rpartition(".")[0] or "the answer", "a JSON object", obj)
+        value = obj.get(key)
+        if value is None:
+            raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: is server_type right for this "
+                                     f"server? (answer: {_shown(obj)})", self.url)
+        return value
+
+    def items(self, value: Any, field: str, count: Optional[int] = None) -> list:
+        """A JSON array (a string is not one), of ``count`` items when given."""
+        if type(value) is not list:
+            raise self.error(field, "a list" if count is None else f"a list of {count}", value)
+        if count is not None and len(value) != count:
+            raise self.error(field, f"a list of {count} item(s)", _Count(len(value)))
+        return value
+
+    def token_id(self, value: Any, field: str) -> int:
+        if type(value) is not int or not 0 <= value < self.bound:  # type(): True is an int, not a token
+            raise self.error(field, self.id_rule, value)
+        return value
+
+    def token_ids(self, value: Any, field: str, count: Optional[int] = None) -> List[int]:
+        ids = self.items(value, field, count)
+        for i, t in enumerate(ids):
+            if type(t) is not int or not 0 <= t < self.bound:
+                raise self.error(f"{field}[{i}]", self.id_rule, t)
+        return ids
+
+    def token_text(self, value: Any, field: str, prefix: str = "") -> int:
+        """A token id written as ``prefix`` + ASCII digits (vLLM's ``"token_id:123"``, a JSON key ``"123"``)."""
+        if (type(value) is not str or not value.startswith(prefix)
+                or not _TOKEN_DIGITS.match(value, len(prefix)) or int(value[len(prefix):]) >= self.bound):
+            raise self.error(field, f"'{prefix}' and {self.id_rule}" if prefix else
+                             f"{self.id_rule}, written in ASCII digits", value)
+        return int(value[len(prefix):])
+
+    def logprob(self, value: Any, field: str) -> float:
+        """A JSON number (not a boolean), finite, <= 0 up to rounding; vLLM's -9999.0 for minus
+        infinity is the number it is."""
+        kind = type(value)
+        if kind is float:
+            if -math.inf < value <= MAX_LOGPROB:
+                return value
+        elif kind is int and -10 ** 300 < value <= 0:
+            return float(value)
+        raise self.error(field, "a logprob: a finite number <= 0", value)
+
+    def logprobs(self, value: Any, field: str, count: int) -> List[float]:
+        return [self.logprob(v, f"{field}[{i}]") for i, v in enumerate(self.items(value, field, count))]
+
+    def finish_reasons(self, values: Sequence[Any], fields: Sequence[str]) -> list:
+        """Each a string or SGLang's ``{"type": "..."}``, as sent; an ``abort`` in either form
+        raises ``GenerationAbortedError`` (retried like a 5xx).  A missing one is an error, not "stop"."""
+        for value, field in zip(values, fields):
+            kind = value.get("type") if isinstance(value, dict) else value
+            if type(kind) is not str or not kind:
+                raise self.error(field, "a finish reason: a string or {\"type\": a string}", value)
+            if kind == "abort":
+                raise GenerationAbortedError(f"the server aborted the generation ({field} is 'abort')", self.url)
+        return list(values)
+
+    def prompt_ids(self, reported: Any, field: str, required: bool) -> List[int]:
+        """The prompt's ids: the request's own, which the server's report (if any) must equal, or,
+        for a text prompt, the server's report (then ``required``)."""
+        if reported is None:
+            if isinstance(self.prompt, list):
+                return self.prompt
+            if required:
+                raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: the server did not report the "
+                                         "prompt's token ids; pass input_ids", self.url)
+            return []
+        ids = self.token_ids(reported, field)
+        if isinstance(self.prompt, list) and ids != self.prompt:
+            raise self.error(field, f"the {len(self.prompt)} prompt ids sent", ids)
+        if not ids:
+            raise self.error(field, "the prompt's token ids (not empty)", ids)
+        return ids
+
+    def topk(self, entry: Any, field: str, first: bool) -> Tuple[List[int], List[float]]:
+        """One prompt position's (ids, logprobs), in the server's order, from ``{id: logprob}``,
+        ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]`` (Atropos'
+        server) or ``[[logprob, id, text], ...]`` (SGLang).  The first position may be empty
+        (``None``: nothing comes before it); every other holds at least ``top_k`` distinct ids."""
+        ids: List[int] = []
+        lps: List[float] = []
+        if isinstance(entry, dict):
+            entry = [entry]
+        elif entry is not None and type(entry) is not list:
+            raise self.error(field, "a prompt position's logprobs (an object or a list)", entry)
+        for i, item in enumerate(entry or ()):
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    ids.append(self.token_text(key, f"{field} key"))
+                    if isinstance(value, dict):
+                        value = self.get(value, "logprob", f"{field}[{key!r}].logprob")
+                    lps.append(self.logprob(value, f"{field}[{key!r}]"))
+            elif type(item) is list and len(item) >= 2:
+                ids.append(self.token_id(item[1], f"{field}[{i}][1]"))
+                lps.append(self.logprob(item[0], f"{field}[{i}][0]"))
+            else:
+                raise self.error(f"{field}[{i}]", "{id: logprob} or [logprob, id, ...]", item)
+        if len(set(ids)) != len(ids):
+            raise self.error(field, "distinct token ids", ids)
+        if not first and len(ids) < self.top_k:
+            raise self.error(field, f"at least the {self.top_k} logprob(s) asked (top_k)", _Count(len(ids)))
+        return ids, lps
+
+    def prompt_topk(self, positions: Any, field: str, prompt_ids: List[int]) -> Dict[str, Any]:
+        """Atropos' prompt-scoring dict: exactly one position per prompt token."""
+        positions = self.items(positions, field, len(prompt_ids))
+        topk = [self.topk(entry, f"{field}[{i}]", i == 0) for i, entry in enumerate(positions)]
+        return {"prompt_tokens": prompt_ids, "prompt_topk_token_ids": [ids for ids, _ in topk],
+                "prompt_topk_logprobs": [lps for _, lps in topk]}
 
 
 class TokensProtocol:
     """How one kind of server takes a prompt of token ids and answers with token ids and logprobs.
 
     ``path`` is POSTed under ``base_url`` or, with ``root``, at the server's root.  Bodies are
-    built from the caller's sampling parameters; answers are read into plain lists.  A prompt is
-    a list of token ids, or text that the server tokenizes (then it reports the ids).
+    built from the caller's sampling parameters; answers are read by a ``TokenReader`` into
+    Atropos' shapes: ``(prompt ids, output ids per choice, their logprobs, finish reasons)``
+    for a completion, ``{"prompt_tokens", "prompt_topk_token_ids", "prompt_topk_logprobs"}``
+    for prompt scoring.  A prompt is a list of token ids, or text that the server tokenizes
+    (then it reports the ids).
     """
 
     name = path = ""
@@ -2778,25 +2928,21 @@ class TokensProtocol:
     def completion_body(self, model: str, prompt: Any, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def completion_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list, list]:
-        """(prompt ids if the server reported them, output ids per choice, their logprobs, finish reasons)."""
+    def completion_result(self, data: Any, read: TokenReader) -> Tuple[List[int], list, list, list]:
         raise NotImplementedError
 
     def logprobs_body(self, model: str, prompt: Any, top_k: int, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def logprobs_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list]:
-        """(prompt ids if reported, top-k ids per prompt position, their logprobs)."""
+    def logprobs_result(self, data: Any, read: TokenReader) -> Dict[str, Any]:
         raise NotImplementedError
-
-    def aborted(self, data: Any) -> bool:
-        return False
 
 
 class VLLMCompletionsTokens(TokensProtocol):
     """Any vLLM OpenAI server: a token-id prompt on ``/completions`` with ``logprobs`` and
     ``return_tokens_as_token_ids`` (tokens come back as ``"token_id:123"``), ``prompt_logprobs``
-    for prompt scoring, ``return_token_ids`` for the ids of a text prompt."""
+    for prompt scoring, ``return_token_ids`` for the ids of a text prompt.  Choices may come in
+    any order: they are returned in ``index`` order."""
 
     name, path = "vLLM /v1/completions", "/completions"
 
@@ -2808,19 +2954,34 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def completion_result(self, data, url):
-        choices = sorted(_field(data, "choices", url), key=lambda c: c.get("index") or 0)
-        outputs, logprobs, reasons = [], [], []
-        for choice in choices:
-            tokens = _field(choice, "logprobs.tokens", url)
-            if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
-                raise TokenProtocolError(f"logprobs.tokens are not 'token_id:N' ({tokens[:3]!r}...): "
-                                         "the server ignored return_tokens_as_token_ids", url)
-            outputs.append([int(t[len("token_id:"):]) for t in tokens])
-            logprobs.append(list(_field(choice, "logprobs.token_logprobs", url)))
-            reasons.append(choice.get("finish_reason"))
-        prompt_ids = choices[0].get("prompt_token_ids") if choices else None
-        return prompt_ids, outputs, logprobs, reasons
+    def _choices(self, data, read):
+        """The ``n`` choices, in ``index`` order (each index 0..n-1 once), and their names in the answer."""
+        choices = read.items(read.get(data, "choices", "choices"), "choices", read.n)
+        ordered: List[Any] = [None] * read.n
+        for i, choice in enumerate(choices):
+            index = read.get(choice, "index", f"choices[{i}].index")
+            if type(index) is not int or not 0 <= index < read.n or ordered[index] is not None:
+                raise read.error(f"choices[{i}].index", f"an index 0..{read.n - 1} not given before", index)
+            ordered[index] = (choice, f"choices[{i}]")
+        return ordered
+
+    def completion_result(self, data, read):
+        choices = self._choices(data, read)
+        reasons = read.finish_reasons([read.get(c, "finish_reason", f"{name}.finish_reason") for c, name in choices],
+                                      [f"{name}.finish_reason" for _, name in choices])
+        outputs, logprobs = [], []
+        for choice, name in choices:
+            lp = read.get(choice, "logprobs", f"{name}.logprobs")
+            tokens = read.items(read.get(lp, "tokens", f"{name}.logprobs.tokens"), f"{name}.logprobs.tokens")
+            outputs.append([read.token_text(t, f"{name}.logprobs.tokens[{i}] (return_tokens_as_token_ids)",
+                                            "token_id:") for i, t in enumerate(tokens)])
+            logprobs.append(read.logprobs(read.get(lp, "token_logprobs", f"{name}.logprobs.token_logprobs"),
+                                          f"{name}.logprobs.token_logprobs", len(tokens)))
+        prompts = [read.prompt_ids(c.get("prompt_token_ids"), f"{name}.prompt_token_ids", True) for c, name in choices]
+        for (_, name), ids in zip(choices[1:], prompts[1:]):
+            if ids != prompts[0]:
+                raise read.error(f"{name}.prompt_token_ids", "the ids of choice 0's prompt", ids)
+        return prompts[0], outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt, prompt_logprobs=top_k,
@@ -2830,17 +2991,18 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def logprobs_result(self, data, url):
-        choice = _field(data, "choices", url)[0]
-        positions = _field(choice, "prompt_logprobs", url)
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return choice.get("prompt_token_ids"), list(ids), list(lps)
+    def logprobs_result(self, data, read):
+        (choice, name), = self._choices(data, read)
+        prompt_ids = read.prompt_ids(choice.get("prompt_token_ids"), f"{name}.prompt_token_ids", True)
+        return read.prompt_topk(read.get(choice, "prompt_logprobs", f"{name}.prompt_logprobs"),
+                                f"{name}.prompt_logprobs", prompt_ids)
 
 
 class AtroposGenerateTokens(TokensProtocol):
     """Atropos' own vLLM server (``example_trainer/vllm_api_server.py``): ``POST /generate`` with
     ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}``, answered with per-choice
-    ``logprobs`` ``[[{id: logprob}], ...]`` and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
+    ``logprobs`` ``[[{id: logprob}], ...]`` (the sampled token first), ``token_ids`` (must agree)
+    and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
 
     name, path, root = "Atropos /generate", "/generate", True
 
@@ -2850,13 +3012,26 @@ class AtroposGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return dict({"prompt": self._prompt(prompt), "logprobs": 0}, **_max_tokens_named(params, "max_tokens"))
 
-    def completion_result(self, data, url):
+    def completion_result(self, data, read):
+        reasons = read.items(read.get(data, "finish_reasons", "finish_reasons"), "finish_reasons", read.n)
+        reasons = read.finish_reasons(reasons, [f"finish_reasons[{c}]" for c in range(read.n)])
         outputs, logprobs = [], []
-        for positions in _field(data, "logprobs", url):
-            pairs = [next(iter(position[0].items())) for position in positions]  # the sampled token
-            outputs.append([int(k) for k, _ in pairs])
-            logprobs.append([float(v) for _, v in pairs])
-        return data.get("prompt_token_ids"), outputs, logprobs, list(_field(data, "finish_reasons", url))
+        for c, positions in enumerate(read.items(read.get(data, "logprobs", "logprobs"), "logprobs", read.n)):
+            ids, lps = [], []
+            for j, position in enumerate(read.items(positions, f"logprobs[{c}]")):
+                field = f"logprobs[{c}][{j}]"
+                if type(position) is not list or not position or not isinstance(position[0], dict) or not position[0]:
+                    raise read.error(field, "[{id: logprob, ...}] (the sampled token first)", position)
+                top = read.topk(position, field, True)
+                ids.append(top[0][0])
+                lps.append(top[1][0])
+            outputs.append(ids)
+            logprobs.append(lps)
+        if data.get("token_ids") is not None:  # the server's own list of the sampled ids
+            for c, sampled in enumerate(read.items(data["token_ids"], "token_ids", read.n)):
+                if read.token_ids(sampled, f"token_ids[{c}]") != outputs[c]:
+                    raise read.error(f"token_ids[{c}]", f"the sampled ids of logprobs[{c}] {_shown(outputs[c])}", sampled)
+        return read.prompt_ids(data.get("prompt_token_ids"), "prompt_token_ids", True), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict({"prompt": self._prompt(prompt), "prompt_logprobs": top_k}, **_max_tokens_named(params, "max_tokens"))
@@ -2866,22 +3041,24 @@ class AtroposGenerateTokens(TokensProtocol):
         body.setdefault("max_tokens", 1)
         return body
 
-    def logprobs_result(self, data, url):
-        positions = _field(data, "prompt_logprobs", url)
-        if positions and isinstance(positions[0], list) and all(isinstance(p, list) for p in positions[0]):
-            positions = positions[0]  # [sequence][position]
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return data.get("prompt_token_ids"), list(ids), list(lps)
-
-    def aborted(self, data):
-        return isinstance(data, dict) and "abort" in (data.get("finish_reasons") or ())
+    def logprobs_result(self, data, read):
+        prompt_ids = read.prompt_ids(data.get("prompt_token_ids") if isinstance(data, dict) else None,
+                                     "prompt_token_ids", True)
+        positions = read.get(data, "prompt_logprobs", "prompt_logprobs")
+        field = "prompt_logprobs"
+        # [sequence][position] or [position]: the prompt's length tells (a one-token prompt reads alike)
+        if (type(positions) is list and len(positions) == 1 and type(positions[0]) is list
+                and (len(prompt_ids) != 1 or all(p is None or isinstance(p, dict) for p in positions[0]))):
+            positions, field = positions[0], "prompt_logprobs[0]"
+        return read.prompt_topk(positions, field, prompt_ids)
 
 
 class SGLangGenerateTokens(TokensProtocol):
     """SGLang's native ``POST /generate``: ``input_ids``, ``sampling_params``, ``return_logprob``;
     answered (a list when ``n > 1``) with ``meta_info.output_token_logprobs`` ``[[logprob, id,
-    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}``; prompt scoring with
-    ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``, ``input_top_logprobs``)."""
+    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}`` (a string in older releases);
+    prompt scoring with ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``,
+    ``input_top_logprobs``)."""
 
     name, path, root = "SGLang /generate", "/generate", True
 
@@ -2894,38 +3071,50 @@ class SGLangGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return self._body(prompt, params, **({"logprob_start_len": 0} if isinstance(prompt, str) else {}))
 
-    def _prompt_ids(self, result):
-        positions = (result.get("meta_info") or {}).get("input_token_logprobs")
-        return [int(p[1]) for p in positions] if positions else None
+    def _results(self, data, read):
+        """The ``n`` results (an object when ``n`` is 1, else a list) and their ``meta_info``."""
+        results = data if type(data) is list else [data]
+        read.items(results, "the answer's results", read.n)
+        prefix = (lambda c: f"[{c}].meta_info") if type(data) is list else (lambda c: "meta_info")
+        return [(read.get(r, "meta_info", prefix(c)), prefix(c)) for c, r in enumerate(results)]
 
-    def completion_result(self, data, url):
-        results = data if isinstance(data, list) else [data]
-        outputs, logprobs, reasons = [], [], []
-        for result in results:
-            positions = _field(result, "meta_info.output_token_logprobs", url)
-            outputs.append([int(p[1]) for p in positions])
-            logprobs.append([float(p[0]) for p in positions])
-            reasons.append(result["meta_info"].get("finish_reason"))
-        return (self._prompt_ids(results[0]) if results else None), outputs, logprobs, reasons
+    def _pairs(self, meta, key, name, read, first_may_be_null=False):
+        """``[[logprob, id, ...], ...]`` -> (ids, logprobs); position 0 of the prompt has no logprob."""
+        ids, lps = [], []
+        for j, entry in enumerate(read.items(read.get(meta, key, f"{name}.{key}"), f"{name}.{key}")):
+            if type(entry) is not list or len(entry) < 2:
+                raise read.error(f"{name}.{key}[{j}]", "[logprob, token id, text]", entry)
+            ids.append(read.token_id(entry[1], f"{name}.{key}[{j}][1]"))
+            null = first_may_be_null and j == 0 and entry[0] is None
+            lps.append(None if null else read.logprob(entry[0], f"{name}.{key}[{j}][0]"))
+        return ids, lps
+
+    def _prompt_ids(self, meta, name, read):
+        return read.prompt_ids(self._pairs(meta, "input_token_logprobs", name, read, True)[0]
+                               if meta.get("input_token_logprobs") is not None else None,
+                               f"{name}.input_token_logprobs", True)
+
+    def completion_result(self, data, read):
+        metas = self._results(data, read)
+        reasons = read.finish_reasons([read.get(m, "finish_reason", f"{name}.finish_reason") for m, name in metas],
+                                      [f"{name}.finish_reason" for _, name in metas])
+        outputs, logprobs = [], []
+        for meta, name in metas:
+            ids, lps = self._pairs(meta, "output_token_logprobs", name, read)
+            outputs.append(ids)
+            logprobs.append(lps)
+        return self._prompt_ids(metas[0][0], metas[0][1], read), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)
         params.setdefault("max_new_tokens", 1)
         return self._body(prompt, params, logprob_start_len=0, top_logprobs_num=top_k)
 
-    def logprobs_result(self, data, url):
-        result = data[0] if isinstance(data, list) and data else data
-        ids = self._prompt_ids(result)
-        if ids is None:
-            raise TokenProtocolError("the answer has no 'meta_info.input_token_logprobs'", url)
-        tops = (result["meta_info"].get("input_top_logprobs") or [None] * len(ids))
-        topk_ids, topk_lps = zip(*map(_topk, tops)) if tops else ((), ())
-        return ids, list(topk_ids), list(topk_lps)
-
-    def aborted(self, data):
-        results = data if isinstance(data, list) else [data]
-        return any(isinstance(r, dict) and ((r.get("meta_info") or {}).get("finish_reason") or {}).get("type") == "abort"
-                   for r in results)
+    def logprobs_result(self, data, read):
+        (meta, name), = self._results(data, read)
+        prompt_ids = self._prompt_ids(meta, name, read)
+        return read.prompt_topk(read.get(meta, "input_top_logprobs", f"{name}.input_top_logprobs"),
+                                f"{name}.input_top_logprobs", prompt_ids)
 
 
 # Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
@@ -2991,8 +3180,18 @@ class SequenceNode:
         return dataclasses.asdict(self)
 
 
-def _finish_reason(raw: Any) -> Any:
-    return raw.get("type", "stop") if isinstance(raw, dict) else raw
+def _finish_reason(raw: Any) -> str:
+    """A finish reason as a string: SGLang's ``{"type": ...}`` read (``TokenReader`` checked it)."""
+    return raw["type"] if isinstance(raw, dict) else raw
+
+
+def tokenizer_size(tokenizer: Any) -> Optional[int]:
+    """``len(tokenizer)`` (every id is below it), or None when the tokenizer does not tell."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return None
+    return size if size > 0 else None
 
 
 def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
@@ -3076,7 +3275,7 @@ class ManagedServer:
             kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
         if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
             kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
-        return await self.manager.get_logprobs(**kwargs)
+        return await self.manager._prompt_logprobs(kwargs, tokenizer_size(self.tokenizer))
 
     def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
         """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
@@ -3120,11 +3319,11 @@ class ManagedServer:
             parent = None
             extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
         prompt_ids = self._prompt_ids(prompt, base)
-        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
-            **dict(kwargs, input_ids=prompt_ids))
+        _, outputs, logprobs, reasons = await self.manager._token_completion(
+            dict(kwargs, input_ids=prompt_ids), tokenizer_size(self.tokenizer))
         choices = []
-        for i, (output, output_logprobs) in enumerate(zip(outputs, logprobs)):
-            reason = _finish_reason(reasons[i] if i < len(reasons) else "stop")
+        for i, (output, output_logprobs, raw_reason) in enumerate(zip(outputs, logprobs, reasons)):
+            reason = _finish_reason(raw_reason)
             text = self.tokenizer.decode(output, skip_special_tokens=True)
             self._record(self._node(prompt, prompt_ids, output, output_logprobs, text, reason, extending), extending)
             choices.append(_chat_choice(i, text, reason) if kind == "chat"
@@ -3133,7 +3332,6 @@ class ManagedServer:
 
     def _node(self, prompt: str, prompt_ids: List[int], output: List[int], output_logprobs: List[float],
               text: str, reason: Any, extending: Optional[SequenceNode]) -> SequenceNode:
-        output_logprobs = (list(output_logprobs) + [MASKED_LOGPROB] * len(output))[:len(output)]
         if extending is not None:  # earlier completions stay unmasked; the new text is prompt
             new = len(prompt_ids) - len(extending.tokens)
             masked = extending.masked_tokens + [MASKED_TOKEN] * new + output
