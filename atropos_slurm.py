@@ -2874,11 +2874,12 @@ class TokenReader:
             raise self.error(field, "the prompt's token ids (not empty)", ids)
         return ids
 
-    def topk(self, entry: Any, field: str, first: bool) -> Tuple[List[int], List[float]]:
+    def topk(self, entry: Any, field: str, first: bool, own: Optional[int] = None) -> Tuple[List[int], List[float]]:
         """One prompt position's (ids, logprobs), in the server's order, from ``{id: logprob}``,
         ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]`` (Atropos'
         server) or ``[[logprob, id, text], ...]`` (SGLang).  The first position may be empty
-        (``None``: nothing comes before it); every other holds at least ``top_k`` distinct ids."""
+        (``None``: nothing comes before it); every other holds at least ``top_k`` distinct ids,
+        and ``own``, the prompt's token there, when given (vLLM adds it to the top k)."""
         ids: List[int] = []
         lps: List[float] = []
         if isinstance(entry, dict):
@@ -2901,12 +2902,16 @@ class TokenReader:
             raise self.error(field, "distinct token ids", ids)
         if not first and len(ids) < self.top_k:
             raise self.error(field, f"at least the {self.top_k} logprob(s) asked (top_k)", _Count(len(ids)))
+        if not first and own is not None and own not in ids:
+            raise self.error(field, f"the logprobs of a position that holds the prompt's token {own} there", ids)
         return ids, lps
 
-    def prompt_topk(self, positions: Any, field: str, prompt_ids: List[int]) -> Dict[str, Any]:
-        """Atropos' prompt-scoring dict: exactly one position per prompt token."""
+    def prompt_topk(self, positions: Any, field: str, prompt_ids: List[int], own: bool) -> Dict[str, Any]:
+        """Atropos' prompt-scoring dict: exactly one position per prompt token (each holding the
+        prompt's own token, with ``own``)."""
         positions = self.items(positions, field, len(prompt_ids))
-        topk = [self.topk(entry, f"{field}[{i}]", i == 0) for i, entry in enumerate(positions)]
+        topk = [self.topk(entry, f"{field}[{i}]", i == 0, prompt_ids[i] if own else None)
+                for i, entry in enumerate(positions)]
         return {"prompt_tokens": prompt_ids, "prompt_topk_token_ids": [ids for ids, _ in topk],
                 "prompt_topk_logprobs": [lps for _, lps in topk]}
 
@@ -2995,7 +3000,7 @@ class VLLMCompletionsTokens(TokensProtocol):
         (choice, name), = self._choices(data, read)
         prompt_ids = read.prompt_ids(choice.get("prompt_token_ids"), f"{name}.prompt_token_ids", True)
         return read.prompt_topk(read.get(choice, "prompt_logprobs", f"{name}.prompt_logprobs"),
-                                f"{name}.prompt_logprobs", prompt_ids)
+                                f"{name}.prompt_logprobs", prompt_ids, own=True)
 
 
 class AtroposGenerateTokens(TokensProtocol):
@@ -3050,7 +3055,7 @@ class AtroposGenerateTokens(TokensProtocol):
         if (type(positions) is list and len(positions) == 1 and type(positions[0]) is list
                 and (len(prompt_ids) != 1 or all(p is None or isinstance(p, dict) for p in positions[0]))):
             positions, field = positions[0], "prompt_logprobs[0]"
-        return read.prompt_topk(positions, field, prompt_ids)
+        return read.prompt_topk(positions, field, prompt_ids, own=True)
 
 
 class SGLangGenerateTokens(TokensProtocol):
@@ -3076,7 +3081,11 @@ class SGLangGenerateTokens(TokensProtocol):
         results = data if type(data) is list else [data]
         read.items(results, "the answer's results", read.n)
         prefix = (lambda c: f"[{c}].meta_info") if type(data) is list else (lambda c: "meta_info")
-        return [(read.get(r, "meta_info", prefix(c)), prefix(c)) for c, r in enumerate(results)]
+        metas = [(read.get(r, "meta_info", prefix(c)), prefix(c)) for c, r in enumerate(results)]
+        for meta, name in metas:
+            if not isinstance(meta, dict):
+                raise read.error(name, "a JSON object", meta)
+        return metas
 
     def _pairs(self, meta, key, name, read, first_may_be_null=False):
         """``[[logprob, id, ...], ...]`` -> (ids, logprobs); position 0 of the prompt has no logprob."""
@@ -3114,7 +3123,7 @@ class SGLangGenerateTokens(TokensProtocol):
         (meta, name), = self._results(data, read)
         prompt_ids = self._prompt_ids(meta, name, read)
         return read.prompt_topk(read.get(meta, "input_top_logprobs", f"{name}.input_top_logprobs"),
-                                f"{name}.input_top_logprobs", prompt_ids)
+                                f"{name}.input_top_logprobs", prompt_ids, own=False)
 
 
 # Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
