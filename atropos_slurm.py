@@ -583,6 +583,7 @@ SERVER_TYPES = ("openai", "trl", "sglang", "vllm")
 MAX_CONFIG_INT = 2 ** 31 - 1  # caps and buffer lengths: far above any use, and a C int
 _SENDABLE = re.compile(r"[!-~]+\Z")  # printable ASCII without space: URLs, paths, keys as sent
 _USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (up to its last '@')
+_QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.S)  # '?api_key=...' or '#...' to the end of a URL
 
 
 @dataclasses.dataclass
@@ -667,8 +668,11 @@ def check_host(name: str, host: Any) -> str:
 
 
 def _shown_url(url: Any) -> str:
-    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``."""
-    return _shown(_USERINFO.sub(r"\1***@", url)) if isinstance(url, str) else _shown(url)
+    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``, any
+    query or fragment (``?api_key=sk-...``) by ``?***`` or ``#***``."""
+    if not isinstance(url, str):
+        return _shown(url)
+    return _shown(_QUERY_OR_FRAGMENT.sub(lambda m: m.group(0)[0] + "***", _USERINFO.sub(r"\1***@", url)))
 
 
 # The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path,
@@ -2307,19 +2311,27 @@ LOCAL_DEFAULT_URLS = [f"http://localhost:{port}/v1" for port in range(9004, 9008
 
 
 def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
-    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed."""
+    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed
+    (a part's ``usage`` that is not an object, or whose count is not an integer: ``ProtocolError``)."""
     merged = APIResponse(parts[0])
     choices = []
     for part in parts:
         for choice in part.get("choices") or []:
             choices.append(AttrDict(choice, index=len(choices)))
     merged["choices"] = choices
-    usages = [p.get("usage") for p in parts if isinstance(p.get("usage"), dict)]
+    usages = [p.get("usage") for p in parts if p.get("usage") is not None]
     if usages:
-        usage = AttrDict(usages[0])
+        usage = AttrDict(usages[0]) if isinstance(usages[0], dict) else None
+        for i, part_usage in enumerate(usages):
+            if not isinstance(part_usage, dict):
+                raise ProtocolError(f"a split call's part {i} has a usage that is not an object: {_shown(part_usage)}")
         for key, value in usages[0].items():
             if isinstance(value, int) and not isinstance(value, bool):
-                usage[key] = sum(u.get(key) or 0 for u in usages)
+                counts = [u.get(key) or 0 for u in usages]
+                bad = next((c for c in counts if isinstance(c, bool) or not isinstance(c, int)), None)
+                if bad is not None:
+                    raise ProtocolError(f"a split call's part has usage.{key}={_shown(bad)}, not an integer")
+                usage[key] = sum(counts)
         merged["usage"] = usage
     merged.raw = b"[" + b",".join(p.raw for p in parts) + b"]"
     return merged
@@ -2520,12 +2532,13 @@ class ServerManager:
         """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
         which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
         new caps at once.  ``weight=0`` holds new calls until a larger weight comes (each for at
-        most the manager's slot wait)."""
+        most the manager's slot wait); any weight above 0 leaves each cap at least 1."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"weight={weight!r} must be a number >= 0")
-        for server in self.servers:
-            self.slots.set_caps(server, weighted_cap(server.config.num_max_requests_at_once, weight),
-                                weighted_cap(server.config.num_requests_for_eval, weight))
+        caps = [(server, weighted_cap(server.config.num_max_requests_at_once, weight),
+                 weighted_cap(server.config.num_requests_for_eval, weight)) for server in self.servers]
+        for server, train, eval_cap in caps:  # all computed first: a refused weight changes none
+            self.slots.set_caps(server, train, eval_cap)
 
     @contextlib.asynccontextmanager
     async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
@@ -3535,8 +3548,12 @@ def reasoning_extra_body(reasoning_config: Any, base_url: str) -> Optional[Dict[
 
 def weighted_cap(cap: int, weight: float) -> int:
     """``ceil(cap * weight)``, as Atropos' weighted semaphores admit (rounding error ignored:
-    10 x 0.3 is 3, not 4)."""
-    return math.ceil(round(cap * weight, 9))
+    10 x 0.3 is 3, not 4), and at least 1 for any ``weight > 0`` (a cap of 0 would hold every
+    call until its slot wait ends); a product too large for a float is a ``ConfigError``."""
+    scaled = cap * weight
+    if not math.isfinite(scaled):
+        raise ConfigError(f"weight={weight!r} scales the cap {cap} to {scaled}: give a smaller weight")
+    return max(math.ceil(round(scaled, 9)), 1 if weight > 0 and cap > 0 else 0)
 
 
 class DedicatedServer:
@@ -4465,4 +4482,8 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m atropos_slurm`` runs this file as __main__; the environments it runs import
+    # atropos_slurm, a second copy whose classes are not these.  Everything runs in that one.
+    import atropos_slurm
+
+    sys.exit(atropos_slurm.main())
