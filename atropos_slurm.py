@@ -3668,12 +3668,146 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.([01])\Z")
 
 
+_LIST_PROMPT = re.compile(rb'"prompt"\s*:\s*\[')  # a /v1/completions prompt of token ids
+
+
+class StubTokens:
+    """The stub server's token protocols: made-up but deterministic ids and logprobs.
+
+    A text prompt is "tokenized" as its UTF-8 bytes.  Choice ``c`` of a request generates
+    ``max_tokens`` (16) ids cycling through the prompt's own ids from its ``c``-th (so every id is one the
+    caller's tokenizer knows), each with logprob ``-((id + 3c + j) % 50 + 1) / 10``, and stops
+    with "length".  Prompt scoring gives each position after the first the prompt's own id and
+    then the smallest other ids, ``k`` in all.  Shapes: vLLM's ``/v1/completions`` with
+    ``return_tokens_as_token_ids`` (``prompt_logprobs``, ``return_token_ids``), Atropos'
+    ``/generate`` (``example_trainer/vllm_api_server.py``, plus ``prompt_logprobs`` when asked)
+    and SGLang's ``/generate`` (``sampling_params``, ``return_logprob``, ``logprob_start_len``,
+    ``top_logprobs_num``).
+    """
+
+    @staticmethod
+    def asked(body: bytes) -> bool:
+        """Whether a ``/v1/completions`` body asks for token ids (else the plain stub answer)."""
+        return b"return_tokens_as_token_ids" in body or b"prompt_logprobs" in body or bool(_LIST_PROMPT.search(body))
+
+    @staticmethod
+    def logprob(token: int, choice: int, j: int) -> float:
+        return -((token + 3 * choice + j) % 50 + 1) / 10
+
+    @classmethod
+    def outputs(cls, prompt: List[int], n: int, count: int) -> List[List[Tuple[int, float]]]:
+        return [[(prompt[(c + j) % len(prompt)], cls.logprob(prompt[(c + j) % len(prompt)], c, j))
+                 for j in range(count)] for c in range(n)]
+
+    @classmethod
+    def topk(cls, prompt: List[int], k: int) -> List[Optional[List[Tuple[int, float]]]]:
+        """Per prompt position: None at 0, then the prompt's own id and the smallest others, ``k`` in all."""
+        positions: List[Optional[List[Tuple[int, float]]]] = [None]
+        for i, own in enumerate(prompt[1:], 1):
+            ids = [own] + [t for t in range(k) if t != own][:k - 1]
+            positions.append([(t, cls.logprob(t, 0, i)) for t in ids])
+        return positions
+
+    @staticmethod
+    def prompt_ids(prompt: Any) -> List[int]:
+        if isinstance(prompt, str):
+            return list(prompt.encode("utf-8")) or [0]
+        if (isinstance(prompt, list) and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+            return prompt
+        raise ValueError("the prompt must be text or a non-empty list of token ids")
+
+    @staticmethod
+    def counts(params: Dict[str, Any], name: str) -> Tuple[int, int]:
+        n, count = params.get("n", 1), params.get(name, 16)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, count)):
+            raise ValueError(f"n and {name} must be positive integers")
+        return n, count
+
+    @classmethod
+    def answer(cls, path: str, body: bytes) -> Tuple[int, Any]:
+        """(status, JSON payload) for a token request: 400 naming what is wrong in a bad one."""
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            if path == "/v1/completions":
+                return 200, cls.vllm(request)
+            if "sampling_params" in request or "input_ids" in request:
+                return 200, cls.sglang(request)
+            return 200, cls.atropos(request)
+        except (ValueError, TypeError, KeyError) as e:
+            return 400, {"error": {"message": f"invalid request: {e}", "code": 400}}
+
+    @classmethod
+    def vllm(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        prompt = cls.prompt_ids(request.get("prompt"))
+        n, count = cls.counts(request, "max_tokens")
+        k = request.get("prompt_logprobs")
+        choices = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            choice: Dict[str, Any] = {"index": c, "text": "", "finish_reason": "length", "stop_reason": None, "logprobs": {
+                "tokens": [f"token_id:{t}" for t, _ in generated], "token_logprobs": [lp for _, lp in generated],
+                "top_logprobs": [{f"token_id:{t}": lp} for t, lp in generated],
+                "text_offset": list(range(len(generated)))}}
+            if k is not None:
+                choice["prompt_logprobs"] = [
+                    None if p is None else {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": ""}
+                                            for r, (t, lp) in enumerate(p)} for p in cls.topk(prompt, k)]
+            if request.get("return_token_ids"):
+                choice.update(prompt_token_ids=prompt, token_ids=[t for t, _ in generated])
+            choices.append(choice)
+        return {"id": "cmpl-stub", "object": "text_completion", "created": int(time.time()),
+                "model": request.get("model", "stub"), "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": n * count,
+                          "total_tokens": len(prompt) + n * count}}
+
+    @classmethod
+    def atropos(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        raw = request.get("prompt")
+        prompt = cls.prompt_ids(raw.get("prompt_token_ids") if isinstance(raw, dict) else raw)
+        n, count = cls.counts(request, "max_tokens")
+        generated = cls.outputs(prompt, n, count)
+        answer: Dict[str, Any] = {"text": [""] * n, "prompt": "", "finish_reasons": ["length"] * n}
+        if request.get("logprobs") is not None:
+            answer.update(logprobs=[[[{str(t): lp}] for t, lp in g] for g in generated], prompt_token_ids=prompt,
+                          token_ids=[[t for t, _ in g] for g in generated])
+        if request.get("prompt_logprobs"):
+            answer["prompt_logprobs"] = [None if p is None else {str(t): lp for t, lp in p}
+                                         for p in cls.topk(prompt, request["prompt_logprobs"])]
+        return answer
+
+    @classmethod
+    def sglang(cls, request: Dict[str, Any]) -> Any:
+        prompt = cls.prompt_ids(request["text"] if "text" in request else request.get("input_ids"))
+        params = request.get("sampling_params") or {}
+        n, count = cls.counts(params, "max_new_tokens")
+        results = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            meta: Dict[str, Any] = {"id": "stub", "prompt_tokens": len(prompt), "completion_tokens": count,
+                                    "finish_reason": {"type": "length", "length": count}}
+            if request.get("return_logprob"):
+                meta["output_token_logprobs"] = [[lp, t, None] for t, lp in generated]
+                if request.get("logprob_start_len") == 0:
+                    meta["input_token_logprobs"] = [[None if i == 0 else cls.logprob(t, 0, i), t, None]
+                                                    for i, t in enumerate(prompt)]
+                    k = request.get("top_logprobs_num")
+                    if k:
+                        meta["input_top_logprobs"] = [None if p is None else [[lp, t, None] for t, lp in p]
+                                                      for p in cls.topk(prompt, k)]
+            results.append({"text": "", "output_ids": [t for t, _ in generated], "meta_info": meta})
+        return results if n > 1 else results[0]
+
+
 class StubServer:
     """An OpenAI-compatible server that answers at once (or after ``latency``) without a model.
 
     Routes: ``GET /health``, ``/health_generate`` (SGLang's; 404 with ``health_generate=False``,
     as vLLM), ``/v1/models``, ``/stub/stats``; ``POST /v1/chat/completions`` and
     ``/v1/completions`` with ``n``, ``max_tokens`` and ``stream`` (+ ``include_usage``).
+    The token protocols too (``StubTokens``), so that ``managed_server`` runs without a GPU:
+    ``/v1/completions`` with token ids as vLLM answers them, ``POST /generate`` in Atropos' or
+    SGLang's shape (by the body; 404 with ``generate=False``, as a stock vLLM).
     Failure knobs: ``fail_rate`` answers that share of completions with ``fail_status``;
     ``die_after`` drops every connection and stops after that many completions, like a crash.
     Idle keep-alive connections are closed after ``keep_alive_timeout`` s, as uvicorn does.
@@ -3681,8 +3815,10 @@ class StubServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0, fail_rate: float = 0.0,
                  fail_status: int = 500, die_after: Optional[int] = None, keep_alive_timeout: float = 5.0,
-                 model: str = "stub", health_generate: bool = True, seed: Optional[int] = None):
+                 model: str = "stub", health_generate: bool = True, generate: bool = True,
+                 seed: Optional[int] = None):
         self.host, self.port = host, port
+        self.generate = generate
         self.latency, self.fail_rate, self.fail_status = latency, fail_rate, fail_status
         self.die_after, self.keep_alive_timeout = die_after, keep_alive_timeout
         self.model, self.health_generate = model, health_generate
@@ -3754,7 +3890,7 @@ class StubServer:
                       "/stub/stats": None}
         if self.health_generate:
             routes_get["/health_generate"] = None
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions") or (path == "/generate" and self.generate):
             if method != b"POST":
                 writer.write(self._response(405, {"detail": "Method Not Allowed"}, close))
                 return True
@@ -3784,6 +3920,12 @@ class StubServer:
             if self.fail_rate and self._random.random() < self.fail_rate:
                 writer.write(self._response(self.fail_status, {"error": {"message": "stub failure (fail_rate)",
                                                                          "code": self.fail_status}}, close))
+                return True
+            if path == "/generate" or (path == "/v1/completions" and StubTokens.asked(body)):
+                status, payload = StubTokens.answer(path, body)
+                if status == 200:
+                    self.completed += 1
+                writer.write(self._response(status, payload, close))
                 return True
             try:
                 request = json.loads(body)
@@ -4271,7 +4413,8 @@ def cmd_stub_server(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         stubs = [StubServer(args.host, port + i if port else 0, model=args.model,
-                            health_generate=not args.no_health_generate, **options) for i in range(count)]
+                            health_generate=not args.no_health_generate, generate=not args.no_generate, **options)
+                 for i in range(count)]
         try:
             for stub in stubs:
                 await stub.start()
@@ -4410,6 +4553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", default="5", help="close idle connections after S s (5)")
     p.add_argument("--model", default="stub")
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
+    p.add_argument("--no-generate", action="store_true",
+                   help="answer 404 on POST /generate, as a stock vLLM (token ids then come from /v1/completions)")
     p.set_defaults(func=cmd_stub_server)
 
     p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")

@@ -723,6 +723,55 @@ class WhatUniformFakesMissTests(LoopbackTestCase):
         self.assertTrue(nodes[2].full_text.startswith(first.full_text + "!"))
 
 
+class StubServerTokenTests(LoopbackTestCase):
+    """The module's stub server speaks the token protocols, deterministically (``StubTokens``):
+    managed_server, tokens_and_logprobs_completion and get_logprobs end to end over HTTP,
+    through the readers, for each server_type and protocol."""
+
+    async def stub(self, **options):
+        from atropos_slurm import StubServer
+        stub = await StubServer(**options).start()
+        self.addAsyncCleanup(stub.stop)
+        stub.url = stub_url(stub)
+        return stub
+
+    async def test_every_protocol_gives_the_stubs_ids_and_logprobs(self):
+        from atropos_slurm import StubTokens
+        prompt_ids = TOKENIZER.encode("Q: 2+2?")
+        for server_type, options, path in (("vllm", {}, "/generate"), ("vllm", {"generate": False}, "/v1/completions"),
+                                           ("sglang", {}, "/generate")):
+            with self.subTest(server_type=server_type, path=path):
+                stub = await self.stub(**options)
+                manager = self.manager(stub, server_type=server_type, max_n_completions=2)
+                async with manager.managed_server(tokenizer=TOKENIZER) as managed:
+                    resp = await managed.completion(prompt="Q: 2+2?", n=3, max_tokens=4)
+                    nodes = managed.get_state()["nodes"]
+                want = StubTokens.outputs(prompt_ids, 2, 4) + StubTokens.outputs(prompt_ids, 1, 4)  # split 2 + 1
+                self.assertEqual([n.tokens for n in nodes], [prompt_ids + [t for t, _ in w] for w in want])
+                self.assertEqual([n.logprobs[len(prompt_ids):] for n in nodes], [[lp for _, lp in w] for w in want])
+                self.assertEqual([c.finish_reason for c in resp.choices], ["length"] * 3)
+                scored = await manager.get_logprobs(input_ids=prompt_ids, top_k=2)
+                self.assertEqual(scored["prompt_topk_token_ids"][0], [])
+                self.assertEqual([ids[0] for ids in scored["prompt_topk_token_ids"][1:]], prompt_ids[1:])
+                self.assertTrue(all(len(ids) == 2 for ids in scored["prompt_topk_token_ids"][1:]))
+                text = await manager.tokens_and_logprobs_completion(prompt="hé", max_tokens=2)
+                self.assertEqual(text[0], list("hé".encode()))
+                self.assertEqual(stub.completed, 4)
+
+    async def test_malformed_token_requests_are_named_400s(self):
+        from atropos_slurm import StubTokens
+        for path, body in (("/generate", b"[1]"), ("/generate", b'{"prompt": {"prompt_token_ids": [-1]}}'),
+                           ("/generate", b'{"input_ids": [1], "sampling_params": {"n": 0}}'),
+                           ("/v1/completions", b'{"prompt": [1], "max_tokens": "3"}')):
+            status, payload = StubTokens.answer(path, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("invalid request", payload["error"]["message"])
+        stub = await self.stub(generate=False)
+        manager = self.manager(stub)
+        with self.assertRaisesRegex(APIStatusError, "max_tokens must be positive"):
+            await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=0)
+
+
 class DummyManagedServerTests(LoopbackTestCase):
     async def test_placeholder_nodes_with_the_environment_variable(self):
         stub, = await start_stubs(self, 1)
