@@ -2770,7 +2770,6 @@ def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
     return params
 
 
-_TOKEN_DIGITS = re.compile(r"[0-9]{1,19}\Z")  # a token id written as text: ASCII digits only ("٣" is a digit too)
 TOKEN_ID_BOUND = 2 ** 31  # token ids are below this when the tokenizer's size is unknown (every vocabulary is)
 MAX_LOGPROB = 1e-4  # a log-probability is <= 0; this much above is float rounding
 
@@ -2837,13 +2836,32 @@ class TokenReader:
                 raise self.error(f"{field}[{i}]", self.id_rule, t)
         return ids
 
-    def token_text(self, value: Any, field: str, prefix: str = "") -> int:
-        """A token id written as ``prefix`` + ASCII digits (vLLM's ``"token_id:123"``, a JSON key ``"123"``)."""
-        if (type(value) is not str or not value.startswith(prefix)
-                or not _TOKEN_DIGITS.match(value, len(prefix)) or int(value[len(prefix):]) >= self.bound):
-            raise self.error(field, f"'{prefix}' and {self.id_rule}" if prefix else
-                             f"{self.id_rule}, written in ASCII digits", value)
-        return int(value[len(prefix):])
+    def text_id(self, value: Any, prefix: str = "") -> int:
+        """The token id written as ``prefix`` + ASCII digits (vLLM's ``"token_id:123"``, a JSON
+        key ``"123"``; not ``" 7"``, ``"+7"``, ``"1_0"`` or ``"٣"``, which ``int`` takes), or -1."""
+        if type(value) is str and value.startswith(prefix):
+            digits = value[len(prefix):]
+            if 0 < len(digits) < 20 and digits.isdigit() and digits.isascii():
+                token = int(digits)
+                if token < self.bound:
+                    return token
+        return -1
+
+    def text_error(self, field: str, value: Any, prefix: str = "") -> TokenProtocolError:
+        if not prefix:
+            return self.error(field, f"{self.id_rule}, written in ASCII digits", value)
+        ignored = not (isinstance(value, str) and value.startswith(prefix))  # "Hello": plain text tokens
+        return self.error(field, f"'{prefix}' and {self.id_rule}" +
+                          (" (did the server ignore return_tokens_as_token_ids?)" if ignored else ""), value)
+
+    def token_texts(self, value: Any, field: str, prefix: str) -> List[int]:
+        ids = []
+        for i, text in enumerate(self.items(value, field)):
+            token = self.text_id(text, prefix)
+            if token < 0:
+                raise self.text_error(f"{field}[{i}]", text, prefix)
+            ids.append(token)
+        return ids
 
     def logprob(self, value: Any, field: str) -> float:
         """A JSON number (not a boolean), finite, <= 0 up to rounding; vLLM's -9999.0 for minus
@@ -2857,7 +2875,11 @@ class TokenReader:
         raise self.error(field, "a logprob: a finite number <= 0", value)
 
     def logprobs(self, value: Any, field: str, count: int) -> List[float]:
-        return [self.logprob(v, f"{field}[{i}]") for i, v in enumerate(self.items(value, field, count))]
+        values = self.items(value, field, count)
+        for i, v in enumerate(values):
+            if type(v) is not float or not -math.inf < v <= MAX_LOGPROB:  # else: the usual case, taken as it is
+                return [self.logprob(v, f"{field}[{i}]") for i, v in enumerate(values)]
+        return values
 
     def finish_reasons(self, values: Sequence[Any], fields: Sequence[str]) -> list:
         """Each a string or SGLang's ``{"type": "..."}``, as sent; an ``abort`` in either form
@@ -2902,7 +2924,10 @@ class TokenReader:
         for i, item in enumerate(entry or ()):
             if isinstance(item, dict):
                 for key, value in item.items():
-                    ids.append(self.token_text(key, f"{field} key"))
+                    token = self.text_id(key)
+                    if token < 0:
+                        raise self.text_error(f"{field} key", key)
+                    ids.append(token)
                     if isinstance(value, dict):
                         value = self.get(value, "logprob", f"{field}[{key!r}].logprob")
                     lps.append(self.logprob(value, f"{field}[{key!r}]"))
@@ -2991,8 +3016,7 @@ class VLLMCompletionsTokens(TokensProtocol):
         for choice, name in choices:
             lp = read.get(choice, "logprobs", f"{name}.logprobs")
             tokens = read.items(read.get(lp, "tokens", f"{name}.logprobs.tokens"), f"{name}.logprobs.tokens")
-            outputs.append([read.token_text(t, f"{name}.logprobs.tokens[{i}] (return_tokens_as_token_ids)",
-                                            "token_id:") for i, t in enumerate(tokens)])
+            outputs.append(read.token_texts(tokens, f"{name}.logprobs.tokens", "token_id:"))
             logprobs.append(read.logprobs(read.get(lp, "token_logprobs", f"{name}.logprobs.token_logprobs"),
                                           f"{name}.logprobs.token_logprobs", len(tokens)))
         prompts = [read.prompt_ids(c.get("prompt_token_ids"), f"{name}.prompt_token_ids", True) for c, name in choices]
@@ -3037,6 +3061,13 @@ class AtroposGenerateTokens(TokensProtocol):
         for c, positions in enumerate(read.items(read.get(data, "logprobs", "logprobs"), "logprobs", read.n)):
             ids, lps = [], []
             for j, position in enumerate(read.items(positions, f"logprobs[{c}]")):
+                if type(position) is list and len(position) == 1 and type(position[0]) is dict and len(position[0]) == 1:
+                    (key, value), = position[0].items()  # the usual position: the sampled token alone
+                    token = read.text_id(key)
+                    if token >= 0 and type(value) is float and -math.inf < value <= MAX_LOGPROB:
+                        ids.append(token)
+                        lps.append(value)
+                        continue
                 field = f"logprobs[{c}][{j}]"
                 if type(position) is not list or not position or not isinstance(position[0], dict) or not position[0]:
                     raise read.error(field, "[{id: logprob, ...}] (the sampled token first)", position)
@@ -3103,7 +3134,15 @@ class SGLangGenerateTokens(TokensProtocol):
     def _pairs(self, meta, key, name, read, first_may_be_null=False):
         """``[[logprob, id, ...], ...]`` -> (ids, logprobs); position 0 of the prompt has no logprob."""
         ids, lps = [], []
+        bound = read.bound
         for j, entry in enumerate(read.items(read.get(meta, key, f"{name}.{key}"), f"{name}.{key}")):
+            if type(entry) is list and len(entry) >= 2:  # the usual entry, taken at once
+                logprob, token = entry[0], entry[1]
+                if (type(token) is int and 0 <= token < bound and type(logprob) is float
+                        and -math.inf < logprob <= MAX_LOGPROB):
+                    ids.append(token)
+                    lps.append(logprob)
+                    continue
             if type(entry) is not list or len(entry) < 2:
                 raise read.error(f"{name}.{key}[{j}]", "[logprob, token id, text]", entry)
             ids.append(read.token_id(entry[1], f"{name}.{key}[{j}][1]"))

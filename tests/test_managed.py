@@ -546,9 +546,12 @@ class StrictAnswerTests(LoopbackTestCase):
         CASES.append(("vllm", "/v1/completions", COMPLETION, json.dumps(vllm_answer(vllm_choice(0, ["token_id:5"], [0.0]))).encode()
                       .replace(b"[0.0]", b"[" + literal + b"]"), "holds " + literal.decode() + ", which is not JSON"))
     for token in ("token_id:-100", "token_id:-5", "token_id: 7 ", "token_id:+7", "token_id:1_000", "token_id:٣",
-                  "token_id:7.0", "7", "token_id:2147483648", 7):
+                  "token_id:7.0", "token_id:2147483648"):
         CASES.append(("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, [token], [-0.5])),
-                      r"logprobs\.tokens\[0\] \(return_tokens_as_token_ids\) must be 'token_id:' and a token id"))
+                      r"logprobs\.tokens\[0\] must be 'token_id:' and a token id: an integer >= 0 and < 2\*\*31, got"))
+    for token in ("7", 7, "Hello"):  # text tokens: return_tokens_as_token_ids was not honoured
+        CASES.append(("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, [token], [-0.5])),
+                      r"tokens\[0\] must be 'token_id:' .* \(did the server ignore return_tokens_as_token_ids\?\)"))
 
     async def test_malformed_answers_are_named_errors_and_not_retried(self):
         for server_type, path, call, body, message in self.CASES:
