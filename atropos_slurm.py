@@ -2479,7 +2479,7 @@ class ServerManager:
         The answer is read (``TokenReader``) before the slot is given back: an aborted
         generation is retried like a 5xx, a malformed answer raises ``TokenProtocolError``."""
         prompt, params = token_prompt(kwargs), sampling_params(kwargs)
-        top_k, n = 0, params.get("n", 1)
+        top_k, n = 0, 1 if params.get("n") is None else params["n"]
         if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
             top_k, n = params.pop("top_k", params.pop("top_logprobs", 1)), 1
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -3707,7 +3707,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.([01])\Z")
 
 
-_LIST_PROMPT = re.compile(rb'"prompt"\s*:\s*\[')  # a /v1/completions prompt of token ids
+_LIST_PROMPT = re.compile(rb'"prompt"\s*:\s*\[\s*[0-9]')  # a /v1/completions prompt of token ids
 
 
 class StubTokens:
