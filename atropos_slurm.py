@@ -27,10 +27,12 @@ Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
 Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
 Manager            ``ServerManager``: composes slots, retry policy, servers and probes
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
-                   exact token ids and logprobs of each ``server_type``'s protocol
+                   exact token ids and logprobs of each ``server_type``'s protocol, every answer
+                   checked by a ``TokenReader`` before use
 Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
                    reasoning settings, ``testing=True``, ``DedicatedServer``
-Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks; its token
+                   protocols (``StubTokens``) for dry runs of ``managed_server`` environments
 Watcher            per inference node: probes -> W&B or JSON lines
 CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
@@ -2451,7 +2453,8 @@ class ServerManager:
         logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
         return await self._token_completion(kwargs)
 
-    async def _token_completion(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
+    async def _token_completion(self, kwargs: Dict[str, Any],
+                                vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
         """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
         token_prompt(kwargs)
         parts = await self._split_n(kwargs, lambda part: self._token_call(part, False, vocab))
@@ -2800,7 +2803,7 @@ class TokenReader:
         self.protocol, self.url, self.n, self.prompt, self.top_k = protocol, url, n, prompt, top_k
         self.bound = vocab or TOKEN_ID_BOUND
         self.id_rule = (f"a token id: an integer >= 0 and < {vocab} (len(tokenizer))" if vocab
-                        else f"a token id: an integer >= 0 and < 2**31")
+                        else "a token id: an integer >= 0 and < 2**31")
 
     def error(self, field: str, expected: str, got: Any) -> TokenProtocolError:
         shown = got if isinstance(got, _Count) else _shown(got)
@@ -3061,7 +3064,8 @@ class AtroposGenerateTokens(TokensProtocol):
         for c, positions in enumerate(read.items(read.get(data, "logprobs", "logprobs"), "logprobs", read.n)):
             ids, lps = [], []
             for j, position in enumerate(read.items(positions, f"logprobs[{c}]")):
-                if type(position) is list and len(position) == 1 and type(position[0]) is dict and len(position[0]) == 1:
+                if (type(position) is list and len(position) == 1 and type(position[0]) is dict
+                        and len(position[0]) == 1):
                     (key, value), = position[0].items()  # the usual position: the sampled token alone
                     token = read.text_id(key)
                     if token >= 0 and type(value) is float and -math.inf < value <= MAX_LOGPROB:
@@ -3079,7 +3083,8 @@ class AtroposGenerateTokens(TokensProtocol):
         if data.get("token_ids") is not None:  # the server's own list of the sampled ids
             for c, sampled in enumerate(read.items(data["token_ids"], "token_ids", read.n)):
                 if read.token_ids(sampled, f"token_ids[{c}]") != outputs[c]:
-                    raise read.error(f"token_ids[{c}]", f"the sampled ids of logprobs[{c}] {_shown(outputs[c])}", sampled)
+                    raise read.error(f"token_ids[{c}]", f"the sampled ids of logprobs[{c}] {_shown(outputs[c])}",
+                                     sampled)
         return read.prompt_ids(data.get("prompt_token_ids"), "prompt_token_ids", True), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
@@ -3763,6 +3768,14 @@ class StubTokens:
             raise ValueError(f"n and {name} must be positive integers")
         return n, count
 
+    @staticmethod
+    def top(request: Dict[str, Any], name: str) -> Optional[int]:
+        """``request[name]``, a number of logprobs per position: None, or 0..20 (vLLM's default cap)."""
+        value = request.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+            raise ValueError(f"{name} must be an integer from 0 to 20")
+        return value
+
     @classmethod
     def answer(cls, path: str, body: bytes) -> Tuple[int, Any]:
         """(status, JSON payload) for a token request: 400 naming what is wrong in a bad one."""
@@ -3782,13 +3795,17 @@ class StubTokens:
     def vllm(cls, request: Dict[str, Any]) -> Dict[str, Any]:
         prompt = cls.prompt_ids(request.get("prompt"))
         n, count = cls.counts(request, "max_tokens")
-        k = request.get("prompt_logprobs")
+        k, top = cls.top(request, "prompt_logprobs"), cls.top(request, "logprobs")
         choices = []
         for c, generated in enumerate(cls.outputs(prompt, n, count)):
-            choice: Dict[str, Any] = {"index": c, "text": "", "finish_reason": "length", "stop_reason": None, "logprobs": {
+            logprobs = None if top is None else {  # top_logprobs: the sampled id, then the smallest others
                 "tokens": [f"token_id:{t}" for t, _ in generated], "token_logprobs": [lp for _, lp in generated],
-                "top_logprobs": [{f"token_id:{t}": lp} for t, lp in generated],
-                "text_offset": list(range(len(generated)))}}
+                "top_logprobs": [dict([(f"token_id:{t}", lp)] + [(f"token_id:{o}", cls.logprob(o, c, j))
+                                                                for o in range(top) if o != t][:max(top - 1, 0)])
+                                 for j, (t, lp) in enumerate(generated)],
+                "text_offset": list(range(len(generated)))}
+            choice: Dict[str, Any] = {"index": c, "text": "", "finish_reason": "length", "stop_reason": None,
+                                      "logprobs": logprobs}
             if k is not None:
                 choice["prompt_logprobs"] = [
                     None if p is None else {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": ""}
@@ -3811,9 +3828,9 @@ class StubTokens:
         if request.get("logprobs") is not None:
             answer.update(logprobs=[[[{str(t): lp}] for t, lp in g] for g in generated], prompt_token_ids=prompt,
                           token_ids=[[t for t, _ in g] for g in generated])
-        if request.get("prompt_logprobs"):
-            answer["prompt_logprobs"] = [None if p is None else {str(t): lp for t, lp in p}
-                                         for p in cls.topk(prompt, request["prompt_logprobs"])]
+        k = cls.top(request, "prompt_logprobs")
+        if k is not None:
+            answer["prompt_logprobs"] = [None if p is None else {str(t): lp for t, lp in p} for p in cls.topk(prompt, k)]
         return answer
 
     @classmethod
@@ -3830,7 +3847,7 @@ class StubTokens:
                 if request.get("logprob_start_len") == 0:
                     meta["input_token_logprobs"] = [[None if i == 0 else cls.logprob(t, 0, i), t, None]
                                                     for i, t in enumerate(prompt)]
-                    k = request.get("top_logprobs_num")
+                    k = cls.top(request, "top_logprobs_num")
                     if k:
                         meta["input_top_logprobs"] = [None if p is None else [[lp, t, None] for t, lp in p]
                                                       for p in cls.topk(prompt, k)]

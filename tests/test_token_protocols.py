@@ -93,7 +93,8 @@ def make_shape(rng, protocol, scoring, text_prompt):
         ids = [prompt_ids[i]] + [t for t in range(top_k) if t != prompt_ids[i]][:top_k - 1]
         values = [logprob(rng) for _ in ids]
         if form == "vllm":
-            return {str(t): {"logprob": v, "rank": r + 1, "decoded_token": "x"} for r, (t, v) in enumerate(zip(ids, values))}
+            return {str(t): {"logprob": v, "rank": r + 1, "decoded_token": "x"}
+                    for r, (t, v) in enumerate(zip(ids, values))}
         if form == "dict":
             return {str(t): v for t, v in zip(ids, values)}
         if form == "dicts":
@@ -141,7 +142,8 @@ def make_shape(rng, protocol, scoring, text_prompt):
                 length_free.append(("prompt_token_ids",))
     else:
         def sglang_reason(reason):
-            return rng.choice([reason, {"type": reason, "length": 3} if reason == "length" else {"type": reason, "matched": 2}])
+            detail = {"length": 3} if reason == "length" else {"matched": 2}
+            return rng.choice([reason, dict(type=reason, **detail)])
 
         results = []
         for c in range(n):
