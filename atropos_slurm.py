@@ -2490,7 +2490,7 @@ class ServerManager:
         elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"n={_shown(n)} must be a positive integer")
 
-        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any, str]:
+        async def send(server: OpenAIServer, fresh: bool) -> Any:  # the result, read
             protocols = token_protocols(server.config.server_type)
             index = self._tokens_via.get(server, 0)
             while True:
