@@ -4,7 +4,8 @@ An Atropos-style RL job on Slurm trains on its first ``NUM_TRAINING_NODES`` node
 OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, on ports
 9000, 9001, ... (``gpus_per_node // INFER_TP`` of them per node).  This module
 
-* discovers those servers from ``SLURM_JOB_NODELIST`` (``discover_servers``),
+* discovers those servers from ``SLURM_JOB_NODELIST`` and the GPUs the job got, also in a
+  heterogeneous job, for servers spanning nodes, or from a list (``discover_servers``),
 * dispatches async chat/completion requests over them, round-robin, capped, with health
   tracking and bounded retries (``ServerManager``, drop-in for Atropos' class of that name),
 * watches the servers of one inference node and logs their health to Weights & Biases or
@@ -16,7 +17,8 @@ cluster is a supported install.  The sections follow the data; each begins with 
 =================  ==========================================================================
 Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
 Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
-Discovery          nodelist -> server URLs; scontrol through an argument list
+Discovery          allocation (nodelists, GPUs, het components) or a server list -> ``Layout``,
+                   server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
@@ -41,10 +43,8 @@ CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import itertools
 import json
@@ -53,19 +53,38 @@ import math
 import os
 import random
 import re
-import runpy
 import signal
-import socket
-import ssl
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
 import warnings
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+
+class _LazyModule:
+    """A module imported on its first use, which then takes this stand-in's place in our globals.
+
+    ``import atropos_slurm`` must stay fast (bench/bench_import.py) for what needs no event
+    loop: discovery, the CLI's ``discover``/``hostnames``, scripts that only build configs.
+    asyncio (with the ssl, socket, concurrent.futures and inspect it loads) was half of the
+    import, so it and socket are loaded when code first touches ``asyncio.<name>``/``socket.<name>``.
+    Modules with a single use (subprocess, ssl, uuid, runpy, email.utils) are imported in the
+    function that uses them instead.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio: Any = _LazyModule("asyncio")
+socket: Any = _LazyModule("socket")
 
 __version__ = "0.1.0"
 __all__ = [
@@ -75,7 +94,7 @@ __all__ = [
     "GenerationAbortedError", "APIStatusError", "StreamError", "NoHealthyServerError", "ManagerClosedError",
     "TokenProtocolError", "ManagedServerUnsupportedError",
     # discovery and config
-    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
+    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Layout", "Discovery", "ServerAddress",
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
     # dispatch
     "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
@@ -331,7 +350,7 @@ def _expand_token(literals: List[str], groups: List[List[_Range]]) -> List[str]:
 
 
 # =============================================================================================
-# Discovery: SLURM_JOB_NODELIST + NUM_TRAINING_NODES + INFER_TP -> server URLs
+# Discovery: the allocation (nodelists, GPUs per node, heterogeneous components) or a server list -> URLs
 # =============================================================================================
 
 DEFAULT_GPUS_PER_NODE = 8
@@ -341,7 +360,12 @@ HOSTLIST_BACKENDS = ("auto", "scontrol", "python")
 ENV_HOSTLIST_BACKEND = "ATROPOS_SLURM_HOSTLIST"
 ENV_GPUS_PER_NODE = "ATROPOS_SLURM_GPUS_PER_NODE"
 ENV_BASE_PORT = "ATROPOS_SLURM_BASE_PORT"
+ENV_SERVERS = "ATROPOS_SLURM_SERVERS"
+ENV_INFERENCE_HET_GROUP = "ATROPOS_SLURM_INFERENCE_HET_GROUP"
 MAX_SERVERS = 1 << 18  # URLs from one discovery; 10,000 nodes of 8 servers is about 80,000
+MAX_GPUS_PER_NODE = 4096
+MAX_HET_GROUPS = 1024  # components of one heterogeneous job; Slurm's own limit is 128 by default
+MAX_SERVER_LIST_BYTES = 16 << 20  # an ATROPOS_SLURM_SERVERS=@file: 262,144 URLs of 64 bytes
 
 
 class ScontrolUnavailable(Exception):
@@ -355,6 +379,7 @@ def scontrol_hostnames(text: str, scontrol: str = "scontrol", timeout: float = S
     non-empty list, is a failure; scontrol's own message is surfaced.  Every name it prints is
     checked too, because some malformed lists come back as garbage on stdout.
     """
+    import subprocess  # lazily: see _LazyModule
     text = text.strip()
     if text.startswith("-"):
         raise HostlistError(f"hostlist {text!r} starts with '-'")
@@ -461,18 +486,105 @@ def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimu
     return value
 
 
+_GPU_COUNT = re.compile(r"(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?([0-9]{1,9})\Z")  # '4', 'h100:4', 'gpu:h100:4'
+
+
+def parse_gpus_per_node(name: str, text: str) -> int:
+    """Slurm's GPUs per node in the forms it writes: ``4``, ``h100:4``, ``gpu:h100:4``; several
+    types (``h100:4,a100:2``, from ``--gpus-per-node=h100:4,a100:2``) add up."""
+    total = 0
+    for part in text.split(","):
+        m = _GPU_COUNT.match(part.strip())
+        if not m:
+            raise ConfigError(f"{name}={_shown(text)} is not a GPU count such as 4, h100:4 or h100:4,a100:2")
+        total += int(m.group(1))
+    if not 1 <= total <= MAX_GPUS_PER_NODE:
+        raise ConfigError(f"{name}={_shown(text)} must give 1 to {MAX_GPUS_PER_NODE} GPUs per node "
+                          f"(set {ENV_GPUS_PER_NODE} for a job without GPUs)")
+    return total
+
+
+def gpus_per_node_setting(explicit: Any, env: Dict[str, str], het_group: Optional[int]) -> Tuple[int, str]:
+    """GPUs per inference node and the variable that decided it: the flag, then
+    ``ATROPOS_SLURM_GPUS_PER_NODE``, then Slurm's ``SLURM_GPUS_PER_NODE`` (the inference
+    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8."""
+    if explicit is not None:
+        return _int_setting("--gpus-per-node", explicit, minimum=1, maximum=MAX_GPUS_PER_NODE), "--gpus-per-node"
+    if ENV_GPUS_PER_NODE in env:
+        return _int_setting(ENV_GPUS_PER_NODE, env[ENV_GPUS_PER_NODE], minimum=1, maximum=MAX_GPUS_PER_NODE), \
+            ENV_GPUS_PER_NODE
+    slurm = "SLURM_GPUS_PER_NODE" if het_group is None else f"SLURM_GPUS_PER_NODE_HET_GROUP_{het_group}"
+    if env.get(slurm):
+        return parse_gpus_per_node(slurm, env[slurm]), slurm
+    return DEFAULT_GPUS_PER_NODE, "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How servers sit on the inference nodes: one per ``tp * pp`` GPUs, on ports ``base_port + i``.
+
+    A server needing more GPUs than a node has spans ``nodes_per_server`` consecutive nodes and
+    listens on the first of them (``servers_per_node`` is then 1: per group of nodes).
+    """
+
+    tp: int
+    pp: int
+    gpus_per_node: int
+    gpus_from: str  # the flag or variable that decided gpus_per_node, or "default"
+    base_port: int
+    servers_per_node: int
+    nodes_per_server: int
+
+    @property
+    def ports(self) -> List[int]:
+        return [self.base_port + i for i in range(self.servers_per_node)]
+
+
+def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
+                  env: Optional[Dict[str, str]] = None, pp: Any = None, het_group: Optional[int] = None) -> Layout:
+    """Validate TP, PP, GPUs per node and base port into a ``Layout``.
+
+    Shared by discovery and the watcher so both agree on which ports a node serves.  Within a
+    node, the seed's rule: ``gpus // (tp * pp)`` servers (a TP that does not divide the GPUs
+    leaves some idle, with a warning).  Above a node, ``tp * pp`` must be a multiple of it.
+    """
+    env = os.environ if env is None else env
+    gpus, gpus_from = gpus_per_node_setting(gpus_per_node, env, het_group)
+    tp_name, pp_name = ("INFER_TP" if tp is None else "--tp"), ("INFER_PP" if pp is None else "--pp")
+    tp = _int_setting(tp_name, env.get("INFER_TP", 1) if tp is None else tp, minimum=1)
+    pp = _int_setting(pp_name, env.get("INFER_PP", 1) if pp is None else pp, minimum=1)
+    need, size = tp * pp, f"{tp_name}={tp}" + (f" x {pp_name}={pp}" if pp > 1 else "")
+    if need <= gpus:
+        if gpus % need:
+            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
+                        size, gpus, gpus // need, gpus % need)
+        per_node, span = gpus // need, 1
+    elif need % gpus:
+        raise ConfigError(f"{size} needs {need} GPUs per server, more than a node's {gpus} ({gpus_from}) "
+                          f"and not a multiple of it: a server spans whole nodes")
+    else:
+        per_node, span = 1, need // gpus
+    port_name = ENV_BASE_PORT if base_port is None else "--base-port"
+    port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
+                        minimum=1, maximum=65536 - per_node)
+    return Layout(tp, pp, gpus, gpus_from, port, per_node, span)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerAddress:
-    """One discovered inference server: ``node_index`` counts inference nodes from 0."""
+    """One inference server: ``node_index`` counts inference nodes from 0 (a server that spans
+    nodes has its first node's), ``local_index`` the server's port on that node from 0."""
 
     host: str
     port: int
     node_index: int
     local_index: int
+    scheme: str = "http"
+    path: str = "/v1"
 
     @property
     def url(self) -> str:
-        return f"http://{url_host(self.host)}:{self.port}/v1"
+        return f"{self.scheme}://{url_host(self.host)}:{self.port}{self.path}"
 
 
 def url_host(host: str) -> str:
@@ -482,99 +594,204 @@ def url_host(host: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Discovery:
-    """What discovery found: every node, the split, and the servers with their URLs."""
+    """What discovery found: where from, the job's nodes and their split, the layout, the servers.
 
-    nodes: Tuple[str, ...]
-    training_nodes: Tuple[str, ...]
-    inference_nodes: Tuple[str, ...]
-    servers_per_node: int
-    tp: int
-    gpus_per_node: int
-    base_port: int
-    backend: str
+    ``source`` is "slurm", or the variable or flag that listed the servers (then there is no
+    layout, and every host listed counts as an inference node).  ``het_group`` is the inference
+    component of a heterogeneous job, else None.
+    """
+
     servers: Tuple[ServerAddress, ...]
+    source: str
+    nodes: Tuple[str, ...] = ()
+    training_nodes: Tuple[str, ...] = ()
+    inference_nodes: Tuple[str, ...] = ()
+    layout: Optional[Layout] = None
+    backend: str = ""
+    het_group: Optional[int] = None
 
     @property
     def urls(self) -> List[str]:
         return [s.url for s in self.servers]
 
     def to_json(self) -> Dict[str, Any]:
-        return {
-            "nodes": list(self.nodes),
-            "training_nodes": list(self.training_nodes),
-            "inference_nodes": list(self.inference_nodes),
-            "servers_per_node": self.servers_per_node,
-            "tp": self.tp,
-            "gpus_per_node": self.gpus_per_node,
-            "base_port": self.base_port,
-            "hostlist_backend": self.backend,
-            "ports": [self.base_port + i for i in range(self.servers_per_node)],
-            "servers": [dict(dataclasses.asdict(s), url=s.url) for s in self.servers],
-            "urls": self.urls,
+        data: Dict[str, Any] = {
+            "source": self.source, "nodes": list(self.nodes), "training_nodes": list(self.training_nodes),
+            "inference_nodes": list(self.inference_nodes), "het_group": self.het_group,
+            "hostlist_backend": self.backend or None,
         }
+        if self.layout:
+            data.update(dataclasses.asdict(self.layout), ports=self.layout.ports)
+        data.update(servers=[dict(dataclasses.asdict(s), url=s.url) for s in self.servers], urls=self.urls)
+        return data
+
+    def explain(self) -> List[str]:
+        """How each number was decided, one line each (``discover --explain``)."""
+        if self.layout is None:
+            return [f"{len(self.servers)} server(s) listed by {self.source} on {len(self.inference_nodes)} host(s); "
+                    "no Slurm discovery"]
+        lay, lines = self.layout, []
+        if self.het_group is not None:
+            lines.append(f"heterogeneous job: the servers are component {self.het_group}'s nodes "
+                         f"({ENV_INFERENCE_HET_GROUP}, default the last); the other components train")
+        named = {k: f" {_shown(' '.join(v))}" if v else "" for k, v in (("training", self.training_nodes),
+                                                                      ("inference", self.inference_nodes))}
+        lines.append(f"nodes: {len(self.training_nodes)} training{named['training']}, {len(self.inference_nodes)} "
+                     f"inference{named['inference']} (hostlist backend {self.backend})")
+        lines.append(f"GPUs per node: {lay.gpus_per_node}, from "
+                     + ("the default (no flag or variable says)" if lay.gpus_from == "default" else lay.gpus_from))
+        lines.append(f"GPUs per server: INFER_TP {lay.tp} x INFER_PP {lay.pp} = {lay.tp * lay.pp}")
+        if lay.nodes_per_server > 1:
+            lines.append(f"each server spans {lay.nodes_per_server} nodes and listens on the first, "
+                         f"port {lay.base_port}")
+        else:
+            lines.append(f"{lay.servers_per_node} server(s) per inference node, ports {lay.base_port}-{lay.ports[-1]}")
+        lines.append(f"{len(self.servers)} server(s) in all")
+        return lines
 
 
-def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
-                  env: Optional[Dict[str, str]] = None) -> Tuple[int, int, int, int]:
-    """Validate TP, GPUs per node and base port; return ``(tp, gpus, base_port, servers_per_node)``.
+def inference_het_group(env: Dict[str, str]) -> Optional[int]:
+    """In a heterogeneous job (``SLURM_HET_SIZE`` set), the component that runs the servers:
+    ``ATROPOS_SLURM_INFERENCE_HET_GROUP``, default the last; None in an ordinary job."""
+    if "SLURM_HET_SIZE" not in env:
+        if ENV_INFERENCE_HET_GROUP in env:
+            raise ConfigError(f"{ENV_INFERENCE_HET_GROUP}={_shown(env[ENV_INFERENCE_HET_GROUP])} is set but this is "
+                              "not a heterogeneous job (SLURM_HET_SIZE is not set)")
+        return None
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    if ENV_INFERENCE_HET_GROUP not in env:
+        return size - 1
+    return _int_setting(ENV_INFERENCE_HET_GROUP, env[ENV_INFERENCE_HET_GROUP], minimum=0, maximum=size - 1)
 
-    Shared by discovery and the watcher so both agree on which ports a node serves.
-    """
-    env = os.environ if env is None else env
-    gpus = _int_setting(ENV_GPUS_PER_NODE if gpus_per_node is None else "--gpus-per-node",
-                        env.get(ENV_GPUS_PER_NODE, DEFAULT_GPUS_PER_NODE) if gpus_per_node is None else gpus_per_node,
-                        minimum=1, maximum=4096)
-    tp_name = "INFER_TP" if tp is None else "--tp"
-    tp = _int_setting(tp_name, env.get("INFER_TP", 1) if tp is None else tp, minimum=1)
-    if tp > gpus:
-        raise ConfigError(f"{tp_name}={tp} is larger than the {gpus} GPUs per node")
-    if gpus % tp:
-        log.warning("%s=%d does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
-                    tp_name, tp, gpus, gpus // tp, gpus % tp)
-    per_node = gpus // tp
-    port_name = ENV_BASE_PORT if base_port is None else "--base-port"
-    port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
-                        minimum=1, maximum=65536 - per_node)
-    return tp, gpus, port, per_node
+
+def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[str]], str]:
+    """Each component's nodes (``SLURM_JOB_NODELIST_HET_GROUP_<n>``: in a heterogeneous job's
+    batch script ``SLURM_JOB_NODELIST`` holds component 0's alone) and the backend used."""
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    components, used = [], backend
+    for group in range(size):
+        name = f"SLURM_JOB_NODELIST_HET_GROUP_{group}"
+        if not env.get(name):
+            raise ConfigError(f"SLURM_HET_SIZE={size} but {name} is not set")
+        names, used = resolve_hostnames(env[name], backend)
+        components.append(names)
+    return components, used
+
+
+def read_server_list(value: str, name: str = ENV_SERVERS) -> List[str]:
+    """The URLs of ``value``: separated by commas or whitespace, or ``@path``, a file of them
+    (``~`` expanded, UTF-8 with or without a BOM), one per line, ``#`` starting a comment.  Each is
+    checked as ``base_url`` is (``parse_base_url``); a server listed twice is refused (it would
+    take twice the load)."""
+    value = value.strip()
+    if value.startswith("@"):
+        path = os.path.expanduser(value[1:])
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read(MAX_SERVER_LIST_BYTES + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}={_shown(value)}: cannot read {path!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
+        if len(text) > MAX_SERVER_LIST_BYTES:
+            raise ConfigError(f"{name}={_shown(value)}: {path!r} is larger than {MAX_SERVER_LIST_BYTES} bytes")
+        entries = [(f"{path} line {n}", url) for n, line in enumerate(text.splitlines(), 1)
+                   for url in re.split(r"[,\s]+", line.split("#", 1)[0]) if url]
+    else:
+        entries = [(f"entry {n}", url) for n, url in enumerate((u for u in re.split(r"[,\s]+", value) if u), 1)]
+    if not entries:
+        raise ConfigError(f"{name}={_shown(value)} lists no server URL")
+    if len(entries) > MAX_SERVERS:
+        raise ConfigError(f"{name}={_shown(value)} lists more than {MAX_SERVERS} servers")
+    seen: Dict[Tuple[str, str, int, str], str] = {}
+    for where, url in entries:
+        try:
+            key = parse_base_url(url)
+        except ConfigError as e:
+            raise ConfigError(f"{name} ({where}): {e}") from None
+        if key in seen:
+            raise ConfigError(f"{name} ({where}): {_shown_url(url)} is listed twice (also {seen[key]})")
+        seen[key] = where
+    return [url for _, url in entries]
+
+
+def listed_servers(value: str, name: str = ENV_SERVERS) -> Discovery:
+    """A ``Discovery`` of the servers a list names, numbered per host in order of appearance."""
+    hosts: Dict[str, List[ServerAddress]] = {}
+    servers = []
+    for url in read_server_list(value, name):
+        scheme, host, port, path = parse_base_url(url)
+        mine = hosts.setdefault(host, [])
+        mine.append(ServerAddress(host, port, list(hosts).index(host), len(mine), scheme, path))
+        servers.append(mine[-1])
+    return Discovery(tuple(servers), name, nodes=tuple(hosts), inference_nodes=tuple(hosts))
 
 
 def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = None, tp: Any = None,
                      gpus_per_node: Any = None, base_port: Any = None, backend: Optional[str] = None,
-                     env: Optional[Dict[str, str]] = None) -> Discovery:
-    """Turn the job's nodelist into inference server addresses, as Atropos' documentation describes.
+                     env: Optional[Dict[str, str]] = None, pp: Any = None, servers: Optional[str] = None) -> Discovery:
+    """The job's inference servers, as Atropos' documentation describes, and beyond it.
 
-    Each argument left as None comes from the environment: ``SLURM_JOB_NODELIST`` (then
-    ``SLURM_NODELIST``), ``NUM_TRAINING_NODES`` (required), ``INFER_TP`` (default 1),
-    ``ATROPOS_SLURM_GPUS_PER_NODE`` (8), ``ATROPOS_SLURM_BASE_PORT`` (9000) and
-    ``ATROPOS_SLURM_HOSTLIST`` (auto).  The first ``NUM_TRAINING_NODES`` nodes are skipped; each
-    remaining node gets ``gpus_per_node // tp`` servers on ports ``base_port + i``.
+    Each argument left as None comes from the environment (see the README's table).  In order:
+
+    * ``servers`` (or ``ATROPOS_SLURM_SERVERS`` when no ``nodelist`` is given) lists the URLs:
+      no Slurm discovery at all.
+    * A heterogeneous job (``SLURM_HET_SIZE``, unless ``nodelist`` is given): the inference
+      component's nodes serve, the other components' train; ``NUM_TRAINING_NODES`` is then
+      optional and must agree.
+    * Otherwise ``SLURM_JOB_NODELIST`` (then ``SLURM_NODELIST``): the first
+      ``NUM_TRAINING_NODES`` nodes train, the rest serve.
+
+    Each inference node gets ``Layout.servers_per_node`` servers on ports ``base_port + i``;
+    a server wider than a node takes ``nodes_per_server`` consecutive nodes and listens on the first.
     """
     env = os.environ if env is None else env
-    if nodelist is None:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise ConfigError("SLURM_JOB_NODELIST is not set (not inside a Slurm job? pass --nodelist)")
+    if servers is None and nodelist is None and env.get(ENV_SERVERS, "").strip():
+        return listed_servers(env[ENV_SERVERS])
+    if servers is not None:
+        return listed_servers(servers, "--servers")
     if backend is None:
         backend = env.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
         if backend not in HOSTLIST_BACKENDS:
             raise ConfigError(f"{ENV_HOSTLIST_BACKEND}={backend!r} is not one of {', '.join(HOSTLIST_BACKENDS)}")
-    tp, gpus, port, per_node = server_layout(tp, gpus_per_node, base_port, env)
-    if num_training_nodes is None:
-        if "NUM_TRAINING_NODES" not in env:
-            raise ConfigError("NUM_TRAINING_NODES is not set (how many leading nodes train, e.g. 1)")
-        ntrain = _int_setting("NUM_TRAINING_NODES", env["NUM_TRAINING_NODES"], minimum=0)
+    het = None if nodelist is not None else inference_het_group(env)
+    layout = server_layout(tp, gpus_per_node, base_port, env, pp, het)
+    ntrain_name = "NUM_TRAINING_NODES" if num_training_nodes is None else "--num-training-nodes"
+    raw = env.get("NUM_TRAINING_NODES") if num_training_nodes is None else num_training_nodes
+    ntrain = None if raw is None else _int_setting(ntrain_name, raw, minimum=0)
+    if het is not None:
+        components, used = het_component_nodes(env, backend)
+        inference = components[het]
+        training = [name for group, names in enumerate(components) if group != het for name in names]
+        nodes = [name for names in components for name in names]
+        if ntrain is not None and ntrain != len(training):
+            raise ConfigError(f"{ntrain_name}={ntrain} contradicts the heterogeneous job: the components other than "
+                              f"the inference one ({het}) have {len(training)} node(s); leave it unset")
+        where = f"component {het} (SLURM_JOB_NODELIST_HET_GROUP_{het})"
     else:
-        ntrain = _int_setting("--num-training-nodes", num_training_nodes, minimum=0)
-    nodes, used = resolve_hostnames(nodelist, backend)
-    if ntrain >= len(nodes):
-        raise ConfigError(f"NUM_TRAINING_NODES={ntrain} leaves no inference node among the "
-                          f"{len(nodes)} node(s) of {nodelist!r}")
-    inference = nodes[ntrain:]
-    if len(inference) * per_node > MAX_SERVERS:
-        raise ConfigError(f"{len(inference)} inference node(s) x {per_node} server(s) per node is more than "
-                          f"{MAX_SERVERS} servers (nodelist {_shown(nodelist)})")
-    servers = tuple(ServerAddress(host, port + i, k, i) for k, host in enumerate(inference) for i in range(per_node))
-    return Discovery(tuple(nodes), tuple(nodes[:ntrain]), tuple(inference), per_node, tp, gpus, port, used, servers)
+        if nodelist is None:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ConfigError("SLURM_JOB_NODELIST is not set (not inside a Slurm job? pass --nodelist)")
+        if ntrain is None:
+            raise ConfigError("NUM_TRAINING_NODES is not set (how many leading nodes train, e.g. 1)")
+        nodes, used = resolve_hostnames(nodelist, backend)
+        if ntrain >= len(nodes):
+            raise ConfigError(f"{ntrain_name}={ntrain} leaves no inference node among the "
+                              f"{len(nodes)} node(s) of {nodelist!r}")
+        training, inference = nodes[:ntrain], nodes[ntrain:]
+        where = f"nodelist {_shown(nodelist)}"
+    span = layout.nodes_per_server
+    if len(inference) % span:
+        raise ConfigError(f"{len(inference)} inference node(s) of {where} cannot be split into servers of {span} "
+                          f"nodes each (INFER_TP={layout.tp} x INFER_PP={layout.pp} on {layout.gpus_per_node} "
+                          f"GPUs per node)")
+    heads = inference[::span]
+    if len(heads) * layout.servers_per_node > MAX_SERVERS:
+        raise ConfigError(f"{len(heads)} inference node(s) x {layout.servers_per_node} server(s) per node is more "
+                          f"than {MAX_SERVERS} servers ({where})")
+    found = tuple(ServerAddress(host, layout.base_port + i, k * span, i)
+                  for k, host in enumerate(heads) for i in range(layout.servers_per_node))
+    return Discovery(found, "slurm", tuple(nodes), tuple(training), tuple(inference), layout, used, het)
 
 
 # =============================================================================================
@@ -1021,7 +1238,8 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
     except ValueError:
         pass
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+        from email.utils import parsedate_to_datetime  # lazily: see _LazyModule
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
@@ -1104,7 +1322,7 @@ class _Expired(Exception):
     """Thrown into a task whose ``_Deadline`` passed (Python < 3.11); never leaves ``_Deadline``."""
 
 
-_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: a task counts the cancellations it was sent
+_UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a task counts the cancellations it was sent
 
 
 class _Deadline:
@@ -1338,7 +1556,11 @@ class ConnectionPool:
         self.host, self.port, self.url = host, port, url
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
-        self._ssl = ssl.create_default_context() if scheme == "https" else None
+        if scheme == "https":
+            import ssl  # lazily: see _LazyModule
+            self._ssl = ssl.create_default_context()
+        else:
+            self._ssl = None
         self._idle: List[_Connection] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
@@ -3263,6 +3485,7 @@ def tokenizer_size(tokenizer: Any) -> Optional[int]:
 def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
     """A ChatCompletion/Completion as Atropos' managed server builds it (no usage; ``raw`` empty:
     the server's own answer had another shape)."""
+    import uuid  # lazily: see _LazyModule
     response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
                            object="chat.completion" if kind == "chat" else "text_completion",
                            choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
@@ -3536,7 +3759,9 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
     if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
         slurm = True
     backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
-    if (slurm and nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
+    # Not about a heterogeneous job (its SLURM_JOB_NODELIST is component 0's alone) or a server list.
+    one_nodelist = "SLURM_HET_SIZE" not in os.environ and not os.environ.get(ENV_SERVERS, "").strip()
+    if (slurm and nodelist and one_nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
             and len(resolve_hostnames(nodelist, backend)[0]) < 2):
         log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
                  "as in Atropos", nodelist)
@@ -3699,6 +3924,7 @@ def run_env(script: str, argv: Sequence[str]) -> None:
     patch_atropos()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    import runpy  # lazily: see _LazyModule
     runpy.run_path(script, run_name="__main__")
 
 
@@ -4393,19 +4619,26 @@ def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nodelist", help="Slurm hostlist (default: $SLURM_JOB_NODELIST, then $SLURM_NODELIST)")
     group.add_argument("--num-training-nodes", metavar="N", help="leading nodes that train (default: $NUM_TRAINING_NODES)")
     group.add_argument("--tp", metavar="N", help="tensor-parallel size of each server (default: $INFER_TP or 1)")
-    group.add_argument("--gpus-per-node", metavar="N", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    group.add_argument("--pp", metavar="N", help="pipeline-parallel size of each server (default: $INFER_PP or 1)")
+    group.add_argument("--gpus-per-node", metavar="N", help=f"default: ${ENV_GPUS_PER_NODE}, then the job's "
+                       f"$SLURM_GPUS_PER_NODE, then {DEFAULT_GPUS_PER_NODE}")
     group.add_argument("--base-port", metavar="P", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
     group.add_argument("--hostlist-backend", choices=HOSTLIST_BACKENDS,
                        help=f"how to expand the nodelist (default: ${ENV_HOSTLIST_BACKEND} or auto)")
+    group.add_argument("--servers", metavar="URLS", help=f"these server URLs (or @FILE of them) instead of Slurm "
+                       f"discovery (default: ${ENV_SERVERS})")
 
 
 def _discover(args: argparse.Namespace) -> Discovery:
     return discover_servers(args.nodelist, args.num_training_nodes, args.tp, args.gpus_per_node, args.base_port,
-                            args.hostlist_backend)
+                            args.hostlist_backend, pp=args.pp, servers=args.servers)
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
     found = _discover(args)
+    if args.explain:
+        for line in found.explain():
+            print(f"discover: {line}", file=sys.stderr)
     print(json.dumps(found.to_json(), indent=2) if args.format == "json" else "\n".join(found.urls))
     return 0
 
@@ -4435,21 +4668,30 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    tp, gpus, base, per_node = server_layout(args.tp, args.gpus_per_node, args.base_port)
+    layout = server_layout(args.tp, args.gpus_per_node, args.base_port, pp=args.pp,
+                           het_group=inference_het_group(os.environ))
     try:
         parse_base_url(args.api_addr)
     except ConfigError:  # its message speaks of base_url and /v1: name this flag instead
         raise ConfigError(f"--api_addr={_shown_url(args.api_addr)} must look like http://trainer:8000") from None
     node_num = _int_setting("--node_num", args.node_num, minimum=0)
     check_request_path("--health-path", args.health_path)
-    ports = [base + i for i in range(per_node)]
+    if node_num % layout.nodes_per_server:  # a job script may start one watcher per node: not an error
+        head = node_num - node_num % layout.nodes_per_server
+        log.info("inference node %d serves nothing itself: each server spans %d nodes and listens on the first "
+                 "of its group; the watcher of inference node %d watches it. Nothing to do here.",
+                 node_num, layout.nodes_per_server, head)
+        return 0
+    ports, per_node, base = layout.ports, layout.servers_per_node, layout.base_port
     options = WatcherOptions(
         api_addr=args.api_addr, node_num=node_num, ports=ports, host=check_host("--host", args.host),
         interval=_float_setting("--interval", args.interval, above=0), health_path=args.health_path,
         probe_timeout=_float_setting("--probe-timeout", args.probe_timeout, above=0), once=args.once,
         use_wandb=not args.no_wandb, legacy_metric_names=args.legacy_metric_names,
-        layout={"node_num": node_num, "host": args.host, "tp": tp, "gpus_per_node": gpus,
-                "base_port": base, "ports": ports, "health_path": args.health_path, "api_addr": args.api_addr,
+        layout={"node_num": node_num, "host": args.host, "tp": layout.tp, "pp": layout.pp,
+                "gpus_per_node": layout.gpus_per_node, "gpus_per_node_from": layout.gpus_from,
+                "nodes_per_server": layout.nodes_per_server, "base_port": base, "ports": ports,
+                "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
     log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
@@ -4578,6 +4820,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("discover", help="print the inference server URLs of this Slurm job")
     _add_discovery_flags(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--explain", action="store_true", help="say on stderr how each number was decided")
     p.set_defaults(func=cmd_discover)
 
     p = commands.add_parser("hostnames", help="expand a hostlist like 'scontrol show hostnames'")
@@ -4636,8 +4879,10 @@ def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
     """The watcher's flags, shared by ``watch`` and ``inference_watcher.py``."""
     parser.add_argument("--api_addr", "--api-addr", required=True, help="trainer API, e.g. http://trainer:8000")
     parser.add_argument("--tp", help="tensor-parallel size of the servers (default: $INFER_TP or 1)")
+    parser.add_argument("--pp", help="pipeline-parallel size of the servers (default: $INFER_PP or 1)")
     parser.add_argument("--node_num", "--node-num", required=True, help="index of this inference node (0, 1, ...)")
-    parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE}, then the job's $SLURM_GPUS_PER_NODE "
+                        f"(its inference component's in a heterogeneous job), then {DEFAULT_GPUS_PER_NODE}")
     parser.add_argument("--base-port", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
     parser.add_argument("--host", default="localhost", help="where this node's servers listen (localhost)")
     parser.add_argument("--interval", default="60", help="seconds between rounds (60)")
