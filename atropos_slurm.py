@@ -98,9 +98,9 @@ __all__ = [
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
     # dispatch
     "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
-    "HealthProber", "wait_for_servers", "StubServer",
+    "HealthProber", "wait_for_servers", "StubServer", "StubTokens",
     # exact tokens and logprobs
-    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS", "TokenReader",
     # Atropos compatibility
     "patch_atropos", "run_env", "DedicatedServer",
     # watcher and CLI
@@ -197,9 +197,11 @@ class NoHealthyServerError(ServerError):
 
 
 class TokenProtocolError(ServerError):
-    """A 2xx answer lacks the token ids or logprobs its protocol promises (a wrong ``server_type``?).
+    """A 2xx token answer lacks the token ids or logprobs its protocol promises (a wrong
+    ``server_type``?), or holds ones no trainer can trust: counts that disagree, ids or logprobs
+    of the wrong type or range, a missing finish reason (``TokenReader``).
 
-    Not retried: the same server would answer the same way.
+    Not retried, and the server not marked down: the same server would answer the same way.
     """
 
 
