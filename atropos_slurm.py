@@ -29,10 +29,12 @@ Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
 Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
 Manager            ``ServerManager``: composes slots, retry policy, servers and probes
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
-                   exact token ids and logprobs of each ``server_type``'s protocol
+                   exact token ids and logprobs of each ``server_type``'s protocol, every answer
+                   checked by a ``TokenReader`` before use
 Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
                    reasoning settings, ``testing=True``, ``DedicatedServer``
-Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks; its token
+                   protocols (``StubTokens``) for dry runs of ``managed_server`` environments
 Watcher            per inference node: probes -> W&B or JSON lines
 CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
@@ -96,9 +98,9 @@ __all__ = [
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
     # dispatch
     "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
-    "HealthProber", "wait_for_servers", "StubServer",
+    "HealthProber", "wait_for_servers", "StubServer", "StubTokens",
     # exact tokens and logprobs
-    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS", "TokenReader",
     # Atropos compatibility
     "patch_atropos", "run_env", "DedicatedServer",
     # watcher and CLI
@@ -195,9 +197,11 @@ class NoHealthyServerError(ServerError):
 
 
 class TokenProtocolError(ServerError):
-    """A 2xx answer lacks the token ids or logprobs its protocol promises (a wrong ``server_type``?).
+    """A 2xx token answer lacks the token ids or logprobs its protocol promises (a wrong
+    ``server_type``?), or holds ones no trainer can trust: counts that disagree, ids or logprobs
+    of the wrong type or range, a missing finish reason (``TokenReader``).
 
-    Not retried: the same server would answer the same way.
+    Not retried, and the server not marked down: the same server would answer the same way.
     """
 
 
@@ -800,6 +804,7 @@ SERVER_TYPES = ("openai", "trl", "sglang", "vllm")
 MAX_CONFIG_INT = 2 ** 31 - 1  # caps and buffer lengths: far above any use, and a C int
 _SENDABLE = re.compile(r"[!-~]+\Z")  # printable ASCII without space: URLs, paths, keys as sent
 _USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (up to its last '@')
+_QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.S)  # '?api_key=...' or '#...' to the end of a URL
 
 
 @dataclasses.dataclass
@@ -884,8 +889,11 @@ def check_host(name: str, host: Any) -> str:
 
 
 def _shown_url(url: Any) -> str:
-    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``."""
-    return _shown(_USERINFO.sub(r"\1***@", url)) if isinstance(url, str) else _shown(url)
+    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``, any
+    query or fragment (``?api_key=sk-...``) by ``?***`` or ``#***``."""
+    if not isinstance(url, str):
+        return _shown(url)
+    return _shown(_QUERY_OR_FRAGMENT.sub(lambda m: m.group(0)[0] + "***", _USERINFO.sub(r"\1***@", url)))
 
 
 # The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path,
@@ -1919,20 +1927,35 @@ def decode_object(data: Any, url: str, what: str, aborts: bool = False) -> AttrD
     return value
 
 
-def decode_response(body: bytes, url: str = "", array_ok: bool = False, aborts: bool = False) -> Any:
-    """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
-    ``/generate`` with ``n > 1``); ``aborts``: see ``decode_object``."""
-    if array_ok and body.lstrip()[:1] == b"[":
-        try:
-            items = _loads_attr(body)
-        except (ValueError, RecursionError):
-            raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
-        if not all(isinstance(item, dict) for item in items):
-            raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
-        return items
+def decode_response(body: bytes, url: str = "", aborts: bool = False) -> Any:
+    """An ``APIResponse``; ``aborts``: see ``decode_object``."""
     response = APIResponse(decode_object(body, url, "response body", aborts))
     response.raw = body
     return response
+
+
+class _NonFiniteLiteral(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: Python's JSON reader takes them, JSON has none."""
+
+
+def _refuse_literal(name: str) -> Any:
+    raise _NonFiniteLiteral(name)
+
+
+_TOKEN_DECODER = json.JSONDecoder(parse_constant=_refuse_literal)
+
+
+def decode_token_answer(body: bytes, url: str = "") -> Any:
+    """A token protocol's answer (``TokenReader`` reads it): any JSON value, as plain data;
+    ``NaN``/``Infinity`` literals raise ``TokenProtocolError``, a body that is not JSON
+    ``ProtocolError`` (as for any answer)."""
+    try:
+        return _TOKEN_DECODER.decode(body.decode("utf-8"))
+    except _NonFiniteLiteral as e:
+        raise TokenProtocolError(f"the answer holds {e}, which is not JSON (a logprob must be a finite number)",
+                                 url) from None
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
 
 
 def check_not_aborted(response: Any, url: str) -> Any:
@@ -2129,10 +2152,11 @@ class OpenAIServer:
         return await self.post("/completions", self.request_body("/completions", kwargs), timeout=kwargs.get("timeout"))
 
     async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
-                   timeout: Optional[float] = None, root: bool = False,
+                   timeout: Optional[float] = None, root: bool = False, tokens: bool = False,
                    loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
         """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
-        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming.
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming;
+        with ``tokens``, a token protocol's answer as plain JSON (``decode_token_answer``).
 
         ``timeout`` (seconds) replaces the config's for this request, as the SDK's ``timeout=``.
         ``loop``: the running loop, when the caller has it (see ``ConnectionPool.send``).
@@ -2163,8 +2187,8 @@ class OpenAIServer:
             raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
         if conn is not None:
             return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
-        if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
-            return decode_response(data, self.url, array_ok=True)
+        if tokens:  # its protocol reads it (and its aborts)
+            return decode_token_answer(data, self.url)
         return decode_response(data, self.url, aborts=True)
 
     async def check_health(self) -> bool:
@@ -2743,6 +2767,7 @@ class RetryPolicy:
     or the server's ``Retry-After`` if longer (over ``MAX_RETRY_AFTER`` we give up instead).
     Marked down: servers that failed to answer (connection, timeout, protocol) or answered 5xx.
     Not a sign of death: a stale pooled connection, 408/429, an abort (a paused server).
+    Not retried: other 4xx, a too large body, a malformed token answer (``TokenProtocolError``).
     """
 
     max_retries: int = 2
@@ -2753,7 +2778,7 @@ class RetryPolicy:
         """The decision after ``attempt`` (1-based) failed with ``error``; ``jitter`` in [0.75, 1]."""
         if isinstance(error, StaleConnectionError):
             return Retry(Retry.RESEND)
-        if isinstance(error, ResponseTooLargeError):
+        if isinstance(error, (ResponseTooLargeError, TokenProtocolError)):  # the same answer again
             return Retry(Retry.RAISE)
         mark_down, retry_after = False, None
         if isinstance(error, APIStatusError):
@@ -2776,19 +2801,27 @@ LOCAL_DEFAULT_URLS = [f"http://localhost:{port}/v1" for port in range(9004, 9008
 
 
 def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
-    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed."""
+    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed
+    (a part's ``usage`` that is not an object, or whose count is not an integer: ``ProtocolError``)."""
     merged = APIResponse(parts[0])
     choices = []
     for part in parts:
         for choice in part.get("choices") or []:
             choices.append(AttrDict(choice, index=len(choices)))
     merged["choices"] = choices
-    usages = [p.get("usage") for p in parts if isinstance(p.get("usage"), dict)]
+    usages = [p.get("usage") for p in parts if p.get("usage") is not None]
     if usages:
-        usage = AttrDict(usages[0])
+        usage = AttrDict(usages[0]) if isinstance(usages[0], dict) else None
+        for i, part_usage in enumerate(usages):
+            if not isinstance(part_usage, dict):
+                raise ProtocolError(f"a split call's part {i} has a usage that is not an object: {_shown(part_usage)}")
         for key, value in usages[0].items():
             if isinstance(value, int) and not isinstance(value, bool):
-                usage[key] = sum(u.get(key) or 0 for u in usages)
+                counts = [u.get(key) or 0 for u in usages]
+                bad = next((c for c in counts if isinstance(c, bool) or not isinstance(c, int)), None)
+                if bad is not None:
+                    raise ProtocolError(f"a split call's part has usage.{key}={_shown(bad)}, not an integer")
+                usage[key] = sum(counts)
         merged["usage"] = usage
     merged.raw = b"[" + b",".join(p.raw for p in parts) + b"]"
     return merged
@@ -2913,9 +2946,15 @@ class ServerManager:
     async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
         """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
         for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
-        one list per choice, in choice order, ``n`` split as for ``completion``."""
+        one list per choice, in choice order, ``n`` split as for ``completion``.  Every id and
+        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
+        return await self._token_completion(kwargs)
+
+    async def _token_completion(self, kwargs: Dict[str, Any],
+                                vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
+        """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
         token_prompt(kwargs)
-        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False))
+        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False, vocab))
         outputs, logprobs, reasons = [], [], []
         for _, part_outputs, part_logprobs, part_reasons in parts:
             outputs += part_outputs
@@ -2927,19 +2966,28 @@ class ServerManager:
         """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
         "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
-        token_prompt(kwargs)
-        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True)))[0]
+        return await self._prompt_logprobs(kwargs)
 
-    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> Any:
+    async def _prompt_logprobs(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Dict[str, Any]:
+        """``get_logprobs``; ``vocab``: the tokenizer's size, when known."""
+        token_prompt(kwargs)
+        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True, vocab)))[0]
+
+    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool, vocab: Optional[int] = None) -> Any:
         """One token request through the slots and retries, in the protocol of whichever server
-        takes it: on a 404 the server's next protocol is tried (once per server, said once)."""
+        takes it: on a 404 the server's next protocol is tried (once per server, said once).
+        The answer is read (``TokenReader``) before the slot is given back: an aborted
+        generation is retried like a 5xx, a malformed answer raises ``TokenProtocolError``."""
         prompt, params = token_prompt(kwargs), sampling_params(kwargs)
+        top_k, n = 0, 1 if params.get("n") is None else params["n"]
         if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
-            top_k = params.pop("top_k", params.pop("top_logprobs", 1))
+            top_k, n = params.pop("top_k", params.pop("top_logprobs", 1)), 1
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={_shown(n)} must be a positive integer")
 
-        async def send(server: OpenAIServer, fresh: bool) -> Tuple[TokensProtocol, Any, str]:
+        async def send(server: OpenAIServer, fresh: bool) -> Any:  # the result, read
             protocols = token_protocols(server.config.server_type)
             index = self._tokens_via.get(server, 0)
             while True:
@@ -2948,7 +2996,7 @@ class ServerManager:
                 body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
                         else protocol.completion_body(model, prompt, params))
                 try:
-                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root,
+                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root, tokens=True,
                                              timeout=kwargs.get("timeout"))
                 except APIStatusError as error:
                     if error.status != 404 or index + 1 >= len(protocols):
@@ -2959,25 +3007,10 @@ class ServerManager:
                                     protocols[index].name)
                         self._tokens_via[server] = index
                     continue
-                if protocol.aborted(data):
-                    raise GenerationAbortedError("the server aborted the generation", server.url)
-                return protocol, data, server.url
+                read = TokenReader(protocol.name, server.url, n, vocab, prompt, top_k)
+                return (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, read)
 
-        protocol, data, url = await self._request("", kwargs, send=send)
-        try:
-            result = (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, url)
-        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
-            raise TokenProtocolError(f"malformed {protocol.name} answer ({type(e).__name__}: {e})", url) from None
-        ids = prompt if isinstance(prompt, list) else self._reported(result[0], url)
-        if prompt_logprobs:
-            return {"prompt_tokens": ids, "prompt_topk_token_ids": result[1], "prompt_topk_logprobs": result[2]}
-        return (ids,) + tuple(result[1:])
-
-    @staticmethod
-    def _reported(ids: Optional[List[int]], url: str) -> List[int]:
-        if not ids:
-            raise TokenProtocolError("the server did not report the prompt's token ids; pass input_ids", url)
-        return list(ids)
+        return await self._request("", kwargs, send=send)
 
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
@@ -2999,12 +3032,13 @@ class ServerManager:
         """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
         which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
         new caps at once.  ``weight=0`` holds new calls until a larger weight comes (each for at
-        most the manager's slot wait)."""
+        most the manager's slot wait); any weight above 0 leaves each cap at least 1."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"weight={weight!r} must be a number >= 0")
-        for server in self.servers:
-            self.slots.set_caps(server, weighted_cap(server.config.num_max_requests_at_once, weight),
-                                weighted_cap(server.config.num_requests_for_eval, weight))
+        caps = [(server, weighted_cap(server.config.num_max_requests_at_once, weight),
+                 weighted_cap(server.config.num_requests_for_eval, weight)) for server in self.servers]
+        for server, train, eval_cap in caps:  # all computed first: a refused weight changes none
+            self.slots.set_caps(server, train, eval_cap)
 
     @contextlib.asynccontextmanager
     async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
@@ -3283,35 +3317,199 @@ def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
     return params
 
 
-def _field(data: Any, path: str, url: str) -> Any:
-    """``data["a"]["b"]`` for ``path`` "a.b", or a ``TokenProtocolError`` naming what is missing."""
-    for key in path.split("."):
-        if not isinstance(data, dict) or data.get(key) is None:
-            raise TokenProtocolError(f"the answer has no {path!r}: is server_type right for this server?", url)
-        data = data[key]
-    return data
+TOKEN_ID_BOUND = 2 ** 31  # token ids are below this when the tokenizer's size is unknown (every vocabulary is)
+MAX_LOGPROB = 1e-4  # a log-probability is <= 0; this much above is float rounding
 
 
-def _topk(entry: Any) -> Tuple[List[int], List[float]]:
-    """One prompt position's logprobs as (ids, logprobs), in the server's order, from any of
-    ``{id: logprob}``, ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]``
-    (Atropos' server) or ``[[logprob, id, text], ...]`` (SGLang); ``None`` (position 0) -> empty."""
-    pairs: List[Tuple[Any, Any]] = []
-    for item in (entry if isinstance(entry, list) else [entry or {}]):
-        if isinstance(item, dict):
-            pairs.extend(item.items())
-        elif isinstance(item, list) and len(item) >= 2:
-            pairs.append((item[1], item[0]))
-    return ([int(k) for k, _ in pairs],
-            [float(v["logprob"] if isinstance(v, dict) else v) for _, v in pairs])
+class _Count(int):
+    """A length, shown as ``3 item(s)`` in a ``TokenReader`` error."""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} item(s)"
+
+    __str__ = __repr__
+
+
+class TokenReader:
+    """Reads one token-protocol answer, strictly, before anything of it is recorded or returned.
+
+    Each read takes the JSON value and the field's name as it stands in the answer, and either
+    gives the value (ids as ``int``, logprobs as ``float``) or raises ``TokenProtocolError``
+    naming the server, the protocol, the field, what was expected and (cut short) what came.
+    ``n`` is the number of choices the request asked for; ``vocab`` the tokenizer's size
+    (``len(tokenizer)``) when known, else ids are only bounded by ``TOKEN_ID_BOUND``; ``prompt``
+    the request's token ids (or its text, which the server tokenizes); ``top_k`` the logprobs
+    asked per prompt position (prompt scoring).
+    """
+
+    def __init__(self, protocol: str, url: str, n: int = 1, vocab: Optional[int] = None, prompt: Any = None,
+                 top_k: int = 0):
+        self.protocol, self.url, self.n, self.prompt, self.top_k = protocol, url, n, prompt, top_k
+        self.bound = vocab or TOKEN_ID_BOUND
+        self.id_rule = (f"a token id: an integer >= 0 and < {vocab} (len(tokenizer))" if vocab
+                        else "a token id: an integer >= 0 and < 2**31")
+
+    def error(self, field: str, expected: str, got: Any) -> TokenProtocolError:
+        shown = got if isinstance(got, _Count) else _shown(got)
+        return TokenProtocolError(f"{self.protocol} answer: {field} must be {expected}, got {shown}", self.url)
+
+    def get(self, obj: Any, key: str, field: str) -> Any:
+        """``obj[key]``, present and not null; ``field`` is the name of ``obj``'s ``key`` in the answer."""
+        if not isinstance(obj, dict):
+            raise self.error(field.rpartition(".")[0] or "the answer", "a JSON object", obj)
+        value = obj.get(key)
+        if value is None:
+            raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: is server_type right for this "
+                                     f"server? (answer: {_shown(obj)})", self.url)
+        return value
+
+    def items(self, value: Any, field: str, count: Optional[int] = None) -> list:
+        """A JSON array (a string is not one), of ``count`` items when given."""
+        if type(value) is not list:
+            raise self.error(field, "a list" if count is None else f"a list of {count}", value)
+        if count is not None and len(value) != count:
+            raise self.error(field, f"a list of {count} item(s)", _Count(len(value)))
+        return value
+
+    def token_id(self, value: Any, field: str) -> int:
+        if type(value) is not int or not 0 <= value < self.bound:  # type(): True is an int, not a token
+            raise self.error(field, self.id_rule, value)
+        return value
+
+    def token_ids(self, value: Any, field: str, count: Optional[int] = None) -> List[int]:
+        ids = self.items(value, field, count)
+        for i, t in enumerate(ids):
+            if type(t) is not int or not 0 <= t < self.bound:
+                raise self.error(f"{field}[{i}]", self.id_rule, t)
+        return ids
+
+    def text_id(self, value: Any, prefix: str = "") -> int:
+        """The token id written as ``prefix`` + ASCII digits (vLLM's ``"token_id:123"``, a JSON
+        key ``"123"``; not ``" 7"``, ``"+7"``, ``"1_0"`` or ``"٣"``, which ``int`` takes), or -1."""
+        if type(value) is str and value.startswith(prefix):
+            digits = value[len(prefix):]
+            if 0 < len(digits) < 20 and digits.isdigit() and digits.isascii():
+                token = int(digits)
+                if token < self.bound:
+                    return token
+        return -1
+
+    def text_error(self, field: str, value: Any, prefix: str = "") -> TokenProtocolError:
+        if not prefix:
+            return self.error(field, f"{self.id_rule}, written in ASCII digits", value)
+        ignored = not (isinstance(value, str) and value.startswith(prefix))  # "Hello": plain text tokens
+        return self.error(field, f"'{prefix}' and {self.id_rule}" +
+                          (" (did the server ignore return_tokens_as_token_ids?)" if ignored else ""), value)
+
+    def token_texts(self, value: Any, field: str, prefix: str) -> List[int]:
+        ids = []
+        for i, text in enumerate(self.items(value, field)):
+            token = self.text_id(text, prefix)
+            if token < 0:
+                raise self.text_error(f"{field}[{i}]", text, prefix)
+            ids.append(token)
+        return ids
+
+    def logprob(self, value: Any, field: str) -> float:
+        """A JSON number (not a boolean), finite, <= 0 up to rounding; vLLM's -9999.0 for minus
+        infinity is the number it is."""
+        kind = type(value)
+        if kind is float:
+            if -math.inf < value <= MAX_LOGPROB:
+                return value
+        elif kind is int and -10 ** 300 < value <= 0:
+            return float(value)
+        raise self.error(field, "a logprob: a finite number <= 0", value)
+
+    def logprobs(self, value: Any, field: str, count: int) -> List[float]:
+        values = self.items(value, field, count)
+        for i, v in enumerate(values):
+            if type(v) is not float or not -math.inf < v <= MAX_LOGPROB:  # else: the usual case, taken as it is
+                return [self.logprob(v, f"{field}[{i}]") for i, v in enumerate(values)]
+        return values
+
+    def finish_reasons(self, values: Sequence[Any], fields: Sequence[str]) -> list:
+        """Each a string or SGLang's ``{"type": "..."}``, as sent; an ``abort`` in either form
+        raises ``GenerationAbortedError`` (retried like a 5xx).  A missing one is an error, not "stop"."""
+        for value, field in zip(values, fields):
+            kind = value.get("type") if isinstance(value, dict) else value
+            if type(kind) is not str or not kind:
+                raise self.error(field, "a finish reason: a string or {\"type\": a string}", value)
+            if kind == "abort":
+                raise GenerationAbortedError(f"the server aborted the generation ({field} is 'abort')", self.url)
+        return list(values)
+
+    def prompt_ids(self, reported: Any, field: str, required: bool) -> List[int]:
+        """The prompt's ids: the request's own, which the server's report (if any) must equal, or,
+        for a text prompt, the server's report (then ``required``)."""
+        if reported is None:
+            if isinstance(self.prompt, list):
+                return self.prompt
+            if required:
+                raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: the server did not report the "
+                                         "prompt's token ids; pass input_ids", self.url)
+            return []
+        ids = self.token_ids(reported, field)
+        if isinstance(self.prompt, list) and ids != self.prompt:
+            raise self.error(field, f"the {len(self.prompt)} prompt ids sent", ids)
+        if not ids:
+            raise self.error(field, "the prompt's token ids (not empty)", ids)
+        return ids
+
+    def topk(self, entry: Any, field: str, first: bool, own: Optional[int] = None) -> Tuple[List[int], List[float]]:
+        """One prompt position's (ids, logprobs), in the server's order, from ``{id: logprob}``,
+        ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]`` (Atropos'
+        server) or ``[[logprob, id, text], ...]`` (SGLang).  The first position may be empty
+        (``None``: nothing comes before it); every other holds at least ``top_k`` distinct ids,
+        and ``own``, the prompt's token there, when given (vLLM adds it to the top k)."""
+        ids: List[int] = []
+        lps: List[float] = []
+        if isinstance(entry, dict):
+            entry = [entry]
+        elif entry is not None and type(entry) is not list:
+            raise self.error(field, "a prompt position's logprobs (an object or a list)", entry)
+        for i, item in enumerate(entry or ()):
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    token = self.text_id(key)
+                    if token < 0:
+                        raise self.text_error(f"{field} key", key)
+                    ids.append(token)
+                    if isinstance(value, dict):
+                        value = self.get(value, "logprob", f"{field}[{key!r}].logprob")
+                    lps.append(self.logprob(value, f"{field}[{key!r}]"))
+            elif type(item) is list and len(item) >= 2:
+                ids.append(self.token_id(item[1], f"{field}[{i}][1]"))
+                lps.append(self.logprob(item[0], f"{field}[{i}][0]"))
+            else:
+                raise self.error(f"{field}[{i}]", "{id: logprob} or [logprob, id, ...]", item)
+        if len(set(ids)) != len(ids):
+            raise self.error(field, "distinct token ids", ids)
+        if not first and len(ids) < self.top_k:
+            raise self.error(field, f"at least the {self.top_k} logprob(s) asked (top_k)", _Count(len(ids)))
+        if not first and own is not None and own not in ids:
+            raise self.error(field, f"the logprobs of a position that holds the prompt's token {own} there", ids)
+        return ids, lps
+
+    def prompt_topk(self, positions: Any, field: str, prompt_ids: List[int], own: bool) -> Dict[str, Any]:
+        """Atropos' prompt-scoring dict: exactly one position per prompt token (each holding the
+        prompt's own token, with ``own``)."""
+        positions = self.items(positions, field, len(prompt_ids))
+        topk = [self.topk(entry, f"{field}[{i}]", i == 0, prompt_ids[i] if own else None)
+                for i, entry in enumerate(positions)]
+        return {"prompt_tokens": prompt_ids, "prompt_topk_token_ids": [ids for ids, _ in topk],
+                "prompt_topk_logprobs": [lps for _, lps in topk]}
 
 
 class TokensProtocol:
     """How one kind of server takes a prompt of token ids and answers with token ids and logprobs.
 
     ``path`` is POSTed under ``base_url`` or, with ``root``, at the server's root.  Bodies are
-    built from the caller's sampling parameters; answers are read into plain lists.  A prompt is
-    a list of token ids, or text that the server tokenizes (then it reports the ids).
+    built from the caller's sampling parameters; answers are read by a ``TokenReader`` into
+    Atropos' shapes: ``(prompt ids, output ids per choice, their logprobs, finish reasons)``
+    for a completion, ``{"prompt_tokens", "prompt_topk_token_ids", "prompt_topk_logprobs"}``
+    for prompt scoring.  A prompt is a list of token ids, or text that the server tokenizes
+    (then it reports the ids).
     """
 
     name = path = ""
@@ -3320,25 +3518,21 @@ class TokensProtocol:
     def completion_body(self, model: str, prompt: Any, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def completion_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list, list]:
-        """(prompt ids if the server reported them, output ids per choice, their logprobs, finish reasons)."""
+    def completion_result(self, data: Any, read: TokenReader) -> Tuple[List[int], list, list, list]:
         raise NotImplementedError
 
     def logprobs_body(self, model: str, prompt: Any, top_k: int, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def logprobs_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list]:
-        """(prompt ids if reported, top-k ids per prompt position, their logprobs)."""
+    def logprobs_result(self, data: Any, read: TokenReader) -> Dict[str, Any]:
         raise NotImplementedError
-
-    def aborted(self, data: Any) -> bool:
-        return False
 
 
 class VLLMCompletionsTokens(TokensProtocol):
     """Any vLLM OpenAI server: a token-id prompt on ``/completions`` with ``logprobs`` and
     ``return_tokens_as_token_ids`` (tokens come back as ``"token_id:123"``), ``prompt_logprobs``
-    for prompt scoring, ``return_token_ids`` for the ids of a text prompt."""
+    for prompt scoring, ``return_token_ids`` for the ids of a text prompt.  Choices may come in
+    any order: they are returned in ``index`` order."""
 
     name, path = "vLLM /v1/completions", "/completions"
 
@@ -3350,19 +3544,33 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def completion_result(self, data, url):
-        choices = sorted(_field(data, "choices", url), key=lambda c: c.get("index") or 0)
-        outputs, logprobs, reasons = [], [], []
-        for choice in choices:
-            tokens = _field(choice, "logprobs.tokens", url)
-            if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
-                raise TokenProtocolError(f"logprobs.tokens are not 'token_id:N' ({tokens[:3]!r}...): "
-                                         "the server ignored return_tokens_as_token_ids", url)
-            outputs.append([int(t[len("token_id:"):]) for t in tokens])
-            logprobs.append(list(_field(choice, "logprobs.token_logprobs", url)))
-            reasons.append(choice.get("finish_reason"))
-        prompt_ids = choices[0].get("prompt_token_ids") if choices else None
-        return prompt_ids, outputs, logprobs, reasons
+    def _choices(self, data, read):
+        """The ``n`` choices, in ``index`` order (each index 0..n-1 once), and their names in the answer."""
+        choices = read.items(read.get(data, "choices", "choices"), "choices", read.n)
+        ordered: List[Any] = [None] * read.n
+        for i, choice in enumerate(choices):
+            index = read.get(choice, "index", f"choices[{i}].index")
+            if type(index) is not int or not 0 <= index < read.n or ordered[index] is not None:
+                raise read.error(f"choices[{i}].index", f"an index 0..{read.n - 1} not given before", index)
+            ordered[index] = (choice, f"choices[{i}]")
+        return ordered
+
+    def completion_result(self, data, read):
+        choices = self._choices(data, read)
+        reasons = read.finish_reasons([read.get(c, "finish_reason", f"{name}.finish_reason") for c, name in choices],
+                                      [f"{name}.finish_reason" for _, name in choices])
+        outputs, logprobs = [], []
+        for choice, name in choices:
+            lp = read.get(choice, "logprobs", f"{name}.logprobs")
+            tokens = read.items(read.get(lp, "tokens", f"{name}.logprobs.tokens"), f"{name}.logprobs.tokens")
+            outputs.append(read.token_texts(tokens, f"{name}.logprobs.tokens", "token_id:"))
+            logprobs.append(read.logprobs(read.get(lp, "token_logprobs", f"{name}.logprobs.token_logprobs"),
+                                          f"{name}.logprobs.token_logprobs", len(tokens)))
+        prompts = [read.prompt_ids(c.get("prompt_token_ids"), f"{name}.prompt_token_ids", True) for c, name in choices]
+        for (_, name), ids in zip(choices[1:], prompts[1:]):
+            if ids != prompts[0]:
+                raise read.error(f"{name}.prompt_token_ids", "the ids of choice 0's prompt", ids)
+        return prompts[0], outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt, prompt_logprobs=top_k,
@@ -3372,17 +3580,18 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def logprobs_result(self, data, url):
-        choice = _field(data, "choices", url)[0]
-        positions = _field(choice, "prompt_logprobs", url)
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return choice.get("prompt_token_ids"), list(ids), list(lps)
+    def logprobs_result(self, data, read):
+        (choice, name), = self._choices(data, read)
+        prompt_ids = read.prompt_ids(choice.get("prompt_token_ids"), f"{name}.prompt_token_ids", True)
+        return read.prompt_topk(read.get(choice, "prompt_logprobs", f"{name}.prompt_logprobs"),
+                                f"{name}.prompt_logprobs", prompt_ids, own=True)
 
 
 class AtroposGenerateTokens(TokensProtocol):
     """Atropos' own vLLM server (``example_trainer/vllm_api_server.py``): ``POST /generate`` with
     ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}``, answered with per-choice
-    ``logprobs`` ``[[{id: logprob}], ...]`` and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
+    ``logprobs`` ``[[{id: logprob}], ...]`` (the sampled token first), ``token_ids`` (must agree)
+    and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
 
     name, path, root = "Atropos /generate", "/generate", True
 
@@ -3392,13 +3601,35 @@ class AtroposGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return dict({"prompt": self._prompt(prompt), "logprobs": 0}, **_max_tokens_named(params, "max_tokens"))
 
-    def completion_result(self, data, url):
+    def completion_result(self, data, read):
+        reasons = read.items(read.get(data, "finish_reasons", "finish_reasons"), "finish_reasons", read.n)
+        reasons = read.finish_reasons(reasons, [f"finish_reasons[{c}]" for c in range(read.n)])
         outputs, logprobs = [], []
-        for positions in _field(data, "logprobs", url):
-            pairs = [next(iter(position[0].items())) for position in positions]  # the sampled token
-            outputs.append([int(k) for k, _ in pairs])
-            logprobs.append([float(v) for _, v in pairs])
-        return data.get("prompt_token_ids"), outputs, logprobs, list(_field(data, "finish_reasons", url))
+        for c, positions in enumerate(read.items(read.get(data, "logprobs", "logprobs"), "logprobs", read.n)):
+            ids, lps = [], []
+            for j, position in enumerate(read.items(positions, f"logprobs[{c}]")):
+                if (type(position) is list and len(position) == 1 and type(position[0]) is dict
+                        and len(position[0]) == 1):
+                    (key, value), = position[0].items()  # the usual position: the sampled token alone
+                    token = read.text_id(key)
+                    if token >= 0 and type(value) is float and -math.inf < value <= MAX_LOGPROB:
+                        ids.append(token)
+                        lps.append(value)
+                        continue
+                field = f"logprobs[{c}][{j}]"
+                if type(position) is not list or not position or not isinstance(position[0], dict) or not position[0]:
+                    raise read.error(field, "[{id: logprob, ...}] (the sampled token first)", position)
+                top = read.topk(position, field, True)
+                ids.append(top[0][0])
+                lps.append(top[1][0])
+            outputs.append(ids)
+            logprobs.append(lps)
+        if data.get("token_ids") is not None:  # the server's own list of the sampled ids
+            for c, sampled in enumerate(read.items(data["token_ids"], "token_ids", read.n)):
+                if read.token_ids(sampled, f"token_ids[{c}]") != outputs[c]:
+                    raise read.error(f"token_ids[{c}]", f"the sampled ids of logprobs[{c}] {_shown(outputs[c])}",
+                                     sampled)
+        return read.prompt_ids(data.get("prompt_token_ids"), "prompt_token_ids", True), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict({"prompt": self._prompt(prompt), "prompt_logprobs": top_k}, **_max_tokens_named(params, "max_tokens"))
@@ -3408,22 +3639,24 @@ class AtroposGenerateTokens(TokensProtocol):
         body.setdefault("max_tokens", 1)
         return body
 
-    def logprobs_result(self, data, url):
-        positions = _field(data, "prompt_logprobs", url)
-        if positions and isinstance(positions[0], list) and all(isinstance(p, list) for p in positions[0]):
-            positions = positions[0]  # [sequence][position]
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return data.get("prompt_token_ids"), list(ids), list(lps)
-
-    def aborted(self, data):
-        return isinstance(data, dict) and "abort" in (data.get("finish_reasons") or ())
+    def logprobs_result(self, data, read):
+        prompt_ids = read.prompt_ids(data.get("prompt_token_ids") if isinstance(data, dict) else None,
+                                     "prompt_token_ids", True)
+        positions = read.get(data, "prompt_logprobs", "prompt_logprobs")
+        field = "prompt_logprobs"
+        # [sequence][position] or [position]: the prompt's length tells (a one-token prompt reads alike)
+        if (type(positions) is list and len(positions) == 1 and type(positions[0]) is list
+                and (len(prompt_ids) != 1 or all(p is None or isinstance(p, dict) for p in positions[0]))):
+            positions, field = positions[0], "prompt_logprobs[0]"
+        return read.prompt_topk(positions, field, prompt_ids, own=True)
 
 
 class SGLangGenerateTokens(TokensProtocol):
     """SGLang's native ``POST /generate``: ``input_ids``, ``sampling_params``, ``return_logprob``;
     answered (a list when ``n > 1``) with ``meta_info.output_token_logprobs`` ``[[logprob, id,
-    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}``; prompt scoring with
-    ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``, ``input_top_logprobs``)."""
+    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}`` (a string in older releases);
+    prompt scoring with ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``,
+    ``input_top_logprobs``)."""
 
     name, path, root = "SGLang /generate", "/generate", True
 
@@ -3436,38 +3669,62 @@ class SGLangGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return self._body(prompt, params, **({"logprob_start_len": 0} if isinstance(prompt, str) else {}))
 
-    def _prompt_ids(self, result):
-        positions = (result.get("meta_info") or {}).get("input_token_logprobs")
-        return [int(p[1]) for p in positions] if positions else None
+    def _results(self, data, read):
+        """The ``n`` results (an object when ``n`` is 1, else a list) and their ``meta_info``."""
+        results = data if type(data) is list else [data]
+        read.items(results, "the answer's results", read.n)
+        prefix = (lambda c: f"[{c}].meta_info") if type(data) is list else (lambda c: "meta_info")
+        metas = [(read.get(r, "meta_info", prefix(c)), prefix(c)) for c, r in enumerate(results)]
+        for meta, name in metas:
+            if not isinstance(meta, dict):
+                raise read.error(name, "a JSON object", meta)
+        return metas
 
-    def completion_result(self, data, url):
-        results = data if isinstance(data, list) else [data]
-        outputs, logprobs, reasons = [], [], []
-        for result in results:
-            positions = _field(result, "meta_info.output_token_logprobs", url)
-            outputs.append([int(p[1]) for p in positions])
-            logprobs.append([float(p[0]) for p in positions])
-            reasons.append(result["meta_info"].get("finish_reason"))
-        return (self._prompt_ids(results[0]) if results else None), outputs, logprobs, reasons
+    def _pairs(self, meta, key, name, read, first_may_be_null=False):
+        """``[[logprob, id, ...], ...]`` -> (ids, logprobs); position 0 of the prompt has no logprob."""
+        ids, lps = [], []
+        bound = read.bound
+        for j, entry in enumerate(read.items(read.get(meta, key, f"{name}.{key}"), f"{name}.{key}")):
+            if type(entry) is list and len(entry) >= 2:  # the usual entry, taken at once
+                logprob, token = entry[0], entry[1]
+                if (type(token) is int and 0 <= token < bound and type(logprob) is float
+                        and -math.inf < logprob <= MAX_LOGPROB):
+                    ids.append(token)
+                    lps.append(logprob)
+                    continue
+            if type(entry) is not list or len(entry) < 2:
+                raise read.error(f"{name}.{key}[{j}]", "[logprob, token id, text]", entry)
+            ids.append(read.token_id(entry[1], f"{name}.{key}[{j}][1]"))
+            null = first_may_be_null and j == 0 and entry[0] is None
+            lps.append(None if null else read.logprob(entry[0], f"{name}.{key}[{j}][0]"))
+        return ids, lps
+
+    def _prompt_ids(self, meta, name, read):
+        return read.prompt_ids(self._pairs(meta, "input_token_logprobs", name, read, True)[0]
+                               if meta.get("input_token_logprobs") is not None else None,
+                               f"{name}.input_token_logprobs", True)
+
+    def completion_result(self, data, read):
+        metas = self._results(data, read)
+        reasons = read.finish_reasons([read.get(m, "finish_reason", f"{name}.finish_reason") for m, name in metas],
+                                      [f"{name}.finish_reason" for _, name in metas])
+        outputs, logprobs = [], []
+        for meta, name in metas:
+            ids, lps = self._pairs(meta, "output_token_logprobs", name, read)
+            outputs.append(ids)
+            logprobs.append(lps)
+        return self._prompt_ids(metas[0][0], metas[0][1], read), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)
         params.setdefault("max_new_tokens", 1)
         return self._body(prompt, params, logprob_start_len=0, top_logprobs_num=top_k)
 
-    def logprobs_result(self, data, url):
-        result = data[0] if isinstance(data, list) and data else data
-        ids = self._prompt_ids(result)
-        if ids is None:
-            raise TokenProtocolError("the answer has no 'meta_info.input_token_logprobs'", url)
-        tops = (result["meta_info"].get("input_top_logprobs") or [None] * len(ids))
-        topk_ids, topk_lps = zip(*map(_topk, tops)) if tops else ((), ())
-        return ids, list(topk_ids), list(topk_lps)
-
-    def aborted(self, data):
-        results = data if isinstance(data, list) else [data]
-        return any(isinstance(r, dict) and ((r.get("meta_info") or {}).get("finish_reason") or {}).get("type") == "abort"
-                   for r in results)
+    def logprobs_result(self, data, read):
+        (meta, name), = self._results(data, read)
+        prompt_ids = self._prompt_ids(meta, name, read)
+        return read.prompt_topk(read.get(meta, "input_top_logprobs", f"{name}.input_top_logprobs"),
+                                f"{name}.input_top_logprobs", prompt_ids, own=False)
 
 
 # Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
@@ -3533,8 +3790,18 @@ class SequenceNode:
         return dataclasses.asdict(self)
 
 
-def _finish_reason(raw: Any) -> Any:
-    return raw.get("type", "stop") if isinstance(raw, dict) else raw
+def _finish_reason(raw: Any) -> str:
+    """A finish reason as a string: SGLang's ``{"type": ...}`` read (``TokenReader`` checked it)."""
+    return raw["type"] if isinstance(raw, dict) else raw
+
+
+def tokenizer_size(tokenizer: Any) -> Optional[int]:
+    """``len(tokenizer)`` (every id is below it), or None when the tokenizer does not tell."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return None
+    return size if size > 0 else None
 
 
 def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
@@ -3619,7 +3886,7 @@ class ManagedServer:
             kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
         if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
             kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
-        return await self.manager.get_logprobs(**kwargs)
+        return await self.manager._prompt_logprobs(kwargs, tokenizer_size(self.tokenizer))
 
     def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
         """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
@@ -3663,11 +3930,11 @@ class ManagedServer:
             parent = None
             extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
         prompt_ids = self._prompt_ids(prompt, base)
-        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
-            **dict(kwargs, input_ids=prompt_ids))
+        _, outputs, logprobs, reasons = await self.manager._token_completion(
+            dict(kwargs, input_ids=prompt_ids), tokenizer_size(self.tokenizer))
         choices = []
-        for i, (output, output_logprobs) in enumerate(zip(outputs, logprobs)):
-            reason = _finish_reason(reasons[i] if i < len(reasons) else "stop")
+        for i, (output, output_logprobs, raw_reason) in enumerate(zip(outputs, logprobs, reasons)):
+            reason = _finish_reason(raw_reason)
             text = self.tokenizer.decode(output, skip_special_tokens=True)
             self._record(self._node(prompt, prompt_ids, output, output_logprobs, text, reason, extending), extending)
             choices.append(_chat_choice(i, text, reason) if kind == "chat"
@@ -3676,7 +3943,6 @@ class ManagedServer:
 
     def _node(self, prompt: str, prompt_ids: List[int], output: List[int], output_logprobs: List[float],
               text: str, reason: Any, extending: Optional[SequenceNode]) -> SequenceNode:
-        output_logprobs = (list(output_logprobs) + [MASKED_LOGPROB] * len(output))[:len(output)]
         if extending is not None:  # earlier completions stay unmasked; the new text is prompt
             new = len(prompt_ids) - len(extending.tokens)
             masked = extending.masked_tokens + [MASKED_TOKEN] * new + output
@@ -3873,8 +4139,12 @@ def reasoning_extra_body(reasoning_config: Any, base_url: str) -> Optional[Dict[
 
 def weighted_cap(cap: int, weight: float) -> int:
     """``ceil(cap * weight)``, as Atropos' weighted semaphores admit (rounding error ignored:
-    10 x 0.3 is 3, not 4)."""
-    return math.ceil(round(cap * weight, 9))
+    10 x 0.3 is 3, not 4), and at least 1 for any ``weight > 0`` (a cap of 0 would hold every
+    call until its slot wait ends); a product too large for a float is a ``ConfigError``."""
+    scaled = cap * weight
+    if not math.isfinite(scaled):
+        raise ConfigError(f"weight={weight!r} scales the cap {cap} to {scaled}: give a smaller weight")
+    return max(math.ceil(round(scaled, 9)), 1 if weight > 0 and cap > 0 else 0)
 
 
 class DedicatedServer:
@@ -3990,12 +4260,158 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.([01])\Z")
 
 
+_LIST_PROMPT = re.compile(rb'"prompt"\s*:\s*\[\s*[0-9]')  # a /v1/completions prompt of token ids
+
+
+class StubTokens:
+    """The stub server's token protocols: made-up but deterministic ids and logprobs.
+
+    A text prompt is "tokenized" as its UTF-8 bytes.  Choice ``c`` of a request generates
+    ``max_tokens`` (16) ids cycling through the prompt's own ids from its ``c``-th (so every id is one the
+    caller's tokenizer knows), each with logprob ``-((id + 3c + j) % 50 + 1) / 10``, and stops
+    with "length".  Prompt scoring gives each position after the first the prompt's own id and
+    then the smallest other ids, ``k`` in all.  Shapes: vLLM's ``/v1/completions`` with
+    ``return_tokens_as_token_ids`` (``prompt_logprobs``, ``return_token_ids``), Atropos'
+    ``/generate`` (``example_trainer/vllm_api_server.py``, plus ``prompt_logprobs`` when asked)
+    and SGLang's ``/generate`` (``sampling_params``, ``return_logprob``, ``logprob_start_len``,
+    ``top_logprobs_num``).
+    """
+
+    @staticmethod
+    def asked(body: bytes) -> bool:
+        """Whether a ``/v1/completions`` body asks for token ids (else the plain stub answer)."""
+        return b"return_tokens_as_token_ids" in body or b"prompt_logprobs" in body or bool(_LIST_PROMPT.search(body))
+
+    @staticmethod
+    def logprob(token: int, choice: int, j: int) -> float:
+        return -((token + 3 * choice + j) % 50 + 1) / 10
+
+    @classmethod
+    def outputs(cls, prompt: List[int], n: int, count: int) -> List[List[Tuple[int, float]]]:
+        return [[(prompt[(c + j) % len(prompt)], cls.logprob(prompt[(c + j) % len(prompt)], c, j))
+                 for j in range(count)] for c in range(n)]
+
+    @classmethod
+    def topk(cls, prompt: List[int], k: int) -> List[Optional[List[Tuple[int, float]]]]:
+        """Per prompt position: None at 0, then the prompt's own id and the smallest others, ``k`` in all."""
+        positions: List[Optional[List[Tuple[int, float]]]] = [None]
+        for i, own in enumerate(prompt[1:], 1):
+            ids = [own] + [t for t in range(k) if t != own][:k - 1]
+            positions.append([(t, cls.logprob(t, 0, i)) for t in ids])
+        return positions
+
+    @staticmethod
+    def prompt_ids(prompt: Any) -> List[int]:
+        if isinstance(prompt, str):
+            return list(prompt.encode("utf-8")) or [0]
+        if (isinstance(prompt, list) and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+            return prompt
+        raise ValueError("the prompt must be text or a non-empty list of token ids")
+
+    @staticmethod
+    def counts(params: Dict[str, Any], name: str) -> Tuple[int, int]:
+        n, count = params.get("n", 1), params.get(name, 16)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, count)):
+            raise ValueError(f"n and {name} must be positive integers")
+        return n, count
+
+    @staticmethod
+    def top(request: Dict[str, Any], name: str) -> Optional[int]:
+        """``request[name]``, a number of logprobs per position: None, or 0..20 (vLLM's default cap)."""
+        value = request.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+            raise ValueError(f"{name} must be an integer from 0 to 20")
+        return value
+
+    @classmethod
+    def answer(cls, path: str, body: bytes) -> Tuple[int, Any]:
+        """(status, JSON payload) for a token request: 400 naming what is wrong in a bad one."""
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            if path == "/v1/completions":
+                return 200, cls.vllm(request)
+            if "sampling_params" in request or "input_ids" in request:
+                return 200, cls.sglang(request)
+            return 200, cls.atropos(request)
+        except (ValueError, TypeError, KeyError) as e:
+            return 400, {"error": {"message": f"invalid request: {e}", "code": 400}}
+
+    @classmethod
+    def vllm(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        prompt = cls.prompt_ids(request.get("prompt"))
+        n, count = cls.counts(request, "max_tokens")
+        k, top = cls.top(request, "prompt_logprobs"), cls.top(request, "logprobs")
+        choices = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            logprobs = None if top is None else {  # top_logprobs: the sampled id, then the smallest others
+                "tokens": [f"token_id:{t}" for t, _ in generated], "token_logprobs": [lp for _, lp in generated],
+                "top_logprobs": [dict([(f"token_id:{t}", lp)] + [(f"token_id:{o}", cls.logprob(o, c, j))
+                                                                for o in range(top) if o != t][:max(top - 1, 0)])
+                                 for j, (t, lp) in enumerate(generated)],
+                "text_offset": list(range(len(generated)))}
+            choice: Dict[str, Any] = {"index": c, "text": "", "finish_reason": "length", "stop_reason": None,
+                                      "logprobs": logprobs}
+            if k is not None:
+                choice["prompt_logprobs"] = [
+                    None if p is None else {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": ""}
+                                            for r, (t, lp) in enumerate(p)} for p in cls.topk(prompt, k)]
+            if request.get("return_token_ids"):
+                choice.update(prompt_token_ids=prompt, token_ids=[t for t, _ in generated])
+            choices.append(choice)
+        return {"id": "cmpl-stub", "object": "text_completion", "created": int(time.time()),
+                "model": request.get("model", "stub"), "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": n * count,
+                          "total_tokens": len(prompt) + n * count}}
+
+    @classmethod
+    def atropos(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        raw = request.get("prompt")
+        prompt = cls.prompt_ids(raw.get("prompt_token_ids") if isinstance(raw, dict) else raw)
+        n, count = cls.counts(request, "max_tokens")
+        generated = cls.outputs(prompt, n, count)
+        answer: Dict[str, Any] = {"text": [""] * n, "prompt": "", "finish_reasons": ["length"] * n}
+        if request.get("logprobs") is not None:
+            answer.update(logprobs=[[[{str(t): lp}] for t, lp in g] for g in generated], prompt_token_ids=prompt,
+                          token_ids=[[t for t, _ in g] for g in generated])
+        k = cls.top(request, "prompt_logprobs")
+        if k is not None:
+            answer["prompt_logprobs"] = [None if p is None else {str(t): lp for t, lp in p} for p in cls.topk(prompt, k)]
+        return answer
+
+    @classmethod
+    def sglang(cls, request: Dict[str, Any]) -> Any:
+        prompt = cls.prompt_ids(request["text"] if "text" in request else request.get("input_ids"))
+        params = request.get("sampling_params") or {}
+        n, count = cls.counts(params, "max_new_tokens")
+        results = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            meta: Dict[str, Any] = {"id": "stub", "prompt_tokens": len(prompt), "completion_tokens": count,
+                                    "finish_reason": {"type": "length", "length": count}}
+            if request.get("return_logprob"):
+                meta["output_token_logprobs"] = [[lp, t, None] for t, lp in generated]
+                if request.get("logprob_start_len") == 0:
+                    meta["input_token_logprobs"] = [[None if i == 0 else cls.logprob(t, 0, i), t, None]
+                                                    for i, t in enumerate(prompt)]
+                    k = cls.top(request, "top_logprobs_num")
+                    if k:
+                        meta["input_top_logprobs"] = [None if p is None else [[lp, t, None] for t, lp in p]
+                                                      for p in cls.topk(prompt, k)]
+            results.append({"text": "", "output_ids": [t for t, _ in generated], "meta_info": meta})
+        return results if n > 1 else results[0]
+
+
 class StubServer:
     """An OpenAI-compatible server that answers at once (or after ``latency``) without a model.
 
     Routes: ``GET /health``, ``/health_generate`` (SGLang's; 404 with ``health_generate=False``,
     as vLLM), ``/v1/models``, ``/stub/stats``; ``POST /v1/chat/completions`` and
     ``/v1/completions`` with ``n``, ``max_tokens`` and ``stream`` (+ ``include_usage``).
+    The token protocols too (``StubTokens``), so that ``managed_server`` runs without a GPU:
+    ``/v1/completions`` with token ids as vLLM answers them, ``POST /generate`` in Atropos' or
+    SGLang's shape (by the body; 404 with ``generate=False``, as a stock vLLM).
     Failure knobs: ``fail_rate`` answers that share of completions with ``fail_status``;
     ``die_after`` drops every connection and stops after that many completions, like a crash.
     Idle keep-alive connections are closed after ``keep_alive_timeout`` s, as uvicorn does.
@@ -4003,8 +4419,10 @@ class StubServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0, fail_rate: float = 0.0,
                  fail_status: int = 500, die_after: Optional[int] = None, keep_alive_timeout: float = 5.0,
-                 model: str = "stub", health_generate: bool = True, seed: Optional[int] = None):
+                 model: str = "stub", health_generate: bool = True, generate: bool = True,
+                 seed: Optional[int] = None):
         self.host, self.port = host, port
+        self.generate = generate
         self.latency, self.fail_rate, self.fail_status = latency, fail_rate, fail_status
         self.die_after, self.keep_alive_timeout = die_after, keep_alive_timeout
         self.model, self.health_generate = model, health_generate
@@ -4076,7 +4494,7 @@ class StubServer:
                       "/stub/stats": None}
         if self.health_generate:
             routes_get["/health_generate"] = None
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions") or (path == "/generate" and self.generate):
             if method != b"POST":
                 writer.write(self._response(405, {"detail": "Method Not Allowed"}, close))
                 return True
@@ -4106,6 +4524,12 @@ class StubServer:
             if self.fail_rate and self._random.random() < self.fail_rate:
                 writer.write(self._response(self.fail_status, {"error": {"message": "stub failure (fail_rate)",
                                                                          "code": self.fail_status}}, close))
+                return True
+            if path == "/generate" or (path == "/v1/completions" and StubTokens.asked(body)):
+                status, payload = StubTokens.answer(path, body)
+                if status == 200:
+                    self.completed += 1
+                writer.write(self._response(status, payload, close))
                 return True
             try:
                 request = json.loads(body)
@@ -4609,7 +5033,8 @@ def cmd_stub_server(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         stubs = [StubServer(args.host, port + i if port else 0, model=args.model,
-                            health_generate=not args.no_health_generate, **options) for i in range(count)]
+                            health_generate=not args.no_health_generate, generate=not args.no_generate, **options)
+                 for i in range(count)]
         try:
             for stub in stubs:
                 await stub.start()
@@ -4749,6 +5174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", default="5", help="close idle connections after S s (5)")
     p.add_argument("--model", default="stub")
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
+    p.add_argument("--no-generate", action="store_true",
+                   help="answer 404 on POST /generate, as a stock vLLM (token ids then come from /v1/completions)")
     p.set_defaults(func=cmd_stub_server)
 
     p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")
@@ -4823,4 +5250,8 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m atropos_slurm`` runs this file as __main__; the environments it runs import
+    # atropos_slurm, a second copy whose classes are not these.  Everything runs in that one.
+    import atropos_slurm
+
+    sys.exit(atropos_slurm.main())
