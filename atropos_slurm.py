@@ -2847,6 +2847,10 @@ class ServerManager:
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
     * ``n > max_n_completions`` is split over several requests and merged.
+    * ``routing="prefix"`` (the default; ``ATROPOS_SLURM_ROUTING``) sends each request where its
+      prompt's prefix is cached (``PrefixRouter``: continuations, split parts), within a load
+      bound (``routing_epsilon``); ``server_load_interval`` > 0 also reads the servers' own
+      queues (``read_server_load``); ``routing="round_robin"``: the next server in line.
     """
 
     def __init__(self, configs: Any, server_class: Any = OpenAIServer, slurm: bool = False,
@@ -2890,6 +2894,9 @@ class ServerManager:
                 or not 0 <= routing_epsilon < math.inf:
             raise ConfigError(f"routing_epsilon={routing_epsilon!r} must be a number >= 0")
         self.router = PrefixRouter(self.servers, routing_epsilon) if self.routing == "prefix" else None
+        if server_load_interval and self.router is None:
+            raise ConfigError(f"server_load_interval={server_load_interval!r} needs routing='prefix' "
+                              f"(routing={self.routing!r} reads no load)")
         self.server_load_interval = server_load_interval
         self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}

@@ -251,6 +251,8 @@ class Knob(unittest.TestCase):
             ({"routing": "sticky"}, "routing='sticky' must be one of 'prefix', 'round_robin'"),
             ({"routing_epsilon": -1}, "routing_epsilon=-1 must be a number >= 0"),
             ({"server_load_interval": "1"}, "server_load_interval='1' must be a number of seconds >= 0"),
+            ({"server_load_interval": 1, "routing": "round_robin"},
+             "server_load_interval=1 needs routing='prefix' (routing='round_robin' reads no load)"),
         ]
         for kwargs, message in cases:
             with self.subTest(kwargs=kwargs):
