@@ -766,6 +766,10 @@ class ThirdServerTests(VLLMTestCase):
     C and D start together: about 35-60 s on 2 cores, 2.5 GB of memory each.
     """
 
+    def manager(self, *configs, **kw):
+        kw.setdefault("routing", "round_robin")  # the same prompt again and again, spread over the servers
+        return super().manager(*configs, **kw)
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
