@@ -192,7 +192,7 @@ else:
                 asyncio.run(env.get_status())
                 server = env.server.servers[0]
                 if kind == "ours":
-                    caps[kind] = (server.caps["train"], server.caps["eval"])
+                    caps[kind] = (server.slot.caps["train"], server.slot.caps["eval"])
                 else:  # Atropos' weighted semaphores admit max_val * weight calls, rounded up
                     caps[kind] = tuple(round(s.max_val - s.min_val(), 9) for s in (server.sem, server.eval_sem))
                 self.assertEqual(env.status_dict["env_weight"], 0.25)

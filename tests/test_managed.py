@@ -399,7 +399,7 @@ class ProtocolTests(LoopbackTestCase):
         await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=1, split="eval", timeout=5)
         self.assertEqual(self.requests(fake)[0][1], {"prompt": {"prompt_token_ids": [1, 20]}, "logprobs": 0,
                                                      "max_tokens": 1})
-        self.assertEqual(manager.servers[0].split_counts["eval"][0], 1)
+        self.assertEqual(manager.servers[0].stats.split_counts["eval"][0], 1)
         with self.assertRaises(ServerTimeoutError):
             await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=9, timeout=0.2)
 
