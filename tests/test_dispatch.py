@@ -655,6 +655,122 @@ class Retries(AsyncCase):
 # =============================================================================================
 
 
+class RetryBudgetStorm(AsyncCase):
+    """The manager's ``RetryBudget`` against real loopback servers, on a simulated clock: a
+    storm of 429/503 costs at most 1.2x the calls plus 10 retries per second of storm."""
+
+    def storm_servers(self):
+        self.storming, self.fail_next = True, 0
+        statuses = iter([429, 503] * 10_000)
+
+        async def handler(fake, request, writer):
+            if self.storming or self.fail_next:
+                self.fail_next = max(0, self.fail_next - 1)
+                writer.write(http_response(next(statuses), {"error": {"message": "storm"}}, [("Retry-After", "0")]))
+            else:
+                writer.write(http_response(200, chat_payload(int(request.json().get("n", 1)))))
+            return True
+        return handler
+
+    async def test_a_30_s_storm_is_bounded_by_the_budget_and_retries_flow_after_it(self):
+        handler = self.storm_servers()
+        servers = [await fake(self, handler) for _ in range(3)]
+        manager = make_manager([s.url for s in servers], max_retries=3, retry_backoff=0)
+        self.addAsyncCleanup(manager.close)
+        manager._mark_down = lambda slot: None  # 503 everywhere would leave no server up: the budget is under test
+        clock = [0.0]
+        manager.retry_policy.budget.clock = lambda: clock[0]
+        calls = 0
+        for second in range(30):
+            clock[0] = second + 0.5
+            outcomes = await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(40)),
+                                            return_exceptions=True)
+            self.assertTrue(all(isinstance(o, a.APIStatusError) for o in outcomes), outcomes[:1])
+            calls += len(outcomes)
+        requests = sum(len(s.posts) for s in servers)
+        self.assertLessEqual(requests, 1.2 * calls + 10 * 30)
+        self.assertGreater(requests, calls, "the reserve let some calls retry")
+        self.storming, self.fail_next = False, 1  # the storm is over: one more failure
+        clock[0] = 45.0  # the storm's withdrawals are forgotten
+        self.assertEqual(len((await manager.chat_completion(messages=MESSAGES)).choices), 1,
+                         "after the storm a failed attempt is retried again")
+        self.assertEqual(sum(len(s.posts) for s in servers), requests + 2)
+
+    async def test_a_split_call_makes_at_most_its_parts_plus_max_retries_requests(self):
+        handler = self.storm_servers()
+        servers = [await fake(self, handler) for _ in range(2)]
+        manager = make_manager([s.url for s in servers], max_retries=2, retry_backoff=0, max_n_completions=8)
+        self.addAsyncCleanup(manager.close)
+        manager._mark_down = lambda slot: None
+        with self.assertRaises(a.APIStatusError):
+            await manager.chat_completion(messages=MESSAGES, n=64)
+        self.assertLessEqual(sum(len(s.posts) for s in servers), 8 + 2)
+        self.storming = False
+        for s in servers:
+            s.posts.clear()
+        self.assertEqual(len((await manager.chat_completion(messages=MESSAGES, n=64)).choices), 64)
+        self.assertEqual(sum(len(s.posts) for s in servers), 8)
+
+
+class DispatchInvariants(AsyncCase):
+    """What the dispatcher promises beyond answering: caught by breaking it on purpose."""
+
+    async def test_a_waiter_is_woken_by_the_release_not_by_polling(self):
+        release = asyncio.Event()
+
+        async def held(fake, request, writer):
+            await release.wait()
+            writer.write(http_response(200, chat_payload()))
+            return True
+        server = await fake(self, held)
+        manager = make_manager([server.url], cap=1)
+        self.addAsyncCleanup(manager.close)
+        first = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await until(lambda: len(server.posts) == 1, what="the first call at the server")
+        second = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        before = set(map(id, loop._scheduled))  # timers: a poller would make new ones while it waits
+        await asyncio.sleep(0.5)
+        after_wait = set(map(id, loop._scheduled))
+        self.assertFalse(second.done())
+        self.assertTrue(after_wait - before <= {id(h) for h in loop._scheduled if h.when() > loop.time() + 5},
+                        "no new short timer while waiting: nothing polls")
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        self.assertEqual(len(server.posts), 2)
+
+    async def test_a_retry_never_lands_on_the_server_that_just_failed_while_another_is_free(self):
+        bad = await fake(self, answer(429, {"error": {"message": "busy"}}, [("Retry-After", "0")]))
+        good = [await fake(self, answer(200)) for _ in range(2)]
+        manager = make_manager([bad.url, good[0].url, good[1].url], max_retries=1, retry_backoff=0)
+        self.addAsyncCleanup(manager.close)
+        for _ in range(30):  # with max_retries=1 a retry on the 429 server would fail its call
+            await manager.chat_completion(messages=MESSAGES)
+        self.assertGreater(len(bad.posts), 5, "it keeps its round-robin turns (429 is no sign of death)")
+        self.assertEqual(sum(len(g.posts) for g in good), 30, "each call answered once, its retry elsewhere")
+
+    async def test_no_server_timeout_counts_from_the_first_moment_none_was_healthy(self):
+        """Waking up (to look at the servers again) does not restart the wait."""
+        server = await fake(self, answer(503, b"down"), health_status=503)
+        manager = make_manager([server.url], max_retries=0, no_server_timeout=1.0, health_probe_interval=10)
+        self.addAsyncCleanup(manager.close)
+        with self.assertRaises(a.APIStatusError):
+            await manager.chat_completion(messages=MESSAGES)  # marks it down
+        started = time.monotonic()
+        call = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+
+        async def wake():
+            while not call.done():  # every waiter looks at the servers again, finds none healthy
+                await asyncio.sleep(0.2)
+                manager.slots.wake_all()
+        flapper = asyncio.ensure_future(wake())
+        self.addCleanup(flapper.cancel)
+        with self.assertRaises(a.NoHealthyServerError):
+            await asyncio.wait_for(call, 10)
+        self.assertLess(time.monotonic() - started, 5, "bounded by no_server_timeout, not renewed per wake-up")
+
+
 class BrokenHTTP(AsyncCase):
     async def test_valid_http_variants(self):
         body = json.dumps(chat_payload()).encode()
