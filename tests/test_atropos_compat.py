@@ -20,6 +20,7 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import support  # noqa: E402
 from support import AsyncCase, RecordingStub, run_module, stub_url  # noqa: E402
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402
@@ -215,6 +216,21 @@ class Constructor(unittest.TestCase):
             ServerManager([APIServerConfig(base_url="http://h/v1")], server_class=mine)
         with self.assertRaisesRegex(a.ConfigError, "ServerHarness"):
             ServerManager([APIServerConfig(base_url="http://h/v1")], server_class=atropos_class("ServerHarness"))
+
+    def test_construction_runs_scontrol_once(self):
+        """ServerManager(slurm=True) discovers once (the one-node rule counts nodes without scontrol)."""
+        env = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_HOSTLIST": "auto",
+               "ATROPOS_SLURM_GPUS_PER_NODE": "2"}
+        with tempfile.TemporaryDirectory() as tmp, support.counting_scontrol(tmp) as runs, \
+                mock.patch.dict(os.environ, env):
+            manager = ServerManager([APIServerConfig(base_url="http://given:1/v1")], slurm=True)
+            self.assertEqual(len(manager.servers), 4)
+            self.assertEqual(len(runs()), 1, runs())
+            ServerManager(ServerBaseline())
+            self.assertEqual(len(runs()), 2, "a lone baseline inside a job: one more discovery, one more run")
+            with mock.patch.dict(os.environ, {"SLURM_JOB_NODELIST": "n1"}):
+                ServerManager(ServerBaseline())
+            self.assertEqual(len(runs()), 2, "a one-node job discovers nothing, and runs no scontrol")
 
     def test_implicit_discovery_rules(self):
         env = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_HOSTLIST": "python",

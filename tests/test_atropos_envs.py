@@ -234,6 +234,16 @@ else:
                 self.assertIs(module.ServerManager, a.ServerManager, module.__name__)
             self.assertIs(atropos_base.APIServerConfig, APIServerConfig, "Atropos' pydantic configs stay")
 
+        def test_base_env_construction_in_a_job_runs_scontrol_once(self):
+            env_config, server_configs = tiny_envs.ChatEnv.config_init()
+            job = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_GPUS_PER_NODE": "2"}
+            with tempfile.TemporaryDirectory() as tmp, support.counting_scontrol(tmp) as runs, \
+                    mock.patch.dict(os.environ, job):
+                env = tiny_envs.ChatEnv(env_config, server_configs, slurm=True, testing=False)
+                self.assertEqual([s.url for s in env.server.servers],
+                                 [f"http://n{n}:{p}/v1" for n in (2, 3) for p in (9000, 9001)])
+                self.assertEqual(len(runs()), 1, runs())
+
     class CallsOnTheWire(unittest.TestCase):
         """Manager calls as environments make them, ours and Atropos', compared request by request."""
 
