@@ -1192,6 +1192,12 @@ class WaitCommand(unittest.TestCase):
 
 
 class DemoCommand(unittest.TestCase):
+    def test_a_bad_manager_knob_exits_2_with_one_line(self):
+        result = run_module("demo", "--requests", "8", env={"ATROPOS_SLURM_RETRY_BUDGET": "lots"})
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("ATROPOS_SLURM_RETRY_BUDGET='lots' is not", result.stderr)
+
     def test_demo_prints_the_per_server_table(self):
         result = run_module("demo", "--requests", "400", timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)

@@ -1,17 +1,21 @@
 """Unit tests of the dispatcher's pure parts, without sockets: ``Slots``, ``RetryPolicy``, the
-body framers, ``_DeadlineQueue`` (on a fake clock), ``probe_waits`` and the request-body JSON encoder.
+body framers, ``_DeadlineQueue`` (on a fake clock), ``probe_waits``, the request-body JSON encoder,
+``Attempts`` and ``RetryBudget`` (on a fake clock) and the manager's knobs (``manager_knobs``).
 
 These are the pieces a change to dispatch is most likely to touch; each test names the rule it
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import sys
 import unittest
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -371,6 +375,65 @@ class RetryBudgetTest(unittest.TestCase):
         self.assertFalse(budget.try_withdraw(), "spent for 10 s")
         clock.now = 10.0
         self.assertTrue(budget.try_withdraw(), "the spent second is forgotten")
+
+
+# =============================================================================================
+# Manager knobs: keyword argument, else ATROPOS_SLURM_* variable, else default
+# =============================================================================================
+
+
+class ManagerKnobsTest(unittest.TestCase):
+    DEFAULTS = dict(max_retries=2, retry_backoff=0.5, retry_backoff_max=8.0, no_server_timeout=60.0,
+                    health_probe_interval=5.0, retry_budget=0.2)
+
+    def test_defaults_variables_and_explicit_arguments(self):
+        self.assertEqual(dataclasses.asdict(a.manager_knobs({})), self.DEFAULTS)
+        env = {"ATROPOS_SLURM_MAX_RETRIES": "5", "ATROPOS_SLURM_RETRY_BACKOFF": " 0.25 ",
+               "ATROPOS_SLURM_RETRY_BACKOFF_MAX": "2", "ATROPOS_SLURM_NO_SERVER_TIMEOUT": "600",
+               "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "1e1", "ATROPOS_SLURM_RETRY_BUDGET": "0",
+               "ATROPOS_SLURM_UNRELATED": "x"}
+        self.assertEqual(dataclasses.asdict(a.manager_knobs(env)),
+                         dict(max_retries=5, retry_backoff=0.25, retry_backoff_max=2.0, no_server_timeout=600.0,
+                              health_probe_interval=10.0, retry_budget=0.0))
+        knobs = a.manager_knobs(env, max_retries=0, retry_backoff=None)
+        self.assertEqual((knobs.max_retries, knobs.retry_backoff), (0, 0.25), "explicit arguments win; None is unset")
+        self.assertEqual(a.manager_knobs({"ATROPOS_SLURM_MAX_RETRIES": " "}).max_retries, 2, "blank is unset")
+
+    def test_bad_values_name_their_source(self):
+        table = [
+            ({"ATROPOS_SLURM_MAX_RETRIES": "two"}, {}, "ATROPOS_SLURM_MAX_RETRIES='two' is not an integer"),
+            ({"ATROPOS_SLURM_MAX_RETRIES": "-1"}, {}, "ATROPOS_SLURM_MAX_RETRIES='-1' must be at least 0"),
+            ({"ATROPOS_SLURM_RETRY_BACKOFF": "nan"}, {}, "ATROPOS_SLURM_RETRY_BACKOFF='nan' is not a finite number"),
+            ({"ATROPOS_SLURM_RETRY_BUDGET": "-0.1"}, {}, "ATROPOS_SLURM_RETRY_BUDGET='-0.1' must be at least 0"),
+            ({}, {"max_retries": True}, "max_retries=True is not an integer"),
+            ({}, {"max_retries": -1}, "max_retries=-1 must be at least 0"),
+            ({}, {"retry_backoff": -0.5}, "retry_backoff=-0.5 must be at least 0"),
+            # issue 16: NaN and infinity were accepted for these four
+            ({}, {"retry_backoff": math.nan}, "retry_backoff=nan is not a finite number"),
+            ({}, {"retry_backoff_max": math.inf}, "retry_backoff_max=inf is not a finite number"),
+            ({}, {"no_server_timeout": math.inf}, "no_server_timeout=inf is not a finite number"),
+            ({}, {"health_probe_interval": math.nan}, "health_probe_interval=nan is not a finite number"),
+            ({"ATROPOS_SLURM_NO_SERVER_TIMEOUT": "inf"}, {}, "ATROPOS_SLURM_NO_SERVER_TIMEOUT='inf' is not a finite"),
+        ]
+        for env, given, message in table:
+            with self.subTest(env=env, given=given):
+                with self.assertRaises(a.ConfigError) as caught:
+                    a.manager_knobs(env, **given)
+                self.assertIn(message, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
+    def test_the_manager_reads_them(self):
+        config = a.APIServerConfig(base_url="http://127.0.0.1:9/v1")
+        env = {"ATROPOS_SLURM_MAX_RETRIES": "7", "ATROPOS_SLURM_NO_SERVER_TIMEOUT": "3",
+               "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "0.5", "ATROPOS_SLURM_RETRY_BACKOFF": "1"}
+        with mock.patch.dict(os.environ, env):
+            manager = a.ServerManager([config])
+            self.assertEqual((manager.max_retries, manager.no_server_timeout, manager.health_probe_interval,
+                              manager.retry_policy.backoff), (7, 3.0, 0.5, 1.0))
+            self.assertEqual(a.ServerManager([config], max_retries=1).max_retries, 1)
+            with mock.patch.dict(os.environ, {"ATROPOS_SLURM_RETRY_BACKOFF_MAX": "inf"}):
+                with self.assertRaisesRegex(a.ConfigError, "ATROPOS_SLURM_RETRY_BACKOFF_MAX='inf'"):
+                    a.ServerManager([config])
 
 
 # =============================================================================================
