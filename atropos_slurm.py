@@ -2443,10 +2443,14 @@ class RetryBudget:
         self._reserve = round(min_per_second * ttl * self.UNIT)
         self._stamps = [-1] * ttl  # the second each slice counts (-1: none yet)
         self._sums = [0] * ttl  # deposits minus withdrawals in that second
+        self._second, self._index = -1, 0  # the last second deposited in, and its slice
 
     def deposit(self) -> None:
         """One request went out (a call's, or a split call part's, first attempt)."""
-        self._sums[self._slice(int(self.clock()))] += self._deposit
+        second = int(self.clock())
+        if second != self._second:  # once a second: the slice (runs on every request)
+            self._second, self._index = second, self._slice(second)
+        self._sums[self._index] += self._deposit
 
     def try_withdraw(self) -> bool:
         """Whether one retry may go out now; counts it when so."""
@@ -2518,16 +2522,15 @@ class Attempts:
 
     A decision to send again becomes RAISE when the call has no retry left (``max_retries``
     per call, shared by a split call's parts: ``left`` is one list for all of them) or, for a
-    RETRY, when the manager's ``RetryBudget`` refuses.  Creating one deposits a request in the
-    budget.  ``made``: the HTTP requests made so far by this request.
+    RETRY, when the manager's ``RetryBudget`` refuses (the request's deposit in the budget is
+    the caller's: most requests never fail, and need no ``Attempts``).  ``made``: the HTTP
+    requests made so far by this request.
     """
 
     __slots__ = ("policy", "left", "made")
 
     def __init__(self, policy: RetryPolicy, left: List[int]):
         self.policy, self.left, self.made = policy, left, 0
-        if policy.budget is not None:
-            policy.budget.deposit()
 
     def failed(self, error: ServerError) -> Retry:
         self.made += 1
@@ -2683,7 +2686,7 @@ class TokenCall(Call):
         return await self.endpoints(server).call(send_as)
 
 
-def n_sizes(n: Any, per_request: int, stream: bool) -> Optional[List[int]]:
+def n_sizes(n: Any, per_request: int, stream: Any) -> Optional[List[int]]:
     """None when a call asking ``n`` choices is one request, else the ``n`` of each of its requests."""
     if stream or not isinstance(n, int) or n <= per_request:
         return None
@@ -2727,6 +2730,7 @@ class ServerManager:
                               no_server_timeout=no_server_timeout, health_probe_interval=health_probe_interval,
                               retry_budget=retry_budget)
         self.max_n_completions = _int_setting("max_n_completions", max_n_completions, minimum=1)
+        self._per_request = 1 if configs[0].n_kwarg_is_ignored else self.max_n_completions  # n per request
         self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
         self.configs = configs
         self.servers = [server_class(c) for c in configs]
@@ -2766,12 +2770,13 @@ class ServerManager:
         manager's by default; a ``DedicatedServer``'s): for the usual call one request, awaited
         by the caller directly (a coroutine level less); for ``n`` over the per-request cap, the
         split and the merge."""
-        loop = self._enter()
-        source = source or self.slot_source
-        sizes = self._n_sizes(kwargs)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._closed:
+            self._enter()
+        sizes = n_sizes(kwargs["n"], self._per_request, kwargs.get("stream")) if "n" in kwargs else None
         if sizes is None:
-            return self._request(Call(path, kwargs, loop), source)
-        return self._dispatch_split(path, kwargs, sizes, source)
+            return self._request(Call(path, kwargs, loop), source or self.slot_source)
+        return self._dispatch_split(path, kwargs, sizes, source or self.slot_source)
 
     async def _dispatch_split(self, path: str, kwargs: Dict[str, Any], sizes: List[int], source: SlotSource) -> Any:
         left = [self.retry_policy.max_retries]  # the call's retries, shared by its parts
@@ -2829,7 +2834,7 @@ class ServerManager:
     async def _token_calls(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> list:
         """The results of a token call's requests (one per part of ``n``), read by its protocol."""
         self._enter()
-        sizes = self._n_sizes(kwargs)
+        sizes = n_sizes(kwargs.get("n", 1), self._per_request, kwargs.get("stream"))
         left = [self.retry_policy.max_retries]
         calls = [TokenCall(kwargs if sizes is None else dict(kwargs, n=k), prompt_logprobs, self._endpoints_of, left)
                  for k in sizes or [None]]
@@ -2935,10 +2940,6 @@ class ServerManager:
             self._probe_all_down()
         return loop
 
-    def _n_sizes(self, kwargs: Dict[str, Any]) -> Optional[List[int]]:
-        per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
-        return n_sizes(kwargs.get("n", 1), per_request, bool(kwargs.get("stream")))
-
     @staticmethod
     async def _gather_parts(parts: List[Awaitable[Any]]) -> list:
         """The parts' results in order, run concurrently; the first to fail cancels the others."""
@@ -2953,9 +2954,10 @@ class ServerManager:
 
     async def _request(self, call: Call, source: SlotSource) -> Any:
         """One request: choose a slot, call the server, obey the retry decision."""
-        split, attempts = call.split, self.retry_policy.attempts(call.left)
+        split, attempts, policy = call.split, None, self.retry_policy
         slot: Optional[ServerSlot] = None  # kept for a resend on a fresh connection
         avoid, fresh = None, False
+        policy.budget.deposit()
         while True:
             if slot is None:  # the manager's free slot is taken at once, without the coroutine of a wait
                 slot = source.take(split, avoid) or await source.acquire(split, avoid)
@@ -2964,6 +2966,7 @@ class ServerManager:
                 result = await call.send(slot.server, fresh, (lambda s=slot: source.give_back(s, split))
                                          if call.stream else None)
             except ServerError as error:
+                attempts = attempts or policy.attempts(call.left)
                 decision = attempts.failed(error)
                 self._record_failure(slot, split, error, decision)
                 if decision.action == Retry.RESEND:
