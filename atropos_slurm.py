@@ -17,23 +17,40 @@ cluster is a supported install.  The sections follow the data; each begins with 
 Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
 Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
 Discovery          nodelist -> server URLs; scontrol through an argument list
-Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
+Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction; the
+                   manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``)
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
 HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
-Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
-Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
-Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
-Manager            ``ServerManager``: composes slots, retry policy, servers and probes
+Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``EndpointFallback``:
+                   a server's alternative endpoints, learnt from 404s (a capability, no retry)
+Slots              ``Slots``: the dispatch state (a ``ServerSlot`` per server: health, in
+                   flight and caps per split), the waiters, ``select`` (which server)
+Retry policy       ``RetryPolicy.decide`` (raise, resend or retry, mark down, delay),
+                   ``Attempts`` (one request's count, obeyed), ``RetryBudget`` (across calls)
+Manager            ``ServerManager``: a ``Call`` value per request, slots from a ``SlotSource``;
+                   ``_request`` chooses a slot, calls the server, obeys the retry decision
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
                    exact token ids and logprobs of each ``server_type``'s protocol
-Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
-                   reasoning settings, ``testing=True``, ``DedicatedServer``
+Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments
+                   (``resolve_servers``: discovers at most once), reasoning settings,
+                   ``testing=True``, ``DedicatedServer``
 Stub server        a model-less OpenAI server for the demo, tests and benchmarks
 Watcher            per inference node: probes -> W&B or JSON lines
 CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
+
+Where to change: how a server is chosen, ``Slots.select``; which failures are retried and how
+long to wait, ``RetryPolicy.decide``; how many times, ``Attempts`` (``max_retries`` per call)
+and ``RetryBudget`` (across calls); what a job can configure, the discovery variables
+(``discover_servers``) and ``MANAGER_KNOBS``.
+
+Process-wide state (everything else belongs to an object): ``_HEADER_LINES`` (HTTP protocol:
+parsed header lines, at most 512, then emptied), ``_OUTBOXES`` (HTTP I/O: each event loop's
+requests of one iteration, until its end), the compact JSON encoder's circular-reference
+marks (``_json_compact``: empty between calls, emptied by an error), and the testing stub
+server (Atropos compat: ``testing_stub_url``, a daemon thread for the life of the process).
 """
 
 from __future__ import annotations
