@@ -20,7 +20,7 @@ Discovery          nodelist -> server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction; the
                    manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``)
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
-                   (``body_framer``, ``received_whole``: one decision), SSE
+                   (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
 HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
 Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``EndpointFallback``:
@@ -1049,14 +1049,6 @@ class UntilCloseBody(BodyFramer):
         return True
 
 
-def received_whole(head: "ResponseHead", received: int, limit: int) -> bool:
-    """Whether ``received`` bytes after ``head`` are its whole body and nothing more: the
-    ``LengthBody`` that ``body_framer`` would choose, done at once with no ``extra``, within
-    ``limit``.  The pool's fast path asks this instead of making the framer."""
-    length = head.content_length
-    return length is not None and received == length <= limit and head.has_body
-
-
 def body_framer(head: "ResponseHead", limit: int) -> BodyFramer:
     """The framing that ``head`` announces; a body over ``limit`` bytes raises ``ResponseTooLargeError``."""
     if not head.has_body:
@@ -1337,17 +1329,6 @@ def _send_box(box: List[Tuple[asyncio.WriteTransport, bytes]]) -> None:
     box.clear()
 
 
-def _unread(reader: asyncio.StreamReader) -> Tuple[bytearray, bool]:
-    """(the bytes ``reader`` holds unread, whether it ended: EOF or an error).
-
-    StreamReader has no public way to ask what it buffered, so its private ``_buffer``,
-    ``_eof`` and ``_exception`` are read here, and only here: the same from Python 3.4 to
-    3.13 (the unit suites run on 3.9 and 3.13).  Reading them also spares the method calls of
-    ``at_eof()`` and ``exception()`` on every request.
-    """
-    return reader._buffer, reader._eof or reader._exception is not None
-
-
 class _Connection:
     """One keep-alive connection: its streams, and since when it idles in the pool."""
 
@@ -1360,9 +1341,14 @@ class _Connection:
     def usable(self) -> bool:
         """Open, and holding no unread byte: bytes a server sent unasked (after a body, or while
         the connection idled) would be taken for the answer to the next request.
+
+        StreamReader has no public way to ask what it buffered, so its ``_buffer``, ``_eof``
+        and ``_exception`` (the same from 3.4 to 3.13) are read directly; that also spares
+        the three method calls of ``at_eof()``, ``exception()`` and ``is_closing()`` twice
+        per request.
         """
-        buffered, ended = _unread(self.reader)
-        return not (buffered or ended or self.transport.is_closing())
+        reader = self.reader
+        return not (reader._buffer or reader._eof or reader._exception is not None or self.transport.is_closing())
 
     def keep_what_arrived(self) -> bool:
         """After the connection broke: make the bytes received before it readable, then EOF.
@@ -1371,7 +1357,7 @@ class _Connection:
         body); the reset that follows would hide that answer behind the reader's exception.
         Returns False when nothing had arrived.
         """
-        data = bytes(_unread(self.reader)[0])
+        data = bytes(self.reader._buffer)
         if not data:
             return False
         if self.reader.exception() is not None:
@@ -1498,8 +1484,11 @@ class ConnectionPool:
             raise
         if stream and head.status < 300:
             return head, b"", conn
-        if received_whole(head, len(_unread(conn.reader)[0]), self.max_body_bytes):  # the common case
-            data = await conn.reader.read(head.content_length)
+        length, reader = head.content_length, conn.reader
+        if length is not None and len(reader._buffer) == length <= self.max_body_bytes and head.has_body:
+            # The common case, a Content-Length body already received whole (and nothing after
+            # it): what the framer would decide, without it.  ``_buffer``: see _Connection.usable.
+            data = await reader.read(length)
             self.release(conn, head.keep_alive)
             return head, data, None
         return head, await self._read_body(conn, head), None

@@ -192,7 +192,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
         r.feed_data(body)
         c = a._Connection(r, writer)
         length = head.content_length
-        if not a.received_whole(head, len(a._unread(r)[0]), pool.max_body_bytes):
+        if not (len(r._buffer) == length <= pool.max_body_bytes and head.has_body):
             raise RuntimeError("the body is not whole in the reader")
         data = drive(r.read(length))
         pool.release(c, head.keep_alive)
