@@ -2217,8 +2217,8 @@ class ServerSlot:
 
     __slots__ = ("server", "index", "healthy", "last_error", "in_flight", "caps", "queued")
 
-    def __init__(self, server: Any, index: int, train_cap: int, eval_cap: int, healthy: bool = True):
-        self.server, self.index, self.healthy, self.last_error = server, index, healthy, ""
+    def __init__(self, server: Any, index: int, train_cap: int, eval_cap: int):
+        self.server, self.index, self.healthy, self.last_error = server, index, True, ""
         self.in_flight = {"train": 0, "eval": 0}
         self.caps = {"train": train_cap, "eval": eval_cap}
         self.queued = {"train": False, "eval": False}
@@ -2271,6 +2271,8 @@ class Slots:
         return self._by_server[server]
 
     def has_room(self, record: ServerSlot, split: str) -> bool:
+        """Whether ``record`` may take a request of ``split`` now (``select``'s own test, inline
+        there; for a caller choosing whom to ``prefer``)."""
         return record.healthy and record.in_flight[split] < record.caps[split]
 
     def waiting(self, split: str) -> int:
