@@ -750,6 +750,17 @@ class DispatchInvariants(AsyncCase):
         self.assertGreater(len(bad.posts), 5, "it keeps its round-robin turns (429 is no sign of death)")
         self.assertEqual(sum(len(g.posts) for g in good), 30, "each call answered once, its retry elsewhere")
 
+    async def test_a_stale_pooled_connection_drops_its_idle_siblings(self):
+        server = await fake(self, drop_second_on_each_connection)
+        manager = make_manager([server.url], max_retries=1)
+        self.addAsyncCleanup(manager.close)
+        await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(3)))
+        pool = manager.servers[0]._pool
+        self.assertEqual((server.accepted, pool.idle_count), (3, 3))
+        await manager.chat_completion(messages=MESSAGES)  # a pooled one, closed unanswered: resent fresh
+        self.assertEqual(server.accepted, 4)
+        self.assertEqual(pool.idle_count, 1, "its idle siblings went with it: only the fresh connection idles")
+
     async def test_no_server_timeout_counts_from_the_first_moment_none_was_healthy(self):
         """Waking up (to look at the servers again) does not restart the wait."""
         server = await fake(self, answer(503, b"down"), health_status=503)
