@@ -1405,7 +1405,7 @@ class ConnectionPool:
                 reader, writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self._ssl, limit=MAX_HEADER_BYTES)
         except OSError as e:
-            raise ServerConnectionError(f"cannot connect: {e.strerror or e}", self.url) from None
+            raise _io_error(e, self.url, "connect") from None
         self.opened += 1
         self._loop = asyncio.get_running_loop()
         return _Connection(reader, writer)
@@ -1464,24 +1464,15 @@ class ConnectionPool:
                 head = parse_response_head(block[:-4])
                 if not 100 <= head.status < 200:
                     break
-        except asyncio.IncompleteReadError as e:
+        except BaseException as e:
             conn.close()
-            if not e.partial:
-                raise self._nothing_received("EOF", stale) from None
-            raise ServerConnectionError(f"connection closed in the response head after {len(e.partial)} bytes",
-                                        self.url) from None
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise self._nothing_received(type(e).__name__, stale) from None
-        except asyncio.LimitOverrunError:
-            conn.close()
-            raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes", self.url) from None
-        except ProtocolError as e:
-            conn.close()
-            raise ProtocolError(str(e), self.url) from None
-        except BaseException:
-            conn.close()
-            raise
+            if isinstance(e, OSError) or (isinstance(e, asyncio.IncompleteReadError)
+                                                             and not e.partial):
+                raise self._nothing_received("EOF" if isinstance(e, EOFError) else type(e).__name__, stale) from None
+            error = _io_error(e, self.url, "head")
+            if error is None:
+                raise
+            raise error from None
         if stream and head.status < 300:
             return head, b"", conn
         length, reader = head.content_length, conn.reader
@@ -1566,17 +1557,31 @@ class _ReadingBody:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+        error = None if exc is None else _io_error(exc, self.url, "body")
+        if error is None:
             return False
-        if issubclass(exc_type, ProtocolError):
-            if exc.url:  # already named
-                return False
-            raise exc_type(str(exc), self.url) from None  # keeps ResponseTooLargeError's type: not retried
-        if issubclass(exc_type, asyncio.IncompleteReadError):
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        if issubclass(exc_type, (ConnectionError, OSError)):
-            raise ServerConnectionError(f"connection lost in the response body: {exc}", self.url) from None
-        return False
+        raise error from None
+
+
+def _io_error(error: BaseException, url: str, part: str) -> Optional[ServerError]:
+    """The one translation of what sockets and asyncio's streams raise into this module's
+    errors, naming the server: met in ``part`` of an exchange ("connect", the response's
+    "head" or "body"); None for anything else (and a ``ProtocolError`` already named), which
+    propagates as it is.  (A pooled connection that ends before any response byte is the
+    pool's own case: ``ConnectionPool._nothing_received``.)"""
+    if isinstance(error, ProtocolError):  # ours, from a parser that does not know the URL
+        return None if error.url else type(error)(str(error), url)  # ResponseTooLargeError stays: not retried
+    if isinstance(error, asyncio.LimitOverrunError):
+        return ProtocolError(f"response {part} larger than {MAX_HEADER_BYTES} bytes", url)
+    if isinstance(error, asyncio.IncompleteReadError):
+        if part == "head":
+            return ServerConnectionError(f"connection closed in the response head after {len(error.partial)} bytes", url)
+        return ServerConnectionError("connection closed in the middle of the response body", url)
+    if isinstance(error, OSError):  # ConnectionError included
+        if part == "connect":
+            return ServerConnectionError(f"cannot connect: {error.strerror or error}", url)
+        return ServerConnectionError(f"connection lost in the response {part}: {error}", url)
+    return None
 
 
 async def http_get(base_url: str, path: str, timeout: float) -> Tuple[int, bytes]:
