@@ -21,7 +21,8 @@ Config             ``ServerBaseline`` / ``APIServerConfig``, validated on constr
                    manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``)
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
-HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET;
+                   ``_io_error``: the one translation of socket and stream errors
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
 Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``EndpointFallback``:
                    a server's alternative endpoints, learnt from 404s (a capability, no retry)
@@ -1466,8 +1467,7 @@ class ConnectionPool:
                     break
         except BaseException as e:
             conn.close()
-            if isinstance(e, OSError) or (isinstance(e, asyncio.IncompleteReadError)
-                                                             and not e.partial):
+            if isinstance(e, OSError) or (isinstance(e, asyncio.IncompleteReadError) and not e.partial):
                 raise self._nothing_received("EOF" if isinstance(e, EOFError) else type(e).__name__, stale) from None
             error = _io_error(e, self.url, "head")
             if error is None:
