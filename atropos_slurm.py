@@ -4,7 +4,8 @@ An Atropos-style RL job on Slurm trains on its first ``NUM_TRAINING_NODES`` node
 OpenAI-compatible inference servers (vLLM, SGLang, TGI, llama.cpp) on the rest, on ports
 9000, 9001, ... (``gpus_per_node // INFER_TP`` of them per node).  This module
 
-* discovers those servers from ``SLURM_JOB_NODELIST`` (``discover_servers``),
+* discovers those servers from ``SLURM_JOB_NODELIST`` and the GPUs the job got, also in a
+  heterogeneous job, for servers spanning nodes, or from a list (``discover_servers``),
 * dispatches async chat/completion requests over them, round-robin, capped, with health
   tracking and bounded retries (``ServerManager``, drop-in for Atropos' class of that name),
 * watches the servers of one inference node and logs their health to Weights & Biases or
@@ -16,7 +17,8 @@ cluster is a supported install.  The sections follow the data; each begins with 
 =================  ==========================================================================
 Errors             every exception raised on purpose (``AtroposSlurmError`` and below)
 Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
-Discovery          nodelist -> server URLs; scontrol through an argument list
+Discovery          allocation (nodelists, GPUs, het components) or a server list -> ``Layout``,
+                   server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction; the
                    manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``)
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
@@ -33,11 +35,13 @@ Retry policy       ``RetryPolicy.decide`` (raise, resend or retry, mark down, de
 Manager            ``ServerManager``: a ``Call`` value per request, slots from a ``SlotSource``;
                    ``_request`` chooses a slot, calls the server, obeys the retry decision
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
-                   exact token ids and logprobs of each ``server_type``'s protocol
+                   exact token ids and logprobs of each ``server_type``'s protocol, every answer
+                   checked by a ``TokenReader`` before use
 Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments
                    (``resolve_servers``: discovers at most once), reasoning settings,
                    ``testing=True``, ``DedicatedServer``
-Stub server        a model-less OpenAI server for the demo, tests and benchmarks
+Stub server        a model-less OpenAI server for the demo, tests and benchmarks; its token
+                   protocols (``StubTokens``) for dry runs of ``managed_server`` environments
 Watcher            per inference node: probes -> W&B or JSON lines
 CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
@@ -57,10 +61,8 @@ server (Atropos compat: ``testing_stub_url``, a daemon thread for the life of th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
-import email.utils
 import functools
 import itertools
 import json
@@ -69,19 +71,38 @@ import math
 import os
 import random
 import re
-import runpy
 import signal
-import socket
-import ssl
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
 import warnings
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+
+class _LazyModule:
+    """A module imported on its first use, which then takes this stand-in's place in our globals.
+
+    ``import atropos_slurm`` must stay fast (bench/bench_import.py) for what needs no event
+    loop: discovery, the CLI's ``discover``/``hostnames``, scripts that only build configs.
+    asyncio (with the ssl, socket, concurrent.futures and inspect it loads) was half of the
+    import, so it and socket are loaded when code first touches ``asyncio.<name>``/``socket.<name>``.
+    Modules with a single use (subprocess, ssl, uuid, runpy, email.utils) are imported in the
+    function that uses them instead.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio: Any = _LazyModule("asyncio")
+socket: Any = _LazyModule("socket")
 
 __version__ = "0.1.0"
 __all__ = [
@@ -91,14 +112,14 @@ __all__ = [
     "GenerationAbortedError", "APIStatusError", "StreamError", "NoHealthyServerError", "ManagerClosedError",
     "TokenProtocolError", "ManagedServerUnsupportedError",
     # discovery and config
-    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Discovery", "ServerAddress",
+    "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Layout", "Discovery", "ServerAddress",
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
     # dispatch
     "ServerManager", "OpenAIServer", "RequestStats", "APIResponse", "EventStream", "Slots", "ServerSlot",
     "SlotSource", "SharedSlots", "Call", "TokenCall", "RetryPolicy", "Retry", "Attempts", "RetryBudget",
-    "EndpointFallback", "HealthProber", "wait_for_servers", "StubServer", "ManagerKnobs", "manager_knobs",
+    "EndpointFallback", "HealthProber", "wait_for_servers", "StubServer", "StubTokens", "ManagerKnobs", "manager_knobs",
     # exact tokens and logprobs
-    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS",
+    "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS", "TokenReader",
     # Atropos compatibility
     "patch_atropos", "run_env", "DedicatedServer", "resolve_servers",
     # watcher and CLI
@@ -195,9 +216,11 @@ class NoHealthyServerError(ServerError):
 
 
 class TokenProtocolError(ServerError):
-    """A 2xx answer lacks the token ids or logprobs its protocol promises (a wrong ``server_type``?).
+    """A 2xx token answer lacks the token ids or logprobs its protocol promises (a wrong
+    ``server_type``?), or holds ones no trainer can trust: counts that disagree, ids or logprobs
+    of the wrong type or range, a missing finish reason (``TokenReader``).
 
-    Not retried: the same server would answer the same way.
+    Not retried, and the server not marked down: the same server would answer the same way.
     """
 
 
@@ -348,7 +371,7 @@ def _expand_token(literals: List[str], groups: List[List[_Range]]) -> List[str]:
 
 
 # =============================================================================================
-# Discovery: SLURM_JOB_NODELIST + NUM_TRAINING_NODES + INFER_TP -> server URLs
+# Discovery: the allocation (nodelists, GPUs per node, heterogeneous components) or a server list -> URLs
 # =============================================================================================
 
 DEFAULT_GPUS_PER_NODE = 8
@@ -358,7 +381,12 @@ HOSTLIST_BACKENDS = ("auto", "scontrol", "python")
 ENV_HOSTLIST_BACKEND = "ATROPOS_SLURM_HOSTLIST"
 ENV_GPUS_PER_NODE = "ATROPOS_SLURM_GPUS_PER_NODE"
 ENV_BASE_PORT = "ATROPOS_SLURM_BASE_PORT"
+ENV_SERVERS = "ATROPOS_SLURM_SERVERS"
+ENV_INFERENCE_HET_GROUP = "ATROPOS_SLURM_INFERENCE_HET_GROUP"
 MAX_SERVERS = 1 << 18  # URLs from one discovery; 10,000 nodes of 8 servers is about 80,000
+MAX_GPUS_PER_NODE = 4096
+MAX_HET_GROUPS = 1024  # components of one heterogeneous job; Slurm's own limit is 128 by default
+MAX_SERVER_LIST_BYTES = 16 << 20  # an ATROPOS_SLURM_SERVERS=@file: 262,144 URLs of 64 bytes
 
 
 class ScontrolUnavailable(Exception):
@@ -372,6 +400,7 @@ def scontrol_hostnames(text: str, scontrol: str = "scontrol", timeout: float = S
     non-empty list, is a failure; scontrol's own message is surfaced.  Every name it prints is
     checked too, because some malformed lists come back as garbage on stdout.
     """
+    import subprocess  # lazily: see _LazyModule
     text = text.strip()
     if text.startswith("-"):
         raise HostlistError(f"hostlist {text!r} starts with '-'")
@@ -478,18 +507,105 @@ def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimu
     return value
 
 
+_GPU_COUNT = re.compile(r"(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?([0-9]{1,9})\Z")  # '4', 'h100:4', 'gpu:h100:4'
+
+
+def parse_gpus_per_node(name: str, text: str) -> int:
+    """Slurm's GPUs per node in the forms it writes: ``4``, ``h100:4``, ``gpu:h100:4``; several
+    types (``h100:4,a100:2``, from ``--gpus-per-node=h100:4,a100:2``) add up."""
+    total = 0
+    for part in text.split(","):
+        m = _GPU_COUNT.match(part.strip())
+        if not m:
+            raise ConfigError(f"{name}={_shown(text)} is not a GPU count such as 4, h100:4 or h100:4,a100:2")
+        total += int(m.group(1))
+    if not 1 <= total <= MAX_GPUS_PER_NODE:
+        raise ConfigError(f"{name}={_shown(text)} must give 1 to {MAX_GPUS_PER_NODE} GPUs per node "
+                          f"(set {ENV_GPUS_PER_NODE} for a job without GPUs)")
+    return total
+
+
+def gpus_per_node_setting(explicit: Any, env: Dict[str, str], het_group: Optional[int]) -> Tuple[int, str]:
+    """GPUs per inference node and the variable that decided it: the flag, then
+    ``ATROPOS_SLURM_GPUS_PER_NODE``, then Slurm's ``SLURM_GPUS_PER_NODE`` (the inference
+    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8."""
+    if explicit is not None:
+        return _int_setting("--gpus-per-node", explicit, minimum=1, maximum=MAX_GPUS_PER_NODE), "--gpus-per-node"
+    if ENV_GPUS_PER_NODE in env:
+        return _int_setting(ENV_GPUS_PER_NODE, env[ENV_GPUS_PER_NODE], minimum=1, maximum=MAX_GPUS_PER_NODE), \
+            ENV_GPUS_PER_NODE
+    slurm = "SLURM_GPUS_PER_NODE" if het_group is None else f"SLURM_GPUS_PER_NODE_HET_GROUP_{het_group}"
+    if env.get(slurm):
+        return parse_gpus_per_node(slurm, env[slurm]), slurm
+    return DEFAULT_GPUS_PER_NODE, "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How servers sit on the inference nodes: one per ``tp * pp`` GPUs, on ports ``base_port + i``.
+
+    A server needing more GPUs than a node has spans ``nodes_per_server`` consecutive nodes and
+    listens on the first of them (``servers_per_node`` is then 1: per group of nodes).
+    """
+
+    tp: int
+    pp: int
+    gpus_per_node: int
+    gpus_from: str  # the flag or variable that decided gpus_per_node, or "default"
+    base_port: int
+    servers_per_node: int
+    nodes_per_server: int
+
+    @property
+    def ports(self) -> List[int]:
+        return [self.base_port + i for i in range(self.servers_per_node)]
+
+
+def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
+                  env: Optional[Dict[str, str]] = None, pp: Any = None, het_group: Optional[int] = None) -> Layout:
+    """Validate TP, PP, GPUs per node and base port into a ``Layout``.
+
+    Shared by discovery and the watcher so both agree on which ports a node serves.  Within a
+    node, the seed's rule: ``gpus // (tp * pp)`` servers (a TP that does not divide the GPUs
+    leaves some idle, with a warning).  Above a node, ``tp * pp`` must be a multiple of it.
+    """
+    env = os.environ if env is None else env
+    gpus, gpus_from = gpus_per_node_setting(gpus_per_node, env, het_group)
+    tp_name, pp_name = ("INFER_TP" if tp is None else "--tp"), ("INFER_PP" if pp is None else "--pp")
+    tp = _int_setting(tp_name, env.get("INFER_TP", 1) if tp is None else tp, minimum=1)
+    pp = _int_setting(pp_name, env.get("INFER_PP", 1) if pp is None else pp, minimum=1)
+    need, size = tp * pp, f"{tp_name}={tp}" + (f" x {pp_name}={pp}" if pp > 1 else "")
+    if need <= gpus:
+        if gpus % need:
+            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
+                        size, gpus, gpus // need, gpus % need)
+        per_node, span = gpus // need, 1
+    elif need % gpus:
+        raise ConfigError(f"{size} needs {need} GPUs per server, more than a node's {gpus} ({gpus_from}) "
+                          f"and not a multiple of it: a server spans whole nodes")
+    else:
+        per_node, span = 1, need // gpus
+    port_name = ENV_BASE_PORT if base_port is None else "--base-port"
+    port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
+                        minimum=1, maximum=65536 - per_node)
+    return Layout(tp, pp, gpus, gpus_from, port, per_node, span)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerAddress:
-    """One discovered inference server: ``node_index`` counts inference nodes from 0."""
+    """One inference server: ``node_index`` counts inference nodes from 0 (a server that spans
+    nodes has its first node's), ``local_index`` the server's port on that node from 0."""
 
     host: str
     port: int
     node_index: int
     local_index: int
+    scheme: str = "http"
+    path: str = "/v1"
 
     @property
     def url(self) -> str:
-        return f"http://{url_host(self.host)}:{self.port}/v1"
+        return f"{self.scheme}://{url_host(self.host)}:{self.port}{self.path}"
 
 
 def url_host(host: str) -> str:
@@ -499,99 +615,204 @@ def url_host(host: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Discovery:
-    """What discovery found: every node, the split, and the servers with their URLs."""
+    """What discovery found: where from, the job's nodes and their split, the layout, the servers.
 
-    nodes: Tuple[str, ...]
-    training_nodes: Tuple[str, ...]
-    inference_nodes: Tuple[str, ...]
-    servers_per_node: int
-    tp: int
-    gpus_per_node: int
-    base_port: int
-    backend: str
+    ``source`` is "slurm", or the variable or flag that listed the servers (then there is no
+    layout, and every host listed counts as an inference node).  ``het_group`` is the inference
+    component of a heterogeneous job, else None.
+    """
+
     servers: Tuple[ServerAddress, ...]
+    source: str
+    nodes: Tuple[str, ...] = ()
+    training_nodes: Tuple[str, ...] = ()
+    inference_nodes: Tuple[str, ...] = ()
+    layout: Optional[Layout] = None
+    backend: str = ""
+    het_group: Optional[int] = None
 
     @property
     def urls(self) -> List[str]:
         return [s.url for s in self.servers]
 
     def to_json(self) -> Dict[str, Any]:
-        return {
-            "nodes": list(self.nodes),
-            "training_nodes": list(self.training_nodes),
-            "inference_nodes": list(self.inference_nodes),
-            "servers_per_node": self.servers_per_node,
-            "tp": self.tp,
-            "gpus_per_node": self.gpus_per_node,
-            "base_port": self.base_port,
-            "hostlist_backend": self.backend,
-            "ports": [self.base_port + i for i in range(self.servers_per_node)],
-            "servers": [dict(dataclasses.asdict(s), url=s.url) for s in self.servers],
-            "urls": self.urls,
+        data: Dict[str, Any] = {
+            "source": self.source, "nodes": list(self.nodes), "training_nodes": list(self.training_nodes),
+            "inference_nodes": list(self.inference_nodes), "het_group": self.het_group,
+            "hostlist_backend": self.backend or None,
         }
+        if self.layout:
+            data.update(dataclasses.asdict(self.layout), ports=self.layout.ports)
+        data.update(servers=[dict(dataclasses.asdict(s), url=s.url) for s in self.servers], urls=self.urls)
+        return data
+
+    def explain(self) -> List[str]:
+        """How each number was decided, one line each (``discover --explain``)."""
+        if self.layout is None:
+            return [f"{len(self.servers)} server(s) listed by {self.source} on {len(self.inference_nodes)} host(s); "
+                    "no Slurm discovery"]
+        lay, lines = self.layout, []
+        if self.het_group is not None:
+            lines.append(f"heterogeneous job: the servers are component {self.het_group}'s nodes "
+                         f"({ENV_INFERENCE_HET_GROUP}, default the last); the other components train")
+        named = {k: f" {_shown(' '.join(v))}" if v else "" for k, v in (("training", self.training_nodes),
+                                                                      ("inference", self.inference_nodes))}
+        lines.append(f"nodes: {len(self.training_nodes)} training{named['training']}, {len(self.inference_nodes)} "
+                     f"inference{named['inference']} (hostlist backend {self.backend})")
+        lines.append(f"GPUs per node: {lay.gpus_per_node}, from "
+                     + ("the default (no flag or variable says)" if lay.gpus_from == "default" else lay.gpus_from))
+        lines.append(f"GPUs per server: INFER_TP {lay.tp} x INFER_PP {lay.pp} = {lay.tp * lay.pp}")
+        if lay.nodes_per_server > 1:
+            lines.append(f"each server spans {lay.nodes_per_server} nodes and listens on the first, "
+                         f"port {lay.base_port}")
+        else:
+            lines.append(f"{lay.servers_per_node} server(s) per inference node, ports {lay.base_port}-{lay.ports[-1]}")
+        lines.append(f"{len(self.servers)} server(s) in all")
+        return lines
 
 
-def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
-                  env: Optional[Dict[str, str]] = None) -> Tuple[int, int, int, int]:
-    """Validate TP, GPUs per node and base port; return ``(tp, gpus, base_port, servers_per_node)``.
+def inference_het_group(env: Dict[str, str]) -> Optional[int]:
+    """In a heterogeneous job (``SLURM_HET_SIZE`` set), the component that runs the servers:
+    ``ATROPOS_SLURM_INFERENCE_HET_GROUP``, default the last; None in an ordinary job."""
+    if "SLURM_HET_SIZE" not in env:
+        if ENV_INFERENCE_HET_GROUP in env:
+            raise ConfigError(f"{ENV_INFERENCE_HET_GROUP}={_shown(env[ENV_INFERENCE_HET_GROUP])} is set but this is "
+                              "not a heterogeneous job (SLURM_HET_SIZE is not set)")
+        return None
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    if ENV_INFERENCE_HET_GROUP not in env:
+        return size - 1
+    return _int_setting(ENV_INFERENCE_HET_GROUP, env[ENV_INFERENCE_HET_GROUP], minimum=0, maximum=size - 1)
 
-    Shared by discovery and the watcher so both agree on which ports a node serves.
-    """
-    env = os.environ if env is None else env
-    gpus = _int_setting(ENV_GPUS_PER_NODE if gpus_per_node is None else "--gpus-per-node",
-                        env.get(ENV_GPUS_PER_NODE, DEFAULT_GPUS_PER_NODE) if gpus_per_node is None else gpus_per_node,
-                        minimum=1, maximum=4096)
-    tp_name = "INFER_TP" if tp is None else "--tp"
-    tp = _int_setting(tp_name, env.get("INFER_TP", 1) if tp is None else tp, minimum=1)
-    if tp > gpus:
-        raise ConfigError(f"{tp_name}={tp} is larger than the {gpus} GPUs per node")
-    if gpus % tp:
-        log.warning("%s=%d does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
-                    tp_name, tp, gpus, gpus // tp, gpus % tp)
-    per_node = gpus // tp
-    port_name = ENV_BASE_PORT if base_port is None else "--base-port"
-    port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
-                        minimum=1, maximum=65536 - per_node)
-    return tp, gpus, port, per_node
+
+def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[str]], str]:
+    """Each component's nodes (``SLURM_JOB_NODELIST_HET_GROUP_<n>``: in a heterogeneous job's
+    batch script ``SLURM_JOB_NODELIST`` holds component 0's alone) and the backend used."""
+    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    components, used = [], backend
+    for group in range(size):
+        name = f"SLURM_JOB_NODELIST_HET_GROUP_{group}"
+        if not env.get(name):
+            raise ConfigError(f"SLURM_HET_SIZE={size} but {name} is not set")
+        names, used = resolve_hostnames(env[name], backend)
+        components.append(names)
+    return components, used
+
+
+def read_server_list(value: str, name: str = ENV_SERVERS) -> List[str]:
+    """The URLs of ``value``: separated by commas or whitespace, or ``@path``, a file of them
+    (``~`` expanded, UTF-8 with or without a BOM), one per line, ``#`` starting a comment.  Each is
+    checked as ``base_url`` is (``parse_base_url``); a server listed twice is refused (it would
+    take twice the load)."""
+    value = value.strip()
+    if value.startswith("@"):
+        path = os.path.expanduser(value[1:])
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read(MAX_SERVER_LIST_BYTES + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}={_shown(value)}: cannot read {path!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
+        if len(text) > MAX_SERVER_LIST_BYTES:
+            raise ConfigError(f"{name}={_shown(value)}: {path!r} is larger than {MAX_SERVER_LIST_BYTES} bytes")
+        entries = [(f"{path} line {n}", url) for n, line in enumerate(text.splitlines(), 1)
+                   for url in re.split(r"[,\s]+", line.split("#", 1)[0]) if url]
+    else:
+        entries = [(f"entry {n}", url) for n, url in enumerate((u for u in re.split(r"[,\s]+", value) if u), 1)]
+    if not entries:
+        raise ConfigError(f"{name}={_shown(value)} lists no server URL")
+    if len(entries) > MAX_SERVERS:
+        raise ConfigError(f"{name}={_shown(value)} lists more than {MAX_SERVERS} servers")
+    seen: Dict[Tuple[str, str, int, str], str] = {}
+    for where, url in entries:
+        try:
+            key = parse_base_url(url)
+        except ConfigError as e:
+            raise ConfigError(f"{name} ({where}): {e}") from None
+        if key in seen:
+            raise ConfigError(f"{name} ({where}): {_shown_url(url)} is listed twice (also {seen[key]})")
+        seen[key] = where
+    return [url for _, url in entries]
+
+
+def listed_servers(value: str, name: str = ENV_SERVERS) -> Discovery:
+    """A ``Discovery`` of the servers a list names, numbered per host in order of appearance."""
+    hosts: Dict[str, List[ServerAddress]] = {}
+    servers = []
+    for url in read_server_list(value, name):
+        scheme, host, port, path = parse_base_url(url)
+        mine = hosts.setdefault(host, [])
+        mine.append(ServerAddress(host, port, list(hosts).index(host), len(mine), scheme, path))
+        servers.append(mine[-1])
+    return Discovery(tuple(servers), name, nodes=tuple(hosts), inference_nodes=tuple(hosts))
 
 
 def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = None, tp: Any = None,
                      gpus_per_node: Any = None, base_port: Any = None, backend: Optional[str] = None,
-                     env: Optional[Dict[str, str]] = None) -> Discovery:
-    """Turn the job's nodelist into inference server addresses, as Atropos' documentation describes.
+                     env: Optional[Dict[str, str]] = None, pp: Any = None, servers: Optional[str] = None) -> Discovery:
+    """The job's inference servers, as Atropos' documentation describes, and beyond it.
 
-    Each argument left as None comes from the environment: ``SLURM_JOB_NODELIST`` (then
-    ``SLURM_NODELIST``), ``NUM_TRAINING_NODES`` (required), ``INFER_TP`` (default 1),
-    ``ATROPOS_SLURM_GPUS_PER_NODE`` (8), ``ATROPOS_SLURM_BASE_PORT`` (9000) and
-    ``ATROPOS_SLURM_HOSTLIST`` (auto).  The first ``NUM_TRAINING_NODES`` nodes are skipped; each
-    remaining node gets ``gpus_per_node // tp`` servers on ports ``base_port + i``.
+    Each argument left as None comes from the environment (see the README's table).  In order:
+
+    * ``servers`` (or ``ATROPOS_SLURM_SERVERS`` when no ``nodelist`` is given) lists the URLs:
+      no Slurm discovery at all.
+    * A heterogeneous job (``SLURM_HET_SIZE``, unless ``nodelist`` is given): the inference
+      component's nodes serve, the other components' train; ``NUM_TRAINING_NODES`` is then
+      optional and must agree.
+    * Otherwise ``SLURM_JOB_NODELIST`` (then ``SLURM_NODELIST``): the first
+      ``NUM_TRAINING_NODES`` nodes train, the rest serve.
+
+    Each inference node gets ``Layout.servers_per_node`` servers on ports ``base_port + i``;
+    a server wider than a node takes ``nodes_per_server`` consecutive nodes and listens on the first.
     """
     env = os.environ if env is None else env
-    if nodelist is None:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise ConfigError("SLURM_JOB_NODELIST is not set (not inside a Slurm job? pass --nodelist)")
+    if servers is None and nodelist is None and env.get(ENV_SERVERS, "").strip():
+        return listed_servers(env[ENV_SERVERS])
+    if servers is not None:
+        return listed_servers(servers, "--servers")
     if backend is None:
         backend = env.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
         if backend not in HOSTLIST_BACKENDS:
             raise ConfigError(f"{ENV_HOSTLIST_BACKEND}={backend!r} is not one of {', '.join(HOSTLIST_BACKENDS)}")
-    tp, gpus, port, per_node = server_layout(tp, gpus_per_node, base_port, env)
-    if num_training_nodes is None:
-        if "NUM_TRAINING_NODES" not in env:
-            raise ConfigError("NUM_TRAINING_NODES is not set (how many leading nodes train, e.g. 1)")
-        ntrain = _int_setting("NUM_TRAINING_NODES", env["NUM_TRAINING_NODES"], minimum=0)
+    het = None if nodelist is not None else inference_het_group(env)
+    layout = server_layout(tp, gpus_per_node, base_port, env, pp, het)
+    ntrain_name = "NUM_TRAINING_NODES" if num_training_nodes is None else "--num-training-nodes"
+    raw = env.get("NUM_TRAINING_NODES") if num_training_nodes is None else num_training_nodes
+    ntrain = None if raw is None else _int_setting(ntrain_name, raw, minimum=0)
+    if het is not None:
+        components, used = het_component_nodes(env, backend)
+        inference = components[het]
+        training = [name for group, names in enumerate(components) if group != het for name in names]
+        nodes = [name for names in components for name in names]
+        if ntrain is not None and ntrain != len(training):
+            raise ConfigError(f"{ntrain_name}={ntrain} contradicts the heterogeneous job: the components other than "
+                              f"the inference one ({het}) have {len(training)} node(s); leave it unset")
+        where = f"component {het} (SLURM_JOB_NODELIST_HET_GROUP_{het})"
     else:
-        ntrain = _int_setting("--num-training-nodes", num_training_nodes, minimum=0)
-    nodes, used = resolve_hostnames(nodelist, backend)
-    if ntrain >= len(nodes):
-        raise ConfigError(f"NUM_TRAINING_NODES={ntrain} leaves no inference node among the "
-                          f"{len(nodes)} node(s) of {nodelist!r}")
-    inference = nodes[ntrain:]
-    if len(inference) * per_node > MAX_SERVERS:
-        raise ConfigError(f"{len(inference)} inference node(s) x {per_node} server(s) per node is more than "
-                          f"{MAX_SERVERS} servers (nodelist {_shown(nodelist)})")
-    servers = tuple(ServerAddress(host, port + i, k, i) for k, host in enumerate(inference) for i in range(per_node))
-    return Discovery(tuple(nodes), tuple(nodes[:ntrain]), tuple(inference), per_node, tp, gpus, port, used, servers)
+        if nodelist is None:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ConfigError("SLURM_JOB_NODELIST is not set (not inside a Slurm job? pass --nodelist)")
+        if ntrain is None:
+            raise ConfigError("NUM_TRAINING_NODES is not set (how many leading nodes train, e.g. 1)")
+        nodes, used = resolve_hostnames(nodelist, backend)
+        if ntrain >= len(nodes):
+            raise ConfigError(f"{ntrain_name}={ntrain} leaves no inference node among the "
+                              f"{len(nodes)} node(s) of {nodelist!r}")
+        training, inference = nodes[:ntrain], nodes[ntrain:]
+        where = f"nodelist {_shown(nodelist)}"
+    span = layout.nodes_per_server
+    if len(inference) % span:
+        raise ConfigError(f"{len(inference)} inference node(s) of {where} cannot be split into servers of {span} "
+                          f"nodes each (INFER_TP={layout.tp} x INFER_PP={layout.pp} on {layout.gpus_per_node} "
+                          f"GPUs per node)")
+    heads = inference[::span]
+    if len(heads) * layout.servers_per_node > MAX_SERVERS:
+        raise ConfigError(f"{len(heads)} inference node(s) x {layout.servers_per_node} server(s) per node is more "
+                          f"than {MAX_SERVERS} servers ({where})")
+    found = tuple(ServerAddress(host, layout.base_port + i, k * span, i)
+                  for k, host in enumerate(heads) for i in range(layout.servers_per_node))
+    return Discovery(found, "slurm", tuple(nodes), tuple(training), tuple(inference), layout, used, het)
 
 
 # =============================================================================================
@@ -602,6 +823,7 @@ SERVER_TYPES = ("openai", "trl", "sglang", "vllm")
 MAX_CONFIG_INT = 2 ** 31 - 1  # caps and buffer lengths: far above any use, and a C int
 _SENDABLE = re.compile(r"[!-~]+\Z")  # printable ASCII without space: URLs, paths, keys as sent
 _USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (up to its last '@')
+_QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.S)  # '?api_key=...' or '#...' to the end of a URL
 
 
 @dataclasses.dataclass
@@ -686,8 +908,11 @@ def check_host(name: str, host: Any) -> str:
 
 
 def _shown_url(url: Any) -> str:
-    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``."""
-    return _shown(_USERINFO.sub(r"\1***@", url)) if isinstance(url, str) else _shown(url)
+    """A URL quoted for an error message, any ``user:password@`` part replaced by ``***@``, any
+    query or fragment (``?api_key=sk-...``) by ``?***`` or ``#***``."""
+    if not isinstance(url, str):
+        return _shown(url)
+    return _shown(_QUERY_OR_FRAGMENT.sub(lambda m: m.group(0)[0] + "***", _USERINFO.sub(r"\1***@", url)))
 
 
 # The usual base URL, in the form urlsplit leaves unchanged (lowercase, explicit port, plain path,
@@ -1077,7 +1302,8 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
     except ValueError:
         pass
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+        from email.utils import parsedate_to_datetime  # lazily: see _LazyModule
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
@@ -1160,7 +1386,7 @@ class _Expired(Exception):
     """Thrown into a task whose ``_Deadline`` passed (Python < 3.11); never leaves ``_Deadline``."""
 
 
-_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # 3.11+: a task counts the cancellations it was sent
+_UNCANCEL = sys.version_info >= (3, 11)  # Task.uncancel: a task counts the cancellations it was sent
 
 
 class _Deadline:
@@ -1394,7 +1620,11 @@ class ConnectionPool:
         self.host, self.port, self.url = host, port, url
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
-        self._ssl = ssl.create_default_context() if scheme == "https" else None
+        if scheme == "https":
+            import ssl  # lazily: see _LazyModule
+            self._ssl = ssl.create_default_context()
+        else:
+            self._ssl = None
         self._idle: List[_Connection] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the loop the connections belong to
         self.opened = 0  # connections opened so far, for stats and tests
@@ -1763,20 +1993,35 @@ def decode_object(data: Any, url: str, what: str, aborts: bool = False) -> AttrD
     return value
 
 
-def decode_response(body: bytes, url: str = "", array_ok: bool = False, aborts: bool = False) -> Any:
-    """An ``APIResponse``; with ``array_ok`` a JSON array of objects too, as a list (SGLang's
-    ``/generate`` with ``n > 1``); ``aborts``: see ``decode_object``."""
-    if array_ok and body.lstrip()[:1] == b"[":
-        try:
-            items = _loads_attr(body)
-        except (ValueError, RecursionError):
-            raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
-        if not all(isinstance(item, dict) for item in items):
-            raise ProtocolError(f"response body is not a JSON array of objects: {body[:80]!r}", url)
-        return items
+def decode_response(body: bytes, url: str = "", aborts: bool = False) -> Any:
+    """An ``APIResponse``; ``aborts``: see ``decode_object``."""
     response = APIResponse(decode_object(body, url, "response body", aborts))
     response.raw = body
     return response
+
+
+class _NonFiniteLiteral(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: Python's JSON reader takes them, JSON has none."""
+
+
+def _refuse_literal(name: str) -> Any:
+    raise _NonFiniteLiteral(name)
+
+
+_TOKEN_DECODER = json.JSONDecoder(parse_constant=_refuse_literal)
+
+
+def decode_token_answer(body: bytes, url: str = "") -> Any:
+    """A token protocol's answer (``TokenReader`` reads it): any JSON value, as plain data;
+    ``NaN``/``Infinity`` literals raise ``TokenProtocolError``, a body that is not JSON
+    ``ProtocolError`` (as for any answer)."""
+    try:
+        return _TOKEN_DECODER.decode(body.decode("utf-8"))
+    except _NonFiniteLiteral as e:
+        raise TokenProtocolError(f"the answer holds {e}, which is not JSON (a logprob must be a finite number)",
+                                 url) from None
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"response body is not JSON: {body[:80]!r}", url) from None
 
 
 def check_not_aborted(response: Any, url: str) -> Any:
@@ -1963,10 +2208,11 @@ class OpenAIServer:
         return await self.post("/completions", self.request_body("/completions", kwargs), timeout=kwargs.get("timeout"))
 
     async def post(self, path: str, body: Dict[str, Any], on_stream_close=None, fresh: bool = False,
-                   timeout: Optional[float] = None, root: bool = False,
+                   timeout: Optional[float] = None, root: bool = False, tokens: bool = False,
                    loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
         """POST JSON to ``base_url + path`` (to the server's root with ``root=True``: SGLang's
-        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming.
+        and Atropos' ``/generate``); an ``APIResponse``, or an ``EventStream`` if streaming;
+        with ``tokens``, a token protocol's answer as plain JSON (``decode_token_answer``).
 
         ``timeout`` (seconds) replaces the config's for this request, as the SDK's ``timeout=``.
         ``loop``: the running loop, when the caller has it (see ``ConnectionPool.send``).
@@ -1997,8 +2243,8 @@ class OpenAIServer:
             raise APIStatusError(head.status, error_message(data), self.url, parse_retry_after(head.headers))
         if conn is not None:
             return EventStream(self._pool.iter_body(conn, head), conn, deadline, self.url, on_stream_close)
-        if root:  # not an OpenAI answer: its protocol reads it (and its aborts)
-            return decode_response(data, self.url, array_ok=True)
+        if tokens:  # its protocol reads it (and its aborts)
+            return decode_token_answer(data, self.url)
         return decode_response(data, self.url, aborts=True)
 
     async def check_health(self) -> bool:
@@ -2503,6 +2749,7 @@ class RetryPolicy:
     give up instead); at most ``max_retries`` times per call.
     Marked down: servers that failed to answer (connection, timeout, protocol) or answered 5xx.
     Not a sign of death: a stale pooled connection, 408/429, an abort (a paused server).
+    Not retried: other 4xx, a too large body, a malformed token answer (``TokenProtocolError``).
     A call's requests are counted by ``Attempts``; the manager-wide bound is ``budget``.
     """
 
@@ -2518,7 +2765,7 @@ class RetryPolicy:
         ``jitter`` in [0.75, 1], drawn from ``rng`` when not given."""
         if isinstance(error, StaleConnectionError):
             return Retry(Retry.RESEND)
-        if isinstance(error, ResponseTooLargeError):
+        if isinstance(error, (ResponseTooLargeError, TokenProtocolError)):  # the same answer again
             return Retry(Retry.RAISE)
         mark_down, retry_after = False, None
         if isinstance(error, APIStatusError):
@@ -2581,19 +2828,27 @@ LOCAL_DEFAULT_URLS = [f"http://localhost:{port}/v1" for port in range(9004, 9008
 
 
 def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
-    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed."""
+    """Join the responses of one split request: choices renumbered 0..n-1, integer usage summed
+    (a part's ``usage`` that is not an object, or whose count is not an integer: ``ProtocolError``)."""
     merged = APIResponse(parts[0])
     choices = []
     for part in parts:
         for choice in part.get("choices") or []:
             choices.append(AttrDict(choice, index=len(choices)))
     merged["choices"] = choices
-    usages = [p.get("usage") for p in parts if isinstance(p.get("usage"), dict)]
+    usages = [p.get("usage") for p in parts if p.get("usage") is not None]
     if usages:
-        usage = AttrDict(usages[0])
+        usage = AttrDict(usages[0]) if isinstance(usages[0], dict) else None
+        for i, part_usage in enumerate(usages):
+            if not isinstance(part_usage, dict):
+                raise ProtocolError(f"a split call's part {i} has a usage that is not an object: {_shown(part_usage)}")
         for key, value in usages[0].items():
             if isinstance(value, int) and not isinstance(value, bool):
-                usage[key] = sum(u.get(key) or 0 for u in usages)
+                counts = [u.get(key) or 0 for u in usages]
+                bad = next((c for c in counts if isinstance(c, bool) or not isinstance(c, int)), None)
+                if bad is not None:
+                    raise ProtocolError(f"a split call's part has usage.{key}={_shown(bad)}, not an integer")
+                usage[key] = sum(counts)
         merged["usage"] = usage
     merged.raw = b"[" + b",".join(p.raw for p in parts) + b"]"
     return merged
@@ -2681,31 +2936,38 @@ class Call:
 
 class TokenCall(Call):
     """A token call (``tokens_and_logprobs_completion``, ``get_logprobs``): sent in the token
-    protocol of whichever server takes it (the first its ``EndpointFallback`` finds)."""
+    protocol of whichever server takes it (the first its ``EndpointFallback`` finds), and its
+    answer read (``TokenReader``) before the slot is given back: an aborted generation is
+    retried like a 5xx, a malformed answer raises ``TokenProtocolError``.  ``vocab``: the
+    tokenizer's size, when known."""
 
-    __slots__ = ("prompt", "params", "top_k", "endpoints")
+    __slots__ = ("prompt", "params", "prompt_logprobs", "top_k", "n", "vocab", "endpoints")
 
     def __init__(self, kwargs: Dict[str, Any], prompt_logprobs: bool, endpoints: Callable[[OpenAIServer], EndpointFallback],
-                 left: Optional[List[int]] = None):
+                 vocab: Optional[int] = None, left: Optional[List[int]] = None):
         super().__init__("", kwargs, None, left)
-        self.prompt, self.params, self.endpoints, self.top_k = token_prompt(kwargs), sampling_params(kwargs), endpoints, None
+        self.prompt, self.params, self.prompt_logprobs = token_prompt(kwargs), sampling_params(kwargs), prompt_logprobs
+        self.endpoints, self.vocab = endpoints, vocab
+        self.top_k, self.n = 0, 1 if self.params.get("n") is None else self.params["n"]
         if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
-            self.top_k = self.params.pop("top_k", self.params.pop("top_logprobs", 1))
+            self.top_k, self.n = self.params.pop("top_k", self.params.pop("top_logprobs", 1)), 1
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
                 raise ConfigError(f"top_k={self.top_k!r} must be a positive integer")
+        elif isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n={_shown(self.n)} must be a positive integer")
 
-    async def send(self, server: OpenAIServer, fresh: bool, on_stream_close: Any) -> Tuple[TokensProtocol, Any, str]:
+    async def send(self, server: OpenAIServer, fresh: bool, on_stream_close: Any) -> Any:
+        """The answer of ``server``, read: the protocol's result."""
         protocols, first = token_protocols(server.config.server_type), [fresh]
 
-        async def send_as(index: int) -> Tuple[TokensProtocol, Any, str]:
-            protocol, model, fresh = protocols[index], server.config.model_name, first.pop() if first else False
-            body = (protocol.completion_body(model, self.prompt, self.params) if self.top_k is None
-                    else protocol.logprobs_body(model, self.prompt, self.top_k, self.params))
-            data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root,
+        async def send_as(index: int) -> Any:
+            protocol, model, fresh_now = protocols[index], server.config.model_name, first.pop() if first else False
+            body = (protocol.logprobs_body(model, self.prompt, self.top_k, self.params) if self.prompt_logprobs
+                    else protocol.completion_body(model, self.prompt, self.params))
+            data = await server.post(protocol.path, body, fresh=fresh_now, root=protocol.root, tokens=True,
                                      timeout=self.kwargs.get("timeout"))
-            if protocol.aborted(data):
-                raise GenerationAbortedError("the server aborted the generation", server.url)
-            return protocol, data, server.url
+            read = TokenReader(protocol.name, server.url, self.n, self.vocab, self.prompt, self.top_k)
+            return (protocol.logprobs_result if self.prompt_logprobs else protocol.completion_result)(data, read)
 
         return await self.endpoints(server).call(send_as)
 
@@ -2838,9 +3100,15 @@ class ServerManager:
     async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
         """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
         for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
-        one list per choice, in choice order, ``n`` split as for ``completion``."""
+        one list per choice, in choice order, ``n`` split as for ``completion``.  Every id and
+        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
+        return await self._token_completion(kwargs)
+
+    async def _token_completion(self, kwargs: Dict[str, Any],
+                                vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
+        """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
         token_prompt(kwargs)
-        parts = await self._token_calls(kwargs, False)
+        parts = await self._token_calls(kwargs, False, vocab)
         outputs, logprobs, reasons = [], [], []
         for _, part_outputs, part_logprobs, part_reasons in parts:
             outputs += part_outputs
@@ -2852,18 +3120,22 @@ class ServerManager:
         """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
         "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
-        token_prompt(kwargs)
-        return (await self._token_calls(dict(kwargs, n=1), True))[0]
+        return await self._prompt_logprobs(kwargs)
 
-    async def _token_calls(self, kwargs: Dict[str, Any], prompt_logprobs: bool) -> list:
-        """The results of a token call's requests (one per part of ``n``), read by its protocol."""
+    async def _prompt_logprobs(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Dict[str, Any]:
+        """``get_logprobs``; ``vocab``: the tokenizer's size, when known."""
+        token_prompt(kwargs)
+        return (await self._token_calls(dict(kwargs, n=1), True, vocab))[0]
+
+    async def _token_calls(self, kwargs: Dict[str, Any], prompt_logprobs: bool, vocab: Optional[int]) -> list:
+        """The results of a token call's requests (one per part of ``n``), each read by its
+        protocol (``TokenReader``) before its slot is given back."""
         self._enter()
         sizes = n_sizes(kwargs.get("n", 1), self._per_request, kwargs.get("stream"))
         left = [self.retry_policy.max_retries]
-        calls = [TokenCall(kwargs if sizes is None else dict(kwargs, n=k), prompt_logprobs, self._endpoints_of, left)
-                 for k in sizes or [None]]
-        answers = await self._gather_parts([self._request(call, self.slot_source) for call in calls])
-        return [self._token_result(protocol, data, url, call) for (protocol, data, url), call in zip(answers, calls)]
+        calls = [TokenCall(kwargs if sizes is None else dict(kwargs, n=k), prompt_logprobs, self._endpoints_of,
+                           vocab, left) for k in sizes or [None]]
+        return await self._gather_parts([self._request(call, self.slot_source) for call in calls])
 
     def _endpoints_of(self, server: OpenAIServer) -> EndpointFallback:
         fallback = self._endpoints.get(server)
@@ -2871,22 +3143,6 @@ class ServerManager:
             names = [p.name for p in token_protocols(server.config.server_type)]
             fallback = self._endpoints[server] = EndpointFallback(server.url, names)
         return fallback
-
-    def _token_result(self, protocol: TokensProtocol, data: Any, url: str, call: TokenCall) -> Any:
-        try:
-            result = (protocol.completion_result if call.top_k is None else protocol.logprobs_result)(data, url)
-        except (TypeError, KeyError, ValueError, IndexError, AttributeError, StopIteration) as e:
-            raise TokenProtocolError(f"malformed {protocol.name} answer ({type(e).__name__}: {e})", url) from None
-        ids = call.prompt if isinstance(call.prompt, list) else self._reported(result[0], url)
-        if call.top_k is not None:
-            return {"prompt_tokens": ids, "prompt_topk_token_ids": result[1], "prompt_topk_logprobs": result[2]}
-        return (ids,) + tuple(result[1:])
-
-    @staticmethod
-    def _reported(ids: Optional[List[int]], url: str) -> List[int]:
-        if not ids:
-            raise TokenProtocolError("the server did not report the prompt's token ids; pass input_ids", url)
-        return list(ids)
 
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
@@ -2909,13 +3165,13 @@ class ServerManager:
         """Scale both caps of every server to ``ceil(cap * weight)`` (Atropos' environment weight,
         which ``BaseEnv.get_status`` sets on every status poll); calls waiting for a slot see the
         new caps at once.  ``weight=0`` holds new calls until a larger weight comes (each for at
-        most the manager's slot wait)."""
+        most the manager's slot wait); any weight above 0 leaves each cap at least 1."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"weight={weight!r} must be a number >= 0")
-        for slot in self.slots.records:
-            config = slot.server.config
-            self.slots.set_caps(slot, weighted_cap(config.num_max_requests_at_once, weight),
-                                weighted_cap(config.num_requests_for_eval, weight))
+        caps = [(slot, weighted_cap(slot.server.config.num_max_requests_at_once, weight),
+                 weighted_cap(slot.server.config.num_requests_for_eval, weight)) for slot in self.slots.records]
+        for slot, train, eval_cap in caps:  # all computed first: a refused weight changes none
+            self.slots.set_caps(slot, train, eval_cap)
 
     @contextlib.asynccontextmanager
     async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
@@ -3071,35 +3327,199 @@ def _max_tokens_named(params: Dict[str, Any], name: str) -> Dict[str, Any]:
     return params
 
 
-def _field(data: Any, path: str, url: str) -> Any:
-    """``data["a"]["b"]`` for ``path`` "a.b", or a ``TokenProtocolError`` naming what is missing."""
-    for key in path.split("."):
-        if not isinstance(data, dict) or data.get(key) is None:
-            raise TokenProtocolError(f"the answer has no {path!r}: is server_type right for this server?", url)
-        data = data[key]
-    return data
+TOKEN_ID_BOUND = 2 ** 31  # token ids are below this when the tokenizer's size is unknown (every vocabulary is)
+MAX_LOGPROB = 1e-4  # a log-probability is <= 0; this much above is float rounding
 
 
-def _topk(entry: Any) -> Tuple[List[int], List[float]]:
-    """One prompt position's logprobs as (ids, logprobs), in the server's order, from any of
-    ``{id: logprob}``, ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]``
-    (Atropos' server) or ``[[logprob, id, text], ...]`` (SGLang); ``None`` (position 0) -> empty."""
-    pairs: List[Tuple[Any, Any]] = []
-    for item in (entry if isinstance(entry, list) else [entry or {}]):
-        if isinstance(item, dict):
-            pairs.extend(item.items())
-        elif isinstance(item, list) and len(item) >= 2:
-            pairs.append((item[1], item[0]))
-    return ([int(k) for k, _ in pairs],
-            [float(v["logprob"] if isinstance(v, dict) else v) for _, v in pairs])
+class _Count(int):
+    """A length, shown as ``3 item(s)`` in a ``TokenReader`` error."""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} item(s)"
+
+    __str__ = __repr__
+
+
+class TokenReader:
+    """Reads one token-protocol answer, strictly, before anything of it is recorded or returned.
+
+    Each read takes the JSON value and the field's name as it stands in the answer, and either
+    gives the value (ids as ``int``, logprobs as ``float``) or raises ``TokenProtocolError``
+    naming the server, the protocol, the field, what was expected and (cut short) what came.
+    ``n`` is the number of choices the request asked for; ``vocab`` the tokenizer's size
+    (``len(tokenizer)``) when known, else ids are only bounded by ``TOKEN_ID_BOUND``; ``prompt``
+    the request's token ids (or its text, which the server tokenizes); ``top_k`` the logprobs
+    asked per prompt position (prompt scoring).
+    """
+
+    def __init__(self, protocol: str, url: str, n: int = 1, vocab: Optional[int] = None, prompt: Any = None,
+                 top_k: int = 0):
+        self.protocol, self.url, self.n, self.prompt, self.top_k = protocol, url, n, prompt, top_k
+        self.bound = vocab or TOKEN_ID_BOUND
+        self.id_rule = (f"a token id: an integer >= 0 and < {vocab} (len(tokenizer))" if vocab
+                        else "a token id: an integer >= 0 and < 2**31")
+
+    def error(self, field: str, expected: str, got: Any) -> TokenProtocolError:
+        shown = got if isinstance(got, _Count) else _shown(got)
+        return TokenProtocolError(f"{self.protocol} answer: {field} must be {expected}, got {shown}", self.url)
+
+    def get(self, obj: Any, key: str, field: str) -> Any:
+        """``obj[key]``, present and not null; ``field`` is the name of ``obj``'s ``key`` in the answer."""
+        if not isinstance(obj, dict):
+            raise self.error(field.rpartition(".")[0] or "the answer", "a JSON object", obj)
+        value = obj.get(key)
+        if value is None:
+            raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: is server_type right for this "
+                                     f"server? (answer: {_shown(obj)})", self.url)
+        return value
+
+    def items(self, value: Any, field: str, count: Optional[int] = None) -> list:
+        """A JSON array (a string is not one), of ``count`` items when given."""
+        if type(value) is not list:
+            raise self.error(field, "a list" if count is None else f"a list of {count}", value)
+        if count is not None and len(value) != count:
+            raise self.error(field, f"a list of {count} item(s)", _Count(len(value)))
+        return value
+
+    def token_id(self, value: Any, field: str) -> int:
+        if type(value) is not int or not 0 <= value < self.bound:  # type(): True is an int, not a token
+            raise self.error(field, self.id_rule, value)
+        return value
+
+    def token_ids(self, value: Any, field: str, count: Optional[int] = None) -> List[int]:
+        ids = self.items(value, field, count)
+        for i, t in enumerate(ids):
+            if type(t) is not int or not 0 <= t < self.bound:
+                raise self.error(f"{field}[{i}]", self.id_rule, t)
+        return ids
+
+    def text_id(self, value: Any, prefix: str = "") -> int:
+        """The token id written as ``prefix`` + ASCII digits (vLLM's ``"token_id:123"``, a JSON
+        key ``"123"``; not ``" 7"``, ``"+7"``, ``"1_0"`` or ``"٣"``, which ``int`` takes), or -1."""
+        if type(value) is str and value.startswith(prefix):
+            digits = value[len(prefix):]
+            if 0 < len(digits) < 20 and digits.isdigit() and digits.isascii():
+                token = int(digits)
+                if token < self.bound:
+                    return token
+        return -1
+
+    def text_error(self, field: str, value: Any, prefix: str = "") -> TokenProtocolError:
+        if not prefix:
+            return self.error(field, f"{self.id_rule}, written in ASCII digits", value)
+        ignored = not (isinstance(value, str) and value.startswith(prefix))  # "Hello": plain text tokens
+        return self.error(field, f"'{prefix}' and {self.id_rule}" +
+                          (" (did the server ignore return_tokens_as_token_ids?)" if ignored else ""), value)
+
+    def token_texts(self, value: Any, field: str, prefix: str) -> List[int]:
+        ids = []
+        for i, text in enumerate(self.items(value, field)):
+            token = self.text_id(text, prefix)
+            if token < 0:
+                raise self.text_error(f"{field}[{i}]", text, prefix)
+            ids.append(token)
+        return ids
+
+    def logprob(self, value: Any, field: str) -> float:
+        """A JSON number (not a boolean), finite, <= 0 up to rounding; vLLM's -9999.0 for minus
+        infinity is the number it is."""
+        kind = type(value)
+        if kind is float:
+            if -math.inf < value <= MAX_LOGPROB:
+                return value
+        elif kind is int and -10 ** 300 < value <= 0:
+            return float(value)
+        raise self.error(field, "a logprob: a finite number <= 0", value)
+
+    def logprobs(self, value: Any, field: str, count: int) -> List[float]:
+        values = self.items(value, field, count)
+        for i, v in enumerate(values):
+            if type(v) is not float or not -math.inf < v <= MAX_LOGPROB:  # else: the usual case, taken as it is
+                return [self.logprob(v, f"{field}[{i}]") for i, v in enumerate(values)]
+        return values
+
+    def finish_reasons(self, values: Sequence[Any], fields: Sequence[str]) -> list:
+        """Each a string or SGLang's ``{"type": "..."}``, as sent; an ``abort`` in either form
+        raises ``GenerationAbortedError`` (retried like a 5xx).  A missing one is an error, not "stop"."""
+        for value, field in zip(values, fields):
+            kind = value.get("type") if isinstance(value, dict) else value
+            if type(kind) is not str or not kind:
+                raise self.error(field, "a finish reason: a string or {\"type\": a string}", value)
+            if kind == "abort":
+                raise GenerationAbortedError(f"the server aborted the generation ({field} is 'abort')", self.url)
+        return list(values)
+
+    def prompt_ids(self, reported: Any, field: str, required: bool) -> List[int]:
+        """The prompt's ids: the request's own, which the server's report (if any) must equal, or,
+        for a text prompt, the server's report (then ``required``)."""
+        if reported is None:
+            if isinstance(self.prompt, list):
+                return self.prompt
+            if required:
+                raise TokenProtocolError(f"{self.protocol} answer has no {field!r}: the server did not report the "
+                                         "prompt's token ids; pass input_ids", self.url)
+            return []
+        ids = self.token_ids(reported, field)
+        if isinstance(self.prompt, list) and ids != self.prompt:
+            raise self.error(field, f"the {len(self.prompt)} prompt ids sent", ids)
+        if not ids:
+            raise self.error(field, "the prompt's token ids (not empty)", ids)
+        return ids
+
+    def topk(self, entry: Any, field: str, first: bool, own: Optional[int] = None) -> Tuple[List[int], List[float]]:
+        """One prompt position's (ids, logprobs), in the server's order, from ``{id: logprob}``,
+        ``{id: {"logprob": x, ...}}`` (vLLM's OpenAI server), ``[{id: logprob}, ...]`` (Atropos'
+        server) or ``[[logprob, id, text], ...]`` (SGLang).  The first position may be empty
+        (``None``: nothing comes before it); every other holds at least ``top_k`` distinct ids,
+        and ``own``, the prompt's token there, when given (vLLM adds it to the top k)."""
+        ids: List[int] = []
+        lps: List[float] = []
+        if isinstance(entry, dict):
+            entry = [entry]
+        elif entry is not None and type(entry) is not list:
+            raise self.error(field, "a prompt position's logprobs (an object or a list)", entry)
+        for i, item in enumerate(entry or ()):
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    token = self.text_id(key)
+                    if token < 0:
+                        raise self.text_error(f"{field} key", key)
+                    ids.append(token)
+                    if isinstance(value, dict):
+                        value = self.get(value, "logprob", f"{field}[{key!r}].logprob")
+                    lps.append(self.logprob(value, f"{field}[{key!r}]"))
+            elif type(item) is list and len(item) >= 2:
+                ids.append(self.token_id(item[1], f"{field}[{i}][1]"))
+                lps.append(self.logprob(item[0], f"{field}[{i}][0]"))
+            else:
+                raise self.error(f"{field}[{i}]", "{id: logprob} or [logprob, id, ...]", item)
+        if len(set(ids)) != len(ids):
+            raise self.error(field, "distinct token ids", ids)
+        if not first and len(ids) < self.top_k:
+            raise self.error(field, f"at least the {self.top_k} logprob(s) asked (top_k)", _Count(len(ids)))
+        if not first and own is not None and own not in ids:
+            raise self.error(field, f"the logprobs of a position that holds the prompt's token {own} there", ids)
+        return ids, lps
+
+    def prompt_topk(self, positions: Any, field: str, prompt_ids: List[int], own: bool) -> Dict[str, Any]:
+        """Atropos' prompt-scoring dict: exactly one position per prompt token (each holding the
+        prompt's own token, with ``own``)."""
+        positions = self.items(positions, field, len(prompt_ids))
+        topk = [self.topk(entry, f"{field}[{i}]", i == 0, prompt_ids[i] if own else None)
+                for i, entry in enumerate(positions)]
+        return {"prompt_tokens": prompt_ids, "prompt_topk_token_ids": [ids for ids, _ in topk],
+                "prompt_topk_logprobs": [lps for _, lps in topk]}
 
 
 class TokensProtocol:
     """How one kind of server takes a prompt of token ids and answers with token ids and logprobs.
 
     ``path`` is POSTed under ``base_url`` or, with ``root``, at the server's root.  Bodies are
-    built from the caller's sampling parameters; answers are read into plain lists.  A prompt is
-    a list of token ids, or text that the server tokenizes (then it reports the ids).
+    built from the caller's sampling parameters; answers are read by a ``TokenReader`` into
+    Atropos' shapes: ``(prompt ids, output ids per choice, their logprobs, finish reasons)``
+    for a completion, ``{"prompt_tokens", "prompt_topk_token_ids", "prompt_topk_logprobs"}``
+    for prompt scoring.  A prompt is a list of token ids, or text that the server tokenizes
+    (then it reports the ids).
     """
 
     name = path = ""
@@ -3108,25 +3528,21 @@ class TokensProtocol:
     def completion_body(self, model: str, prompt: Any, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def completion_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list, list]:
-        """(prompt ids if the server reported them, output ids per choice, their logprobs, finish reasons)."""
+    def completion_result(self, data: Any, read: TokenReader) -> Tuple[List[int], list, list, list]:
         raise NotImplementedError
 
     def logprobs_body(self, model: str, prompt: Any, top_k: int, params: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def logprobs_result(self, data: Any, url: str) -> Tuple[Optional[List[int]], list, list]:
-        """(prompt ids if reported, top-k ids per prompt position, their logprobs)."""
+    def logprobs_result(self, data: Any, read: TokenReader) -> Dict[str, Any]:
         raise NotImplementedError
-
-    def aborted(self, data: Any) -> bool:
-        return False
 
 
 class VLLMCompletionsTokens(TokensProtocol):
     """Any vLLM OpenAI server: a token-id prompt on ``/completions`` with ``logprobs`` and
     ``return_tokens_as_token_ids`` (tokens come back as ``"token_id:123"``), ``prompt_logprobs``
-    for prompt scoring, ``return_token_ids`` for the ids of a text prompt."""
+    for prompt scoring, ``return_token_ids`` for the ids of a text prompt.  Choices may come in
+    any order: they are returned in ``index`` order."""
 
     name, path = "vLLM /v1/completions", "/completions"
 
@@ -3138,19 +3554,33 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def completion_result(self, data, url):
-        choices = sorted(_field(data, "choices", url), key=lambda c: c.get("index") or 0)
-        outputs, logprobs, reasons = [], [], []
-        for choice in choices:
-            tokens = _field(choice, "logprobs.tokens", url)
-            if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
-                raise TokenProtocolError(f"logprobs.tokens are not 'token_id:N' ({tokens[:3]!r}...): "
-                                         "the server ignored return_tokens_as_token_ids", url)
-            outputs.append([int(t[len("token_id:"):]) for t in tokens])
-            logprobs.append(list(_field(choice, "logprobs.token_logprobs", url)))
-            reasons.append(choice.get("finish_reason"))
-        prompt_ids = choices[0].get("prompt_token_ids") if choices else None
-        return prompt_ids, outputs, logprobs, reasons
+    def _choices(self, data, read):
+        """The ``n`` choices, in ``index`` order (each index 0..n-1 once), and their names in the answer."""
+        choices = read.items(read.get(data, "choices", "choices"), "choices", read.n)
+        ordered: List[Any] = [None] * read.n
+        for i, choice in enumerate(choices):
+            index = read.get(choice, "index", f"choices[{i}].index")
+            if type(index) is not int or not 0 <= index < read.n or ordered[index] is not None:
+                raise read.error(f"choices[{i}].index", f"an index 0..{read.n - 1} not given before", index)
+            ordered[index] = (choice, f"choices[{i}]")
+        return ordered
+
+    def completion_result(self, data, read):
+        choices = self._choices(data, read)
+        reasons = read.finish_reasons([read.get(c, "finish_reason", f"{name}.finish_reason") for c, name in choices],
+                                      [f"{name}.finish_reason" for _, name in choices])
+        outputs, logprobs = [], []
+        for choice, name in choices:
+            lp = read.get(choice, "logprobs", f"{name}.logprobs")
+            tokens = read.items(read.get(lp, "tokens", f"{name}.logprobs.tokens"), f"{name}.logprobs.tokens")
+            outputs.append(read.token_texts(tokens, f"{name}.logprobs.tokens", "token_id:"))
+            logprobs.append(read.logprobs(read.get(lp, "token_logprobs", f"{name}.logprobs.token_logprobs"),
+                                          f"{name}.logprobs.token_logprobs", len(tokens)))
+        prompts = [read.prompt_ids(c.get("prompt_token_ids"), f"{name}.prompt_token_ids", True) for c, name in choices]
+        for (_, name), ids in zip(choices[1:], prompts[1:]):
+            if ids != prompts[0]:
+                raise read.error(f"{name}.prompt_token_ids", "the ids of choice 0's prompt", ids)
+        return prompts[0], outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict(_max_tokens_named(params, "max_tokens"), model=model, prompt=prompt, prompt_logprobs=top_k,
@@ -3160,17 +3590,18 @@ class VLLMCompletionsTokens(TokensProtocol):
             body["return_token_ids"] = True
         return body
 
-    def logprobs_result(self, data, url):
-        choice = _field(data, "choices", url)[0]
-        positions = _field(choice, "prompt_logprobs", url)
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return choice.get("prompt_token_ids"), list(ids), list(lps)
+    def logprobs_result(self, data, read):
+        (choice, name), = self._choices(data, read)
+        prompt_ids = read.prompt_ids(choice.get("prompt_token_ids"), f"{name}.prompt_token_ids", True)
+        return read.prompt_topk(read.get(choice, "prompt_logprobs", f"{name}.prompt_logprobs"),
+                                f"{name}.prompt_logprobs", prompt_ids, own=True)
 
 
 class AtroposGenerateTokens(TokensProtocol):
     """Atropos' own vLLM server (``example_trainer/vllm_api_server.py``): ``POST /generate`` with
     ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, ...}``, answered with per-choice
-    ``logprobs`` ``[[{id: logprob}], ...]`` and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
+    ``logprobs`` ``[[{id: logprob}], ...]`` (the sampled token first), ``token_ids`` (must agree)
+    and ``finish_reasons``; the body Atropos' ``vllm`` sends."""
 
     name, path, root = "Atropos /generate", "/generate", True
 
@@ -3180,13 +3611,35 @@ class AtroposGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return dict({"prompt": self._prompt(prompt), "logprobs": 0}, **_max_tokens_named(params, "max_tokens"))
 
-    def completion_result(self, data, url):
+    def completion_result(self, data, read):
+        reasons = read.items(read.get(data, "finish_reasons", "finish_reasons"), "finish_reasons", read.n)
+        reasons = read.finish_reasons(reasons, [f"finish_reasons[{c}]" for c in range(read.n)])
         outputs, logprobs = [], []
-        for positions in _field(data, "logprobs", url):
-            pairs = [next(iter(position[0].items())) for position in positions]  # the sampled token
-            outputs.append([int(k) for k, _ in pairs])
-            logprobs.append([float(v) for _, v in pairs])
-        return data.get("prompt_token_ids"), outputs, logprobs, list(_field(data, "finish_reasons", url))
+        for c, positions in enumerate(read.items(read.get(data, "logprobs", "logprobs"), "logprobs", read.n)):
+            ids, lps = [], []
+            for j, position in enumerate(read.items(positions, f"logprobs[{c}]")):
+                if (type(position) is list and len(position) == 1 and type(position[0]) is dict
+                        and len(position[0]) == 1):
+                    (key, value), = position[0].items()  # the usual position: the sampled token alone
+                    token = read.text_id(key)
+                    if token >= 0 and type(value) is float and -math.inf < value <= MAX_LOGPROB:
+                        ids.append(token)
+                        lps.append(value)
+                        continue
+                field = f"logprobs[{c}][{j}]"
+                if type(position) is not list or not position or not isinstance(position[0], dict) or not position[0]:
+                    raise read.error(field, "[{id: logprob, ...}] (the sampled token first)", position)
+                top = read.topk(position, field, True)
+                ids.append(top[0][0])
+                lps.append(top[1][0])
+            outputs.append(ids)
+            logprobs.append(lps)
+        if data.get("token_ids") is not None:  # the server's own list of the sampled ids
+            for c, sampled in enumerate(read.items(data["token_ids"], "token_ids", read.n)):
+                if read.token_ids(sampled, f"token_ids[{c}]") != outputs[c]:
+                    raise read.error(f"token_ids[{c}]", f"the sampled ids of logprobs[{c}] {_shown(outputs[c])}",
+                                     sampled)
+        return read.prompt_ids(data.get("prompt_token_ids"), "prompt_token_ids", True), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         body = dict({"prompt": self._prompt(prompt), "prompt_logprobs": top_k}, **_max_tokens_named(params, "max_tokens"))
@@ -3196,22 +3649,24 @@ class AtroposGenerateTokens(TokensProtocol):
         body.setdefault("max_tokens", 1)
         return body
 
-    def logprobs_result(self, data, url):
-        positions = _field(data, "prompt_logprobs", url)
-        if positions and isinstance(positions[0], list) and all(isinstance(p, list) for p in positions[0]):
-            positions = positions[0]  # [sequence][position]
-        ids, lps = zip(*map(_topk, positions)) if positions else ((), ())
-        return data.get("prompt_token_ids"), list(ids), list(lps)
-
-    def aborted(self, data):
-        return isinstance(data, dict) and "abort" in (data.get("finish_reasons") or ())
+    def logprobs_result(self, data, read):
+        prompt_ids = read.prompt_ids(data.get("prompt_token_ids") if isinstance(data, dict) else None,
+                                     "prompt_token_ids", True)
+        positions = read.get(data, "prompt_logprobs", "prompt_logprobs")
+        field = "prompt_logprobs"
+        # [sequence][position] or [position]: the prompt's length tells (a one-token prompt reads alike)
+        if (type(positions) is list and len(positions) == 1 and type(positions[0]) is list
+                and (len(prompt_ids) != 1 or all(p is None or isinstance(p, dict) for p in positions[0]))):
+            positions, field = positions[0], "prompt_logprobs[0]"
+        return read.prompt_topk(positions, field, prompt_ids, own=True)
 
 
 class SGLangGenerateTokens(TokensProtocol):
     """SGLang's native ``POST /generate``: ``input_ids``, ``sampling_params``, ``return_logprob``;
     answered (a list when ``n > 1``) with ``meta_info.output_token_logprobs`` ``[[logprob, id,
-    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}``; prompt scoring with
-    ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``, ``input_top_logprobs``)."""
+    text], ...]`` and ``meta_info.finish_reason`` ``{"type": ...}`` (a string in older releases);
+    prompt scoring with ``logprob_start_len: 0`` and ``top_logprobs_num`` (``input_token_logprobs``,
+    ``input_top_logprobs``)."""
 
     name, path, root = "SGLang /generate", "/generate", True
 
@@ -3224,38 +3679,62 @@ class SGLangGenerateTokens(TokensProtocol):
     def completion_body(self, model, prompt, params):
         return self._body(prompt, params, **({"logprob_start_len": 0} if isinstance(prompt, str) else {}))
 
-    def _prompt_ids(self, result):
-        positions = (result.get("meta_info") or {}).get("input_token_logprobs")
-        return [int(p[1]) for p in positions] if positions else None
+    def _results(self, data, read):
+        """The ``n`` results (an object when ``n`` is 1, else a list) and their ``meta_info``."""
+        results = data if type(data) is list else [data]
+        read.items(results, "the answer's results", read.n)
+        prefix = (lambda c: f"[{c}].meta_info") if type(data) is list else (lambda c: "meta_info")
+        metas = [(read.get(r, "meta_info", prefix(c)), prefix(c)) for c, r in enumerate(results)]
+        for meta, name in metas:
+            if not isinstance(meta, dict):
+                raise read.error(name, "a JSON object", meta)
+        return metas
 
-    def completion_result(self, data, url):
-        results = data if isinstance(data, list) else [data]
-        outputs, logprobs, reasons = [], [], []
-        for result in results:
-            positions = _field(result, "meta_info.output_token_logprobs", url)
-            outputs.append([int(p[1]) for p in positions])
-            logprobs.append([float(p[0]) for p in positions])
-            reasons.append(result["meta_info"].get("finish_reason"))
-        return (self._prompt_ids(results[0]) if results else None), outputs, logprobs, reasons
+    def _pairs(self, meta, key, name, read, first_may_be_null=False):
+        """``[[logprob, id, ...], ...]`` -> (ids, logprobs); position 0 of the prompt has no logprob."""
+        ids, lps = [], []
+        bound = read.bound
+        for j, entry in enumerate(read.items(read.get(meta, key, f"{name}.{key}"), f"{name}.{key}")):
+            if type(entry) is list and len(entry) >= 2:  # the usual entry, taken at once
+                logprob, token = entry[0], entry[1]
+                if (type(token) is int and 0 <= token < bound and type(logprob) is float
+                        and -math.inf < logprob <= MAX_LOGPROB):
+                    ids.append(token)
+                    lps.append(logprob)
+                    continue
+            if type(entry) is not list or len(entry) < 2:
+                raise read.error(f"{name}.{key}[{j}]", "[logprob, token id, text]", entry)
+            ids.append(read.token_id(entry[1], f"{name}.{key}[{j}][1]"))
+            null = first_may_be_null and j == 0 and entry[0] is None
+            lps.append(None if null else read.logprob(entry[0], f"{name}.{key}[{j}][0]"))
+        return ids, lps
+
+    def _prompt_ids(self, meta, name, read):
+        return read.prompt_ids(self._pairs(meta, "input_token_logprobs", name, read, True)[0]
+                               if meta.get("input_token_logprobs") is not None else None,
+                               f"{name}.input_token_logprobs", True)
+
+    def completion_result(self, data, read):
+        metas = self._results(data, read)
+        reasons = read.finish_reasons([read.get(m, "finish_reason", f"{name}.finish_reason") for m, name in metas],
+                                      [f"{name}.finish_reason" for _, name in metas])
+        outputs, logprobs = [], []
+        for meta, name in metas:
+            ids, lps = self._pairs(meta, "output_token_logprobs", name, read)
+            outputs.append(ids)
+            logprobs.append(lps)
+        return self._prompt_ids(metas[0][0], metas[0][1], read), outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)
         params.setdefault("max_new_tokens", 1)
         return self._body(prompt, params, logprob_start_len=0, top_logprobs_num=top_k)
 
-    def logprobs_result(self, data, url):
-        result = data[0] if isinstance(data, list) and data else data
-        ids = self._prompt_ids(result)
-        if ids is None:
-            raise TokenProtocolError("the answer has no 'meta_info.input_token_logprobs'", url)
-        tops = (result["meta_info"].get("input_top_logprobs") or [None] * len(ids))
-        topk_ids, topk_lps = zip(*map(_topk, tops)) if tops else ((), ())
-        return ids, list(topk_ids), list(topk_lps)
-
-    def aborted(self, data):
-        results = data if isinstance(data, list) else [data]
-        return any(isinstance(r, dict) and ((r.get("meta_info") or {}).get("finish_reason") or {}).get("type") == "abort"
-                   for r in results)
+    def logprobs_result(self, data, read):
+        (meta, name), = self._results(data, read)
+        prompt_ids = self._prompt_ids(meta, name, read)
+        return read.prompt_topk(read.get(meta, "input_top_logprobs", f"{name}.input_top_logprobs"),
+                                f"{name}.input_top_logprobs", prompt_ids, own=False)
 
 
 # Per server_type, the protocols tried in order: the next one after a 404 on a server (said once).
@@ -3321,13 +3800,24 @@ class SequenceNode:
         return dataclasses.asdict(self)
 
 
-def _finish_reason(raw: Any) -> Any:
-    return raw.get("type", "stop") if isinstance(raw, dict) else raw
+def _finish_reason(raw: Any) -> str:
+    """A finish reason as a string: SGLang's ``{"type": ...}`` read (``TokenReader`` checked it)."""
+    return raw["type"] if isinstance(raw, dict) else raw
+
+
+def tokenizer_size(tokenizer: Any) -> Optional[int]:
+    """``len(tokenizer)`` (every id is below it), or None when the tokenizer does not tell."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return None
+    return size if size > 0 else None
 
 
 def _openai_response(kind: str, model: str, choices: List[Dict[str, Any]]) -> APIResponse:
     """A ChatCompletion/Completion as Atropos' managed server builds it (no usage; ``raw`` empty:
     the server's own answer had another shape)."""
+    import uuid  # lazily: see _LazyModule
     response = APIResponse(id=str(uuid.uuid4()), created=int(time.time()), model=model,
                            object="chat.completion" if kind == "chat" else "text_completion",
                            choices=[AttrDict(c) for c in choices], service_tier=None, system_fingerprint=None,
@@ -3406,7 +3896,7 @@ class ManagedServer:
             kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
         if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
             kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
-        return await self.manager.get_logprobs(**kwargs)
+        return await self.manager._prompt_logprobs(kwargs, tokenizer_size(self.tokenizer))
 
     def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
         """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
@@ -3450,11 +3940,11 @@ class ManagedServer:
             parent = None
             extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
         prompt_ids = self._prompt_ids(prompt, base)
-        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
-            **dict(kwargs, input_ids=prompt_ids))
+        _, outputs, logprobs, reasons = await self.manager._token_completion(
+            dict(kwargs, input_ids=prompt_ids), tokenizer_size(self.tokenizer))
         choices = []
-        for i, (output, output_logprobs) in enumerate(zip(outputs, logprobs)):
-            reason = _finish_reason(reasons[i] if i < len(reasons) else "stop")
+        for i, (output, output_logprobs, raw_reason) in enumerate(zip(outputs, logprobs, reasons)):
+            reason = _finish_reason(raw_reason)
             text = self.tokenizer.decode(output, skip_special_tokens=True)
             self._record(self._node(prompt, prompt_ids, output, output_logprobs, text, reason, extending), extending)
             choices.append(_chat_choice(i, text, reason) if kind == "chat"
@@ -3463,7 +3953,6 @@ class ManagedServer:
 
     def _node(self, prompt: str, prompt_ids: List[int], output: List[int], output_logprobs: List[float],
               text: str, reason: Any, extending: Optional[SequenceNode]) -> SequenceNode:
-        output_logprobs = (list(output_logprobs) + [MASKED_LOGPROB] * len(output))[:len(output)]
         if extending is not None:  # earlier completions stay unmasked; the new text is prompt
             new = len(prompt_ids) - len(extending.tokens)
             masked = extending.masked_tokens + [MASKED_TOKEN] * new + output
@@ -3611,7 +4100,8 @@ def resolve_servers(configs: Any, server_class: Any, slurm: bool, testing: bool,
 
 def atropos_discovers(slurm: bool, lone_baseline: bool) -> bool:
     """Whether to discover, as Atropos: with ``slurm=True``, or for a lone baseline when
-    ``SLURM_JOB_NODELIST`` is set; but not on a one-node job unless ``NUM_TRAINING_NODES=0``.
+    ``SLURM_JOB_NODELIST`` is set; but not on a one-node job unless ``NUM_TRAINING_NODES=0``
+    (a heterogeneous job or a server list is never "one node").
 
     The nodes are counted by the hostlist grammar, without ``scontrol`` (discovery runs it,
     once).  ``slurm=True`` outside a job discovers, and discovery says what is missing.
@@ -3619,9 +4109,9 @@ def atropos_discovers(slurm: bool, lone_baseline: bool) -> bool:
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if nodelist is None or not (slurm or lone_baseline):
         return slurm
-    if not nodelist:
-        return True
-    if os.environ.get("NUM_TRAINING_NODES", "").strip() == "0":
+    # Not about a heterogeneous job (its SLURM_JOB_NODELIST is component 0's alone) or a server list.
+    one_nodelist = "SLURM_HET_SIZE" not in os.environ and not os.environ.get(ENV_SERVERS, "").strip()
+    if not nodelist or not one_nodelist or os.environ.get("NUM_TRAINING_NODES", "").strip() == "0":
         return True
     try:
         one_node = len(expand_hostlist(nodelist)) < 2
@@ -3681,8 +4171,12 @@ def reasoning_extra_body(reasoning_config: Any, base_url: str) -> Optional[Dict[
 
 def weighted_cap(cap: int, weight: float) -> int:
     """``ceil(cap * weight)``, as Atropos' weighted semaphores admit (rounding error ignored:
-    10 x 0.3 is 3, not 4)."""
-    return math.ceil(round(cap * weight, 9))
+    10 x 0.3 is 3, not 4), and at least 1 for any ``weight > 0`` (a cap of 0 would hold every
+    call until its slot wait ends); a product too large for a float is a ``ConfigError``."""
+    scaled = cap * weight
+    if not math.isfinite(scaled):
+        raise ConfigError(f"weight={weight!r} scales the cap {cap} to {scaled}: give a smaller weight")
+    return max(math.ceil(round(scaled, 9)), 1 if weight > 0 and cap > 0 else 0)
 
 
 class DedicatedServer(SlotSource):
@@ -3789,6 +4283,7 @@ def run_env(script: str, argv: Sequence[str]) -> None:
     patch_atropos()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    import runpy  # lazily: see _LazyModule
     runpy.run_path(script, run_name="__main__")
 
 
@@ -3802,12 +4297,158 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.([01])\Z")
 
 
+_LIST_PROMPT = re.compile(rb'"prompt"\s*:\s*\[\s*[0-9]')  # a /v1/completions prompt of token ids
+
+
+class StubTokens:
+    """The stub server's token protocols: made-up but deterministic ids and logprobs.
+
+    A text prompt is "tokenized" as its UTF-8 bytes.  Choice ``c`` of a request generates
+    ``max_tokens`` (16) ids cycling through the prompt's own ids from its ``c``-th (so every id is one the
+    caller's tokenizer knows), each with logprob ``-((id + 3c + j) % 50 + 1) / 10``, and stops
+    with "length".  Prompt scoring gives each position after the first the prompt's own id and
+    then the smallest other ids, ``k`` in all.  Shapes: vLLM's ``/v1/completions`` with
+    ``return_tokens_as_token_ids`` (``prompt_logprobs``, ``return_token_ids``), Atropos'
+    ``/generate`` (``example_trainer/vllm_api_server.py``, plus ``prompt_logprobs`` when asked)
+    and SGLang's ``/generate`` (``sampling_params``, ``return_logprob``, ``logprob_start_len``,
+    ``top_logprobs_num``).
+    """
+
+    @staticmethod
+    def asked(body: bytes) -> bool:
+        """Whether a ``/v1/completions`` body asks for token ids (else the plain stub answer)."""
+        return b"return_tokens_as_token_ids" in body or b"prompt_logprobs" in body or bool(_LIST_PROMPT.search(body))
+
+    @staticmethod
+    def logprob(token: int, choice: int, j: int) -> float:
+        return -((token + 3 * choice + j) % 50 + 1) / 10
+
+    @classmethod
+    def outputs(cls, prompt: List[int], n: int, count: int) -> List[List[Tuple[int, float]]]:
+        return [[(prompt[(c + j) % len(prompt)], cls.logprob(prompt[(c + j) % len(prompt)], c, j))
+                 for j in range(count)] for c in range(n)]
+
+    @classmethod
+    def topk(cls, prompt: List[int], k: int) -> List[Optional[List[Tuple[int, float]]]]:
+        """Per prompt position: None at 0, then the prompt's own id and the smallest others, ``k`` in all."""
+        positions: List[Optional[List[Tuple[int, float]]]] = [None]
+        for i, own in enumerate(prompt[1:], 1):
+            ids = [own] + [t for t in range(k) if t != own][:k - 1]
+            positions.append([(t, cls.logprob(t, 0, i)) for t in ids])
+        return positions
+
+    @staticmethod
+    def prompt_ids(prompt: Any) -> List[int]:
+        if isinstance(prompt, str):
+            return list(prompt.encode("utf-8")) or [0]
+        if (isinstance(prompt, list) and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+            return prompt
+        raise ValueError("the prompt must be text or a non-empty list of token ids")
+
+    @staticmethod
+    def counts(params: Dict[str, Any], name: str) -> Tuple[int, int]:
+        n, count = params.get("n", 1), params.get(name, 16)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, count)):
+            raise ValueError(f"n and {name} must be positive integers")
+        return n, count
+
+    @staticmethod
+    def top(request: Dict[str, Any], name: str) -> Optional[int]:
+        """``request[name]``, a number of logprobs per position: None, or 0..20 (vLLM's default cap)."""
+        value = request.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+            raise ValueError(f"{name} must be an integer from 0 to 20")
+        return value
+
+    @classmethod
+    def answer(cls, path: str, body: bytes) -> Tuple[int, Any]:
+        """(status, JSON payload) for a token request: 400 naming what is wrong in a bad one."""
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            if path == "/v1/completions":
+                return 200, cls.vllm(request)
+            if "sampling_params" in request or "input_ids" in request:
+                return 200, cls.sglang(request)
+            return 200, cls.atropos(request)
+        except (ValueError, TypeError, KeyError) as e:
+            return 400, {"error": {"message": f"invalid request: {e}", "code": 400}}
+
+    @classmethod
+    def vllm(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        prompt = cls.prompt_ids(request.get("prompt"))
+        n, count = cls.counts(request, "max_tokens")
+        k, top = cls.top(request, "prompt_logprobs"), cls.top(request, "logprobs")
+        choices = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            logprobs = None if top is None else {  # top_logprobs: the sampled id, then the smallest others
+                "tokens": [f"token_id:{t}" for t, _ in generated], "token_logprobs": [lp for _, lp in generated],
+                "top_logprobs": [dict([(f"token_id:{t}", lp)] + [(f"token_id:{o}", cls.logprob(o, c, j))
+                                                                for o in range(top) if o != t][:max(top - 1, 0)])
+                                 for j, (t, lp) in enumerate(generated)],
+                "text_offset": list(range(len(generated)))}
+            choice: Dict[str, Any] = {"index": c, "text": "", "finish_reason": "length", "stop_reason": None,
+                                      "logprobs": logprobs}
+            if k is not None:
+                choice["prompt_logprobs"] = [
+                    None if p is None else {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": ""}
+                                            for r, (t, lp) in enumerate(p)} for p in cls.topk(prompt, k)]
+            if request.get("return_token_ids"):
+                choice.update(prompt_token_ids=prompt, token_ids=[t for t, _ in generated])
+            choices.append(choice)
+        return {"id": "cmpl-stub", "object": "text_completion", "created": int(time.time()),
+                "model": request.get("model", "stub"), "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": n * count,
+                          "total_tokens": len(prompt) + n * count}}
+
+    @classmethod
+    def atropos(cls, request: Dict[str, Any]) -> Dict[str, Any]:
+        raw = request.get("prompt")
+        prompt = cls.prompt_ids(raw.get("prompt_token_ids") if isinstance(raw, dict) else raw)
+        n, count = cls.counts(request, "max_tokens")
+        generated = cls.outputs(prompt, n, count)
+        answer: Dict[str, Any] = {"text": [""] * n, "prompt": "", "finish_reasons": ["length"] * n}
+        if request.get("logprobs") is not None:
+            answer.update(logprobs=[[[{str(t): lp}] for t, lp in g] for g in generated], prompt_token_ids=prompt,
+                          token_ids=[[t for t, _ in g] for g in generated])
+        k = cls.top(request, "prompt_logprobs")
+        if k is not None:
+            answer["prompt_logprobs"] = [None if p is None else {str(t): lp for t, lp in p} for p in cls.topk(prompt, k)]
+        return answer
+
+    @classmethod
+    def sglang(cls, request: Dict[str, Any]) -> Any:
+        prompt = cls.prompt_ids(request["text"] if "text" in request else request.get("input_ids"))
+        params = request.get("sampling_params") or {}
+        n, count = cls.counts(params, "max_new_tokens")
+        results = []
+        for c, generated in enumerate(cls.outputs(prompt, n, count)):
+            meta: Dict[str, Any] = {"id": "stub", "prompt_tokens": len(prompt), "completion_tokens": count,
+                                    "finish_reason": {"type": "length", "length": count}}
+            if request.get("return_logprob"):
+                meta["output_token_logprobs"] = [[lp, t, None] for t, lp in generated]
+                if request.get("logprob_start_len") == 0:
+                    meta["input_token_logprobs"] = [[None if i == 0 else cls.logprob(t, 0, i), t, None]
+                                                    for i, t in enumerate(prompt)]
+                    k = cls.top(request, "top_logprobs_num")
+                    if k:
+                        meta["input_top_logprobs"] = [None if p is None else [[lp, t, None] for t, lp in p]
+                                                      for p in cls.topk(prompt, k)]
+            results.append({"text": "", "output_ids": [t for t, _ in generated], "meta_info": meta})
+        return results if n > 1 else results[0]
+
+
 class StubServer:
     """An OpenAI-compatible server that answers at once (or after ``latency``) without a model.
 
     Routes: ``GET /health``, ``/health_generate`` (SGLang's; 404 with ``health_generate=False``,
     as vLLM), ``/v1/models``, ``/stub/stats``; ``POST /v1/chat/completions`` and
     ``/v1/completions`` with ``n``, ``max_tokens`` and ``stream`` (+ ``include_usage``).
+    The token protocols too (``StubTokens``), so that ``managed_server`` runs without a GPU:
+    ``/v1/completions`` with token ids as vLLM answers them, ``POST /generate`` in Atropos' or
+    SGLang's shape (by the body; 404 with ``generate=False``, as a stock vLLM).
     Failure knobs: ``fail_rate`` answers that share of completions with ``fail_status``;
     ``die_after`` drops every connection and stops after that many completions, like a crash.
     Idle keep-alive connections are closed after ``keep_alive_timeout`` s, as uvicorn does.
@@ -3815,8 +4456,10 @@ class StubServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0, fail_rate: float = 0.0,
                  fail_status: int = 500, die_after: Optional[int] = None, keep_alive_timeout: float = 5.0,
-                 model: str = "stub", health_generate: bool = True, seed: Optional[int] = None):
+                 model: str = "stub", health_generate: bool = True, generate: bool = True,
+                 seed: Optional[int] = None):
         self.host, self.port = host, port
+        self.generate = generate
         self.latency, self.fail_rate, self.fail_status = latency, fail_rate, fail_status
         self.die_after, self.keep_alive_timeout = die_after, keep_alive_timeout
         self.model, self.health_generate = model, health_generate
@@ -3888,7 +4531,7 @@ class StubServer:
                       "/stub/stats": None}
         if self.health_generate:
             routes_get["/health_generate"] = None
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions") or (path == "/generate" and self.generate):
             if method != b"POST":
                 writer.write(self._response(405, {"detail": "Method Not Allowed"}, close))
                 return True
@@ -3918,6 +4561,12 @@ class StubServer:
             if self.fail_rate and self._random.random() < self.fail_rate:
                 writer.write(self._response(self.fail_status, {"error": {"message": "stub failure (fail_rate)",
                                                                          "code": self.fail_status}}, close))
+                return True
+            if path == "/generate" or (path == "/v1/completions" and StubTokens.asked(body)):
+                status, payload = StubTokens.answer(path, body)
+                if status == 200:
+                    self.completed += 1
+                writer.write(self._response(status, payload, close))
                 return True
             try:
                 request = json.loads(body)
@@ -4329,19 +4978,26 @@ def _add_discovery_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nodelist", help="Slurm hostlist (default: $SLURM_JOB_NODELIST, then $SLURM_NODELIST)")
     group.add_argument("--num-training-nodes", metavar="N", help="leading nodes that train (default: $NUM_TRAINING_NODES)")
     group.add_argument("--tp", metavar="N", help="tensor-parallel size of each server (default: $INFER_TP or 1)")
-    group.add_argument("--gpus-per-node", metavar="N", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    group.add_argument("--pp", metavar="N", help="pipeline-parallel size of each server (default: $INFER_PP or 1)")
+    group.add_argument("--gpus-per-node", metavar="N", help=f"default: ${ENV_GPUS_PER_NODE}, then the job's "
+                       f"$SLURM_GPUS_PER_NODE, then {DEFAULT_GPUS_PER_NODE}")
     group.add_argument("--base-port", metavar="P", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
     group.add_argument("--hostlist-backend", choices=HOSTLIST_BACKENDS,
                        help=f"how to expand the nodelist (default: ${ENV_HOSTLIST_BACKEND} or auto)")
+    group.add_argument("--servers", metavar="URLS", help=f"these server URLs (or @FILE of them) instead of Slurm "
+                       f"discovery (default: ${ENV_SERVERS})")
 
 
 def _discover(args: argparse.Namespace) -> Discovery:
     return discover_servers(args.nodelist, args.num_training_nodes, args.tp, args.gpus_per_node, args.base_port,
-                            args.hostlist_backend)
+                            args.hostlist_backend, pp=args.pp, servers=args.servers)
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
     found = _discover(args)
+    if args.explain:
+        for line in found.explain():
+            print(f"discover: {line}", file=sys.stderr)
     print(json.dumps(found.to_json(), indent=2) if args.format == "json" else "\n".join(found.urls))
     return 0
 
@@ -4371,21 +5027,30 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    tp, gpus, base, per_node = server_layout(args.tp, args.gpus_per_node, args.base_port)
+    layout = server_layout(args.tp, args.gpus_per_node, args.base_port, pp=args.pp,
+                           het_group=inference_het_group(os.environ))
     try:
         parse_base_url(args.api_addr)
     except ConfigError:  # its message speaks of base_url and /v1: name this flag instead
         raise ConfigError(f"--api_addr={_shown_url(args.api_addr)} must look like http://trainer:8000") from None
     node_num = _int_setting("--node_num", args.node_num, minimum=0)
     check_request_path("--health-path", args.health_path)
-    ports = [base + i for i in range(per_node)]
+    if node_num % layout.nodes_per_server:  # a job script may start one watcher per node: not an error
+        head = node_num - node_num % layout.nodes_per_server
+        log.info("inference node %d serves nothing itself: each server spans %d nodes and listens on the first "
+                 "of its group; the watcher of inference node %d watches it. Nothing to do here.",
+                 node_num, layout.nodes_per_server, head)
+        return 0
+    ports, per_node, base = layout.ports, layout.servers_per_node, layout.base_port
     options = WatcherOptions(
         api_addr=args.api_addr, node_num=node_num, ports=ports, host=check_host("--host", args.host),
         interval=_float_setting("--interval", args.interval, above=0), health_path=args.health_path,
         probe_timeout=_float_setting("--probe-timeout", args.probe_timeout, above=0), once=args.once,
         use_wandb=not args.no_wandb, legacy_metric_names=args.legacy_metric_names,
-        layout={"node_num": node_num, "host": args.host, "tp": tp, "gpus_per_node": gpus,
-                "base_port": base, "ports": ports, "health_path": args.health_path, "api_addr": args.api_addr,
+        layout={"node_num": node_num, "host": args.host, "tp": layout.tp, "pp": layout.pp,
+                "gpus_per_node": layout.gpus_per_node, "gpus_per_node_from": layout.gpus_from,
+                "nodes_per_server": layout.nodes_per_server, "base_port": base, "ports": ports,
+                "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
     log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
@@ -4405,7 +5070,8 @@ def cmd_stub_server(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         stubs = [StubServer(args.host, port + i if port else 0, model=args.model,
-                            health_generate=not args.no_health_generate, **options) for i in range(count)]
+                            health_generate=not args.no_health_generate, generate=not args.no_generate, **options)
+                 for i in range(count)]
         try:
             for stub in stubs:
                 await stub.start()
@@ -4513,6 +5179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("discover", help="print the inference server URLs of this Slurm job")
     _add_discovery_flags(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--explain", action="store_true", help="say on stderr how each number was decided")
     p.set_defaults(func=cmd_discover)
 
     p = commands.add_parser("hostnames", help="expand a hostlist like 'scontrol show hostnames'")
@@ -4544,6 +5211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", default="5", help="close idle connections after S s (5)")
     p.add_argument("--model", default="stub")
     p.add_argument("--no-health-generate", action="store_true", help="answer 404 on /health_generate, as vLLM")
+    p.add_argument("--no-generate", action="store_true",
+                   help="answer 404 on POST /generate, as a stock vLLM (token ids then come from /v1/completions)")
     p.set_defaults(func=cmd_stub_server)
 
     p = commands.add_parser("run-env", help="run an Atropos environment script (serve, process, ...) on our manager")
@@ -4569,8 +5238,10 @@ def add_watcher_flags(parser: argparse.ArgumentParser) -> None:
     """The watcher's flags, shared by ``watch`` and ``inference_watcher.py``."""
     parser.add_argument("--api_addr", "--api-addr", required=True, help="trainer API, e.g. http://trainer:8000")
     parser.add_argument("--tp", help="tensor-parallel size of the servers (default: $INFER_TP or 1)")
+    parser.add_argument("--pp", help="pipeline-parallel size of the servers (default: $INFER_PP or 1)")
     parser.add_argument("--node_num", "--node-num", required=True, help="index of this inference node (0, 1, ...)")
-    parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE} or {DEFAULT_GPUS_PER_NODE}")
+    parser.add_argument("--gpus-per-node", help=f"default: ${ENV_GPUS_PER_NODE}, then the job's $SLURM_GPUS_PER_NODE "
+                        f"(its inference component's in a heterogeneous job), then {DEFAULT_GPUS_PER_NODE}")
     parser.add_argument("--base-port", help=f"port of server 0 (default: ${ENV_BASE_PORT} or {DEFAULT_BASE_PORT})")
     parser.add_argument("--host", default="localhost", help="where this node's servers listen (localhost)")
     parser.add_argument("--interval", default="60", help="seconds between rounds (60)")
@@ -4616,4 +5287,8 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m atropos_slurm`` runs this file as __main__; the environments it runs import
+    # atropos_slurm, a second copy whose classes are not these.  Everything runs in that one.
+    import atropos_slurm
+
+    sys.exit(atropos_slurm.main())

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402,F401  (seed imports)
-from support import require, run_cli, run_module  # noqa: E402
+from support import closed_port, require, run_cli, run_module  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ class Discovery(unittest.TestCase):
     def test_seed_defaults(self):
         found = a.discover_servers(env=self.env())
         self.assertEqual(found.inference_nodes, ("gpu02", "gpu03"))
-        self.assertEqual(found.servers_per_node, 8)
+        self.assertEqual(found.layout.servers_per_node, 8)
         self.assertEqual(found.urls[:2], ["http://gpu02:9000/v1", "http://gpu02:9001/v1"])
         self.assertEqual(found.urls[-1], "http://gpu03:9007/v1")
         self.assertEqual(len(found.urls), 16)
@@ -321,7 +321,7 @@ class Discovery(unittest.TestCase):
     def test_tp_not_dividing_warns(self):
         with self.assertLogs("atropos_slurm", "WARNING") as logs:
             found = a.discover_servers(env=self.env(INFER_TP="3"))
-        self.assertEqual(found.servers_per_node, 2)
+        self.assertEqual(found.layout.servers_per_node, 2)
         self.assertIn("does not divide", logs.output[0])
 
     def test_bad_values_are_one_line_errors_naming_the_variable(self):
@@ -336,7 +336,10 @@ class Discovery(unittest.TestCase):
             (dict(INFER_TP="0"), "INFER_TP='0' must be at least 1"),
             (dict(INFER_TP="-2"), "INFER_TP='-2' must be at least 1"),
             (dict(INFER_TP=""), "INFER_TP='' is not an integer"),
-            (dict(INFER_TP="16"), "INFER_TP=16 is larger than the 8 GPUs per node"),
+            (dict(INFER_TP="12"), "INFER_TP=12 needs 12 GPUs per server, more than a node's 8 (default) and not a "
+                                  "multiple of it"),
+            (dict(INFER_TP="8", INFER_PP="3"), "2 inference node(s) of nodelist 'gpu[01-03]' cannot be split into "
+                                               "servers of 3 nodes each (INFER_TP=8 x INFER_PP=3 on 8 GPUs per node)"),
             ({a.ENV_GPUS_PER_NODE: "0"}, "ATROPOS_SLURM_GPUS_PER_NODE='0' must be at least 1"),
             ({a.ENV_GPUS_PER_NODE: "eight"}, "ATROPOS_SLURM_GPUS_PER_NODE='eight' is not an integer"),
             ({a.ENV_BASE_PORT: "65530"}, "ATROPOS_SLURM_BASE_PORT='65530' must be at most 65528"),
@@ -356,7 +359,241 @@ class Discovery(unittest.TestCase):
         self.assertEqual(data["training_nodes"], ["gpu01"])
         self.assertEqual(data["ports"], [9000, 9001])
         self.assertEqual(data["servers"][0], {"host": "gpu02", "port": 9000, "node_index": 0, "local_index": 0,
-                                              "url": "http://gpu02:9000/v1"})
+                                              "scheme": "http", "path": "/v1", "url": "http://gpu02:9000/v1"})
+        self.assertEqual((data["source"], data["gpus_per_node"], data["gpus_from"], data["nodes_per_server"]),
+                         ("slurm", 8, "default", 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Clusters as they are: heterogeneous jobs, GPUs from the allocation, servers spanning nodes,
+# server lists.  The Slurm variables below are the ones Slurm 22.05 set on the lab
+# (tests/slurm_lab) for `sbatch -N1 --gpus-per-node=h100:1 : -N2 --gpus-per-node=h100:2,a100:2`;
+# nodelists are expanded by the real scontrol.
+# ----------------------------------------------------------------------------------------------
+
+HET_JOB_ENV = {  # the batch script's environment (SLURM_JOB_NODELIST is component 0's alone)
+    "SLURM_HET_SIZE": "2", "SLURM_JOB_NODELIST": "node1",
+    "SLURM_JOB_NODELIST_HET_GROUP_0": "node1", "SLURM_JOB_NODELIST_HET_GROUP_1": "node[2-3]",
+    "SLURM_GPUS_PER_NODE_HET_GROUP_0": "h100:1", "SLURM_GPUS_PER_NODE_HET_GROUP_1": "h100:2,a100:2",
+}
+
+
+class ClusterShapes(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require("scontrol", shutil.which("scontrol") is not None, "install Debian's slurm-client (apt-get install "
+                "slurm-client) to expand the nodelists with the real scontrol")
+        cls.tmp = tempfile.mkdtemp()
+        cls.conf = os.path.join(cls.tmp, "slurm.conf")
+        with open(cls.conf, "w") as f:
+            f.write("ClusterName=x\nSlurmctldHost=localhost\n")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp)
+
+    def env(self, base=None, **values):
+        env = dict(HET_JOB_ENV if base is None else base, SLURM_CONF=self.conf, PATH=os.environ["PATH"])
+        env[a.ENV_HOSTLIST_BACKEND] = "scontrol"
+        env.update(values)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def discover(self, **values):
+        env = self.env(**values)
+        with mock.patch.dict(os.environ, env, clear=True):  # scontrol reads SLURM_CONF from our environment
+            return a.discover_servers(env=env)
+
+    # -- GPUs per node from the allocation ---------------------------------------------------
+
+    def test_gpu_forms_slurm_writes(self):
+        # 22.05 wrote '4', 'h100:2' and 'h100:4,a100:2' (--gpus-per-node=4, h100:2, h100:4,a100:2);
+        # the gres-prefixed form is accepted too.
+        for text, gpus in [("4", 4), ("h100:2", 2), ("h100:4,a100:2", 6), ("gpu:h100:4", 4), ("gpu:4", 4),
+                           ("a100_80g:8", 8), (" 8 ", 8)]:
+            with self.subTest(text=text):
+                self.assertEqual(a.parse_gpus_per_node("SLURM_GPUS_PER_NODE", text), gpus)
+        for text in ("", "h100", "4x", "h100:-1", "h100:4;a100:2", "gpu:h100:4:1", "0", "h100:0", "99999"):
+            with self.subTest(text=text):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    a.parse_gpus_per_node("SLURM_GPUS_PER_NODE", text)
+                self.assertIn(f"SLURM_GPUS_PER_NODE={text!r}", str(ctx.exception))
+
+    def test_which_variable_decides_the_gpus(self):
+        plain = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1"}
+        for values, gpus, source in [
+            ({}, 8, "default"),
+            ({"SLURM_GPUS_PER_NODE": "h100:4"}, 4, "SLURM_GPUS_PER_NODE"),
+            ({"SLURM_GPUS_PER_NODE": "h100:4", a.ENV_GPUS_PER_NODE: "2"}, 2, a.ENV_GPUS_PER_NODE),
+        ]:
+            with self.subTest(values=values):
+                found = self.discover(base=plain, **values)
+                self.assertEqual((found.layout.gpus_per_node, found.layout.gpus_from), (gpus, source))
+                self.assertEqual(len(found.urls), 2 * gpus)
+        env = self.env(plain, SLURM_GPUS_PER_NODE="4")
+        with mock.patch.dict(os.environ, env, clear=True):
+            self.assertEqual(a.discover_servers(gpus_per_node=1, env=env).layout.gpus_from, "--gpus-per-node")
+
+    # -- heterogeneous jobs --------------------------------------------------------------------
+
+    def test_het_job_serves_from_the_last_component(self):
+        found = self.discover()
+        self.assertEqual((found.het_group, found.backend), (1, "scontrol"))
+        self.assertEqual((found.training_nodes, found.inference_nodes), (("node1",), ("node2", "node3")))
+        self.assertEqual((found.layout.gpus_per_node, found.layout.gpus_from), (4, "SLURM_GPUS_PER_NODE_HET_GROUP_1"))
+        self.assertEqual(found.urls, [f"http://node{k}:{9000 + i}/v1" for k in (2, 3) for i in range(4)])
+
+    def test_manager_in_a_het_job_discovers_despite_a_one_node_job_nodelist(self):
+        # Atropos' rule "a one-node SLURM_JOB_NODELIST discovers nothing" must not read component 0's list.
+        env = self.env()
+        with mock.patch.dict(os.environ, env, clear=True):
+            for manager in (ServerManager(ServerBaseline(), slurm=True), ServerManager(ServerBaseline())):
+                self.assertEqual([s.config.base_url for s in manager.servers],
+                                 [f"http://node{k}:{9000 + i}/v1" for k in (2, 3) for i in range(4)])
+
+    def test_het_job_other_component_and_tp(self):
+        found = self.discover(**{a.ENV_INFERENCE_HET_GROUP: "0", "INFER_TP": "1"})
+        self.assertEqual((found.training_nodes, found.inference_nodes), (("node2", "node3"), ("node1",)))
+        self.assertEqual(found.urls, ["http://node1:9000/v1"])  # component 0 has h100:1
+        found = self.discover(INFER_TP="2", NUM_TRAINING_NODES="1")  # agreeing is fine
+        self.assertEqual(found.urls, [f"http://node{k}:{9000 + i}/v1" for k in (2, 3) for i in range(2)])
+
+    def test_het_job_three_components(self):
+        found = self.discover(SLURM_HET_SIZE="3", SLURM_JOB_NODELIST_HET_GROUP_2="gpu[07-08]",
+                              SLURM_GPUS_PER_NODE_HET_GROUP_2="1", **{a.ENV_INFERENCE_HET_GROUP: "1"})
+        self.assertEqual(found.training_nodes, ("node1", "gpu07", "gpu08"))
+        self.assertEqual(found.nodes, ("node1", "node2", "node3", "gpu07", "gpu08"))
+        self.assertEqual(len(found.urls), 8)
+
+    def test_het_job_errors(self):
+        for values, message in [
+            (dict(NUM_TRAINING_NODES="2"), "NUM_TRAINING_NODES=2 contradicts the heterogeneous job: the components "
+                                           "other than the inference one (1) have 1 node(s)"),
+            ({a.ENV_INFERENCE_HET_GROUP: "2"}, "ATROPOS_SLURM_INFERENCE_HET_GROUP='2' must be at most 1"),
+            ({a.ENV_INFERENCE_HET_GROUP: "last"}, "ATROPOS_SLURM_INFERENCE_HET_GROUP='last' is not an integer"),
+            (dict(SLURM_HET_SIZE="two"), "SLURM_HET_SIZE='two' is not an integer"),
+            (dict(SLURM_JOB_NODELIST_HET_GROUP_1=None),
+             "SLURM_HET_SIZE=2 but SLURM_JOB_NODELIST_HET_GROUP_1 is not set"),
+            (dict(SLURM_JOB_NODELIST_HET_GROUP_1="node[3-2]"), "scontrol rejected hostlist 'node[3-2]'"),
+            (dict(SLURM_GPUS_PER_NODE_HET_GROUP_1="lots"), "SLURM_GPUS_PER_NODE_HET_GROUP_1='lots' is not a GPU count"),
+        ]:
+            with self.subTest(values=values):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    self.discover(**values)
+                self.assertIn(message, str(ctx.exception))
+                self.assertNotIn("\n", str(ctx.exception))
+        plain = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", a.ENV_INFERENCE_HET_GROUP: "1"}
+        with self.assertRaises(a.ConfigError) as ctx:
+            self.discover(base=plain)
+        self.assertIn("is set but this is not a heterogeneous job (SLURM_HET_SIZE is not set)", str(ctx.exception))
+
+    def test_explicit_nodelist_ignores_the_het_job(self):
+        env = self.env()
+        with mock.patch.dict(os.environ, env, clear=True):
+            found = a.discover_servers("x[1-2]", 1, env=env)
+        self.assertEqual((found.het_group, found.inference_nodes, found.layout.gpus_from), (None, ("x2",), "default"))
+
+    # -- servers that span nodes ---------------------------------------------------------------
+
+    def test_servers_spanning_nodes(self):
+        plain = {"SLURM_JOB_NODELIST": "n[1-5]", "NUM_TRAINING_NODES": "1", "SLURM_GPUS_PER_NODE": "8"}
+        for values, urls, span in [
+            (dict(INFER_TP="16"), ["http://n2:9000/v1", "http://n4:9000/v1"], 2),
+            (dict(INFER_TP="8", INFER_PP="4"), ["http://n2:9000/v1"], 4),
+            (dict(INFER_TP="4", INFER_PP="2"), [f"http://n{k}:9000/v1" for k in range(2, 6)], 1),
+            (dict(INFER_TP="2", INFER_PP="2"), [f"http://n{k}:{p}/v1" for k in range(2, 6) for p in (9000, 9001)], 1),
+        ]:
+            with self.subTest(values=values):
+                found = self.discover(base=plain, **values)
+                self.assertEqual((found.urls, found.layout.nodes_per_server), (urls, span))
+        found = self.discover(base=plain, INFER_TP="16")
+        self.assertEqual([s.node_index for s in found.servers], [0, 2])  # the head node's index
+        for values, message in [
+            (dict(INFER_TP="12"), "INFER_TP=12 needs 12 GPUs per server, more than a node's 8 (SLURM_GPUS_PER_NODE)"),
+            (dict(INFER_TP="8", INFER_PP="3"), "4 inference node(s) of nodelist 'n[1-5]' cannot be split into servers "
+                                               "of 3 nodes each (INFER_TP=8 x INFER_PP=3 on 8 GPUs per node)"),
+            (dict(INFER_PP="0"), "INFER_PP='0' must be at least 1"),
+        ]:
+            with self.subTest(values=values):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    self.discover(base=plain, **values)
+                self.assertIn(message, str(ctx.exception))
+
+    # -- a server list -------------------------------------------------------------------------
+
+    def test_server_list_variable_and_file(self):
+        urls = ["http://a:9000/v1", "https://b.example:8443/v1", "http://[::1]:9100/v1", "http://a:9001/v1"]
+        found = self.discover(**{a.ENV_SERVERS: " , ".join(urls[:2]) + "\n\t" + " ".join(urls[2:])})
+        self.assertEqual(found.urls, urls)
+        self.assertEqual((found.source, found.layout, found.inference_nodes),
+                         (a.ENV_SERVERS, None, ("a", "b.example", "::1")))
+        self.assertEqual([(s.node_index, s.local_index) for s in found.servers], [(0, 0), (1, 0), (2, 0), (0, 1)])
+        path = os.path.join(self.tmp, "servers.txt")
+        with open(path, "w", encoding="utf-8-sig", newline="\r\n") as f:  # as a Windows editor saves it
+            f.write("# servers of job 123\nhttp://a:9000/v1   # the first\n\nhttps://b.example:8443/v1/\n")
+        found = self.discover(**{a.ENV_SERVERS: "@" + path})
+        self.assertEqual(found.urls, ["http://a:9000/v1", "https://b.example:8443/v1"])
+
+    def test_server_list_errors_name_the_variable(self):
+        missing = os.path.join(self.tmp, "nope.txt")
+        path = os.path.join(self.tmp, "bad.txt")
+        with open(path, "w") as f:
+            f.write("http://a:9000/v1\n# fine\nftp://b:21/v1\n")
+        for value, message in [
+            ("http://a:9000/v1,h:9000", "ATROPOS_SLURM_SERVERS (entry 2): base_url='h:9000' must look like "
+                                        "http://host:port/v1"),
+            ("http://user:pw@a:9000/v1", "ATROPOS_SLURM_SERVERS (entry 1): base_url='http://***@a:9000/v1' must not "
+                                         "carry credentials"),
+            ("http://a:9000/v1 http://a:9000/v1/", "(entry 2): 'http://a:9000/v1/' is listed twice (also entry 1)"),
+            ("@" + missing, f"ATROPOS_SLURM_SERVERS='@{missing}': cannot read '{missing}': No such file"),
+            ("@" + path, f"ATROPOS_SLURM_SERVERS ({path} line 3): base_url='ftp://b:21/v1' must look like"),
+            (" , ", "ATROPOS_SLURM_SERVERS=',' lists no server URL"),
+        ]:
+            with self.subTest(value=value):
+                with self.assertRaises(a.ConfigError) as ctx:
+                    self.discover(**{a.ENV_SERVERS: value})
+                self.assertIn(message, str(ctx.exception))
+                self.assertNotIn("pw", str(ctx.exception))
+
+    def test_server_list_wins_over_slurm_for_every_consumer(self):
+        urls = [f"http://127.0.0.1:{closed_port()}/v1", f"http://127.0.0.1:{closed_port()}/v1"]
+        env = self.env(**{a.ENV_SERVERS: ",".join(urls)})  # in a heterogeneous job: the list wins
+        with mock.patch.dict(os.environ, env, clear=True):
+            manager = ServerManager(ServerBaseline(), slurm=True)
+            self.assertEqual([s.config.base_url for s in manager.servers], urls)
+        code, out, err = run_cli("discover", "--explain", env=env)
+        self.assertEqual((code, out.split()), (0, urls), err)
+        self.assertIn("2 server(s) listed by ATROPOS_SLURM_SERVERS on 1 host(s); no Slurm discovery", err)
+        code, out, err = run_cli("discover", "--servers", "http://x:1/v1", env=env)
+        self.assertEqual(out.split(), ["http://x:1/v1"])
+        code, out, err = run_cli("wait", "--timeout", "0.3", "--interval", "0.1", env=env)
+        self.assertEqual(code, 1, err)
+        self.assertIn("fewer than 2 of 2 servers healthy", err)
+        self.assertIn(urls[1], err)
+
+    # -- the CLI -------------------------------------------------------------------------------
+
+    def test_discover_explain_says_what_decided(self):
+        code, out, err = run_cli("discover", "--explain", env=self.env(INFER_TP="4", INFER_PP="2"))
+        self.assertEqual((code, out.split()), (0, ["http://node2:9000/v1"]), err)
+        for line in ["discover: heterogeneous job: the servers are component 1's nodes",
+                     "discover: nodes: 1 training 'node1', 2 inference 'node2 node3' (hostlist backend scontrol)",
+                     "discover: GPUs per node: 4, from SLURM_GPUS_PER_NODE_HET_GROUP_1",
+                     "discover: GPUs per server: INFER_TP 4 x INFER_PP 2 = 8",
+                     "discover: each server spans 2 nodes and listens on the first, port 9000"]:
+            self.assertIn(line, err)
+
+    def test_new_variables_are_one_line_errors_exit_2(self):
+        for values, fragment in [
+            (dict(INFER_PP="x"), "INFER_PP='x' is not an integer"),
+            (dict(SLURM_GPUS_PER_NODE_HET_GROUP_1="h100"), "SLURM_GPUS_PER_NODE_HET_GROUP_1='h100' is not a GPU count"),
+            ({a.ENV_INFERENCE_HET_GROUP: "-1"}, "ATROPOS_SLURM_INFERENCE_HET_GROUP='-1' must be at least 0"),
+            ({a.ENV_SERVERS: "nonsense"}, "ATROPOS_SLURM_SERVERS (entry 1): base_url='nonsense'"),
+        ]:
+            with self.subTest(values=values):
+                code, out, err = run_cli("discover", env=self.env(**values))
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(fragment, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +772,17 @@ class CLI(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         if sys.version_info >= (3, 10):
             self.assertEqual(proc.stdout.strip(), "[]")
+
+    def test_import_leaves_the_event_loop_and_single_use_modules_for_later(self):
+        # What keeps the import fast (bench/bench_import.py); discovery runs without them too.
+        heavy = ["asyncio", "ssl", "socket", "subprocess", "uuid", "runpy", "email.utils", "concurrent.futures"]
+        code = (f"import sys; import atropos_slurm as a; print([m for m in {heavy!r} if m in sys.modules]); "
+                "a.discover_servers('n[1-2]', 1, backend='python', env={}); "
+                f"print([m for m in {heavy!r} if m in sys.modules])")
+        proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=HERE,
+                              timeout=30)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split("\n")[:2], ["[]", "[]"])
 
 
 # ----------------------------------------------------------------------------------------------

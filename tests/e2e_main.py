@@ -100,9 +100,12 @@ async def main():
     urls = [s.url for s in mgr.servers]
     emit("discovery", hostname=socket.gethostname(), urls=urls, nodes=list(found.nodes),
          training_nodes=list(found.training_nodes), inference_nodes=list(found.inference_nodes),
-         servers_per_node=found.servers_per_node, tp=found.tp)
+         servers_per_node=found.layout.servers_per_node, tp=found.layout.tp, gpus_per_node=found.layout.gpus_per_node,
+         gpus_from=found.layout.gpus_from, het_group=found.het_group, nodes_per_server=found.layout.nodes_per_server)
     emit("gpu_map", servers=lab_gpu_map())
-    watcher_addrs = {socket.gethostbyname(node): node for node in found.inference_nodes}
+    # one watcher per serving node: every inference node, or each spanning server's first node
+    heads = found.inference_nodes[::found.layout.nodes_per_server]
+    watcher_addrs = {socket.gethostbyname(node): node for node in heads}
 
     await asyncio.sleep(1.5)
     api.register(project="atropos-slurm-e2e", group=f"e2e-{os.environ.get('SLURM_JOB_ID', 'local')}", step=1)

@@ -326,6 +326,17 @@ class WandbMetrics(Case):
         self.assertIn("server/server_request_time_avg", await server.wandb_metrics({}, None))
         self.assertTrue(server.server_healthy)
 
+    async def test_request_time_std_is_the_population_std_atropos_logs(self):
+        stub = await self.stub()
+        server = self.manager([stub]).servers[0]
+        server.stats.split_latencies["train"].extend([1.0, 2.0, 3.0, 4.0])
+        server.stats.split_counts["train"][0] = 4
+        metrics = await server.wandb_metrics({}, "s")
+        # numpy.std (ddof=0), as Atropos' wandb_metrics: sqrt(1.25), not the sample std sqrt(5/3)
+        self.assertAlmostEqual(metrics["server/s_request_time_std"], 1.25 ** 0.5, places=12)
+        self.assertAlmostEqual(metrics["server/s_request_time_avg"], 2.5, places=12)
+        self.assertAlmostEqual(metrics["server/s_request_time_99p"], 3.97, places=12)
+
     async def test_failed_attempts_count(self):
         stub = await self.stub(fail_rate=1.0, fail_status=429)
         manager = self.manager([stub], max_retries=1, retry_backoff=0.01)

@@ -324,6 +324,54 @@ else:
                     self.assertEqual(groups, outputs["atropos"][0], "the same groups, token for token")
                     self.assertEqual(requests, outputs["atropos"][1], "the same requests")
 
+        def test_managed_env_process_against_stub_server_with_server_type_vllm(self):
+            """A managed_server environment (gsm8k_server's pattern) in Atropos' ``process`` mode,
+            through ``python -m atropos_slurm run-env``, against ``stub-server`` (its Atropos
+            ``/generate``; with ``--no-generate`` a 404 there, then vLLM's ``/v1/completions``) and
+            with ``--testing true``: every group's completion ids and logprobs are the stub's, the
+            same in the three runs; and inside the environment the manager is the module's own
+            class, whose errors ``except atropos_slurm.AtroposSlurmError`` catches."""
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(ENV["TINY_TOKENIZER_DIR"])
+            runs = {}
+            for run in ("stub-server", "stub-server --no-generate", "testing"):
+                flags = ["--testing", "true"]
+                if run != "testing":
+                    proc, port = support.spawn_stub_server(1, *run.split()[1:])
+                    self.addCleanup(support.stop_process, proc)
+                    flags = ["--openai.base_url", f"http://127.0.0.1:{port}/v1"]
+                out, marker = (os.path.join(TMP.name, f"managed-{len(runs)}.{ext}") for ext in ("jsonl", "json"))
+                command = [sys.executable, "-m", "atropos_slurm", "run-env",
+                           os.path.join(ROOT, "tests", "atropos", "one_copy_env.py"), "process",
+                           "--env.data_path_to_save_groups", out, "--env.total_steps", "2", "--env.group_size", "3",
+                           "--openai.server_type", "vllm", "--openai.health_check", "false", *flags]
+                result = subprocess.run(command, cwd=TMP.name, env=dict(os.environ, PYTHONPATH=ROOT, ONE_COPY_OUT=marker),
+                                        capture_output=True, text=True, timeout=300)
+                with self.subTest(run):
+                    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+                    self.assertNotIn("Traceback", result.stderr)
+                    with open(marker) as f:
+                        checks = [json.loads(line) for line in f]
+                    self.assertEqual(len(checks), 2)
+                    self.assertEqual(checks[0], {"manager": "atropos_slurm.ServerManager", "own_class": True,
+                                                 "caught": "ConfigError"})
+                    groups = self.groups(out)
+                    self.assertEqual(len(groups), 2)
+                    for group, question in zip(groups, tiny_envs.QUESTIONS):
+                        messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+                        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                                add_generation_prompt=True))
+                        want = a.StubTokens.outputs(prompt, 3, 8)
+                        for c, (tokens, masks, logprobs) in enumerate(zip(group["tokens"], group["masks"],
+                                                                          group["inference_logprobs"])):
+                            self.assertEqual(tokens, prompt + [t for t, _ in want[c]])
+                            self.assertEqual(masks, [-100] * len(prompt) + [t for t, _ in want[c]])
+                            self.assertEqual(logprobs, [1.0] * len(prompt) + [lp for _, lp in want[c]])
+                    runs[run] = groups
+            self.assertEqual(runs["stub-server"], runs["stub-server --no-generate"])
+            self.assertEqual(runs["stub-server"], runs["testing"])
+
         def test_testing_mode(self):
             out = os.path.join(TMP.name, "testing.jsonl")
             result = self.process("chat_env.py", "ours", out, "--testing", "true")

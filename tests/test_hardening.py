@@ -572,5 +572,70 @@ class MissedBefore(AsyncCase):
             await first
 
 
+
+# =============================================================================================
+# Issue 16: the smaller defects (split usage, credentials in a URL's query, update_weight)
+# =============================================================================================
+
+
+class SmallerDefects(AsyncCase):
+    async def test_a_malformed_usage_in_any_part_of_a_split_call_is_a_protocol_error(self):
+        bad_usages = [{"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": "7"},
+                      {"prompt_tokens": 1, "completion_tokens": True, "total_tokens": 5}, "abc", [1, 2]]
+        for bad in bad_usages:
+            with self.subTest(usage=bad):
+                async def second_part_bad(fake_server, request, writer, bad=bad):
+                    payload = chat_payload(n=request.json()["n"])
+                    if len(fake_server.posts) == 2:
+                        payload["usage"] = bad
+                    writer.write(http_response(200, payload))
+                    return True
+
+                server = await fake(self, second_part_bad)
+                manager = make_manager([server.url], max_n_completions=4)
+                self.addAsyncCleanup(manager.close)
+                with self.assertRaisesRegex(a.ProtocolError, "usage"):
+                    await manager.chat_completion(messages=MESSAGES, n=8)
+        # Well-formed parts are summed; a part without usage adds nothing.
+        async def one_without(fake_server, request, writer):
+            payload = chat_payload(n=request.json()["n"])
+            if len(fake_server.posts) == 2:
+                del payload["usage"]
+            writer.write(http_response(200, payload))
+            return True
+
+        server = await fake(self, one_without)
+        manager = make_manager([server.url], max_n_completions=4)
+        self.addAsyncCleanup(manager.close)
+        resp = await manager.chat_completion(messages=MESSAGES, n=8)
+        self.assertEqual(resp.usage.completion_tokens, 4)
+
+    def test_a_credential_in_a_base_urls_query_or_fragment_is_never_shown(self):
+        for url in ("http://node1:9000/v1?api_key=sk-secret-123", "http://node1:9000/v1#sk-secret-123",
+                    "http://u:sk-secret-123@node1:9000/v1?key=sk-secret-123", "http://node1:9000/v1?a=1#sk-secret-123"):
+            with self.subTest(url=url):
+                with self.assertRaises(a.ConfigError) as caught:
+                    a.APIServerConfig(base_url=url)
+                self.assertNotIn("secret", str(caught.exception))
+                self.assertIn("node1:9000", str(caught.exception))
+        self.assertEqual(a._shown_url("http://h:1/v1?api_key=sk-1#f"), "'http://h:1/v1?***'")
+
+    async def test_update_weight_refuses_a_weight_that_overflows_and_keeps_every_cap_at_least_one(self):
+        stubs = await start_stubs(self, 2)
+        manager = make_manager([stub_url(s) for s in stubs], cap=512, eval_cap=64)
+        self.addAsyncCleanup(manager.close)
+        for huge in (1e308, 1e306):  # 512 x 1e306 is past the largest float
+            with self.assertRaisesRegex(a.ConfigError, "weight="):
+                await manager.update_weight(huge)
+        self.assertEqual([s.caps for s in manager.slots.records], [{"train": 512, "eval": 64}] * 2, "nothing changed")
+        await manager.update_weight(1e-12)
+        self.assertEqual([s.caps for s in manager.slots.records], [{"train": 1, "eval": 1}] * 2)
+        resp = await asyncio.wait_for(manager.chat_completion(messages=MESSAGES, split="eval"), 10)
+        self.assertEqual(len(resp.choices), 1, "an eval call gets its slot, it does not wait for the slot timeout")
+        await manager.update_weight(0)
+        self.assertEqual(manager.slots.records[0].caps, {"train": 0, "eval": 0})
+        self.assertEqual([a.weighted_cap(10, w) for w in (0, 1e-300, 0.01, 0.3, 1.5)], [0, 1, 1, 3, 15])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,13 +97,22 @@ class TokenShapes:
     vLLM's ``/v1/completions`` token shape (``token_id:N``), as ``shape`` says.
 
     ``delay(body)`` (seconds) lets a test answer requests out of order; ``status`` forces an
-    HTTP status for a path; ``abort`` ends every generation with finish reason abort;
+    HTTP status for a path; ``abort`` ends every generation with finish reason abort, or those
+    for which ``abort(request_number, choice)`` is true; ``reason(request_number, choice)`` is
+    each choice's finish reason ("length"); ``shuffle`` sends vLLM's choices in reverse order;
     ``prompt_logprobs=False`` answers prompt scoring as Atropos' example server does (without).
     """
 
     def __init__(self, shape, delay=None):
         self.shape, self.delay = shape, delay or (lambda body: 0)
-        self.status, self.abort, self.prompt_logprobs = {}, False, True
+        self.status, self.abort, self.prompt_logprobs, self.shuffle = {}, False, True, False
+        self.reason = lambda number, choice: "length"
+
+    def aborted(self, number, choice):
+        return self.abort(number, choice) if callable(self.abort) else self.abort
+
+    def finish(self, number, choice):
+        return "abort" if self.aborted(number, choice) else self.reason(number, choice)
 
     async def __call__(self, fake, request, writer):
         number = len(fake.posts) - 1
@@ -131,8 +141,8 @@ class TokenShapes:
                     {str(t): -0.5, str(t + 1): -1.5} for t in prompt[1:]]
             return answer
         n, count = body.get("n", 1), body.get("max_tokens", 16)
-        reason = "abort" if self.abort else "length"
-        return {"text": [""] * n, "prompt": "", "finish_reasons": [reason] * n, "prompt_token_ids": prompt,
+        return {"text": [""] * n, "prompt": "", "finish_reasons": [self.finish(number, c) for c in range(n)],
+                "prompt_token_ids": prompt,
                 "logprobs": [[[{str(t): lp}] for t, lp in zip(output_ids(number, c, count), output_logprobs(number, c, count))]
                              for c in range(n)],
                 "token_ids": [output_ids(number, c, count) for c in range(n)]}
@@ -143,8 +153,10 @@ class TokenShapes:
         n, count = params.get("n", 1), params.get("max_new_tokens", 16)
         results = []
         for c in range(n):
+            reason = self.finish(number, c)
             meta = {"prompt_tokens": len(prompt), "completion_tokens": count,
-                    "finish_reason": {"type": "abort", "message": "x"} if self.abort else {"type": "length", "length": count},
+                    "finish_reason": {"type": "abort", "message": "x"} if reason == "abort" else
+                    {"type": reason, "length": count} if reason == "length" else {"type": reason, "matched": EOS},
                     "output_token_logprobs": [[lp, t, None] for t, lp in
                                               zip(output_ids(number, c, count), output_logprobs(number, c, count))]}
             if body.get("logprob_start_len") == 0:
@@ -156,10 +168,10 @@ class TokenShapes:
 
     def _vllm(self, body, number):
         n, count = body.get("n", 1), body.get("max_tokens", 16)
-        choices = [{"index": c, "text": "", "finish_reason": "length",
+        choices = [{"index": c, "text": "", "finish_reason": self.finish(number, c),
                     "logprobs": {"tokens": [f"token_id:{t}" for t in output_ids(number, c, count)],
                                  "token_logprobs": output_logprobs(number, c, count)}} for c in range(n)]
-        return {"id": "cmpl-1", "object": "text_completion", "choices": choices}
+        return {"id": "cmpl-1", "object": "text_completion", "choices": choices[::-1] if self.shuffle else choices}
 
 
 class LoopbackTestCase(AsyncCase):
@@ -451,6 +463,329 @@ class ProtocolTests(LoopbackTestCase):
         with self.assertRaises(GenerationAbortedError):
             await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1)
         self.assertEqual(len(self.requests(fake)), 3)
+
+
+class Canned:
+    """A ``support.FakeServer`` handler answering POSTs to ``path`` with ``body`` (bytes as they
+    are, other values as JSON), 404 elsewhere: stock vLLM when ``path`` is ``/v1/completions``."""
+
+    def __init__(self, path, body):
+        self.path, self.body = path, body
+
+    async def __call__(self, fake, request, writer):
+        if request.path != self.path:
+            writer.write(http_response(404, {"detail": "Not Found"}))
+        else:
+            body = self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
+            writer.write(http_response(200, body, [("Content-Type", "application/json")]))
+        return True
+
+
+def vllm_choice(index, tokens, logprobs, reason="length", **extra):
+    return dict({"index": index, "text": "", "finish_reason": reason,
+                 "logprobs": {"tokens": tokens, "token_logprobs": logprobs}}, **extra)
+
+
+def vllm_answer(*choices):
+    return {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": list(choices)}
+
+
+def sglang_result(entries, reason=None, **meta):
+    return {"text": "", "meta_info": dict({"finish_reason": reason or {"type": "length", "length": len(entries)},
+                                           "output_token_logprobs": entries}, **meta)}
+
+
+OK_VLLM = vllm_choice(0, ["token_id:5", "token_id:6"], [-0.5, -0.25])
+
+
+class StrictAnswerTests(LoopbackTestCase):
+    """The malformed answers of issue 16's review, over HTTP: each a TokenProtocolError naming
+    the server and the field, raised at once (a malformed answer is not retried), nothing
+    recorded; before, each became training data or a raw TypeError/AttributeError."""
+
+    # (server_type, path answered, call, answer, what the message names)
+    COMPLETION = dict(input_ids=[1, 20, 21], max_tokens=2)
+    CASES = [
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, ["token_id:5", "token_id:6", "token_id:7"], [-0.5])),
+         r"choices\[0\]\.logprobs\.token_logprobs must be a list of 3 item\(s\), got 1 item\(s\)"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, ["token_id:5"], [-0.5, -0.1, -0.2])),
+         r"token_logprobs must be a list of 1 item"),
+        ("vllm", "/v1/completions", dict(COMPLETION, n=3), vllm_answer(OK_VLLM), r"choices must be a list of 3 item\(s\), got 1"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(OK_VLLM, dict(OK_VLLM, index=1), dict(OK_VLLM, index=2)),
+         r"choices must be a list of 1 item\(s\), got 3"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(), r"choices must be a list of 1 item\(s\), got 0"),
+        ("vllm", "/v1/completions", dict(COMPLETION, n=2), vllm_answer(OK_VLLM, OK_VLLM), r"choices\[1\]\.index must be an index 0\.\.1"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(dict(OK_VLLM, finish_reason=None)), r"has no 'choices\[0\]\.finish_reason'"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(dict(OK_VLLM, finish_reason=7)), r"finish_reason must be a finish reason"),
+        ("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, ["token_id:5", "token_id:6"], "ab")),
+         r"token_logprobs must be a list of 2"),
+        ("sglang", "/generate", COMPLETION, sglang_result([[-0.5, 100.7, None]]), r"output_token_logprobs\[0\]\[1\] must be a token id"),
+        ("sglang", "/generate", COMPLETION, sglang_result([[-0.5, True, None]]), r"must be a token id.*got True"),
+        ("sglang", "/generate", COMPLETION, sglang_result([[100, -0.5, None]]), r"output_token_logprobs\[0\]\[1\] must be a token id"),
+        ("sglang", "/generate", COMPLETION, {"text": "", "meta_info": [1, 2]}, r"meta_info must be a JSON object"),
+        ("sglang", "/generate", COMPLETION, sglang_result([[-0.5, 5, None]], reason=None) | {"meta_info": {
+            "output_token_logprobs": [[-0.5, 5, None]]}}, r"has no 'meta_info\.finish_reason'"),
+        ("sglang", "/generate", dict(COMPLETION, n=2), [sglang_result([[-0.5, 5, None]])], r"results must be a list of 2"),
+        ("sglang", "/generate", dict(input_ids=[1, 20, 21], top_k=1, logprobs=True), sglang_result(
+            [[-0.5, 5, None]], input_token_logprobs=[[None, 1, None], [-1.0, 20, None], [-1.0, 21, None]]),
+         r"has no 'meta_info\.input_top_logprobs'"),
+        ("vllm", "/generate", COMPLETION, {"text": [""], "finish_reasons": 5, "logprobs": [[[{"5": -0.5}]]]},
+         r"finish_reasons must be a list of 1, got 5"),
+        ("vllm", "/generate", COMPLETION, {"text": [""], "finish_reasons": "length", "logprobs": [[[{"5": -0.5}]]]},
+         r"finish_reasons must be a list of 1, got 'length'"),
+        ("vllm", "/generate", dict(prompt="abc", max_tokens=1), {"text": [""], "finish_reasons": ["length"],
+                                                                "logprobs": [[[{"5": -0.5}]]], "prompt_token_ids": "abc"},
+         r"prompt_token_ids must be a list, got 'abc'"),
+        ("vllm", "/generate", COMPLETION, {"text": [""], "finish_reasons": ["length"], "logprobs": [[[{"5": -0.5}]]],
+                                           "prompt_token_ids": [1, 20, 22]}, r"prompt_token_ids must be the 3 prompt ids sent"),
+        ("vllm", "/generate", COMPLETION, {"text": [""], "finish_reasons": ["length"], "logprobs": [[[{"5": -0.5}]]],
+                                           "token_ids": [[6]]}, r"token_ids\[0\] must be the sampled ids of logprobs\[0\]"),
+        ("vllm", "/generate", dict(input_ids=[1, 20, 21], top_k=1), {"prompt_logprobs": [None, {"20": -0.5}]},
+         r"prompt_logprobs must be a list of 3 item\(s\), got 2"),
+        ("vllm", "/generate", dict(input_ids=[1, 20, 21], top_k=1),
+         {"prompt_logprobs": [None, {"20": -0.5}, {"21": -0.5}, {"3": -1.0}, {"4": -1.0}]}, r"a list of 3 item\(s\), got 5"),
+        ("vllm", "/generate", dict(input_ids=[1, 20, 21], top_k=2), {"prompt_logprobs": [None, {"20": -0.5}, {"21": -0.5, "4": -1.0}]},
+         r"prompt_logprobs\[1\] must be at least the 2 logprob\(s\) asked"),
+        ("vllm", "/generate", dict(input_ids=[1, 20, 21], top_k=1), {"prompt_logprobs": [None, {"21": -0.5}, {"20": -0.5}]},
+         r"prompt_logprobs\[1\] must be the logprobs of a position that holds the prompt's token 20"),
+        ("vllm", "/v1/completions", dict(input_ids=[1, 20, 21], top_k=1), vllm_answer(dict(OK_VLLM, prompt_logprobs=[
+            None, {"20": {"logprob": -0.5}}, {"21": {"logprob": 0.5}}])), r"prompt_logprobs\[2\]\['21'\] must be a logprob"),
+    ]
+    # Logprob values and token spellings no reader may take (vLLM's /v1/completions answer).
+    for value in (None, "x", True, 3.5, "-0.5", [-0.5]):
+        CASES.append(("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, ["token_id:5"], [value])),
+                      r"token_logprobs\[0\] must be a logprob: a finite number <= 0, got " + re.escape(repr(value))))
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        CASES.append(("vllm", "/v1/completions", COMPLETION, json.dumps(vllm_answer(vllm_choice(0, ["token_id:5"], [0.0]))).encode()
+                      .replace(b"[0.0]", b"[" + literal + b"]"), "holds " + literal.decode() + ", which is not JSON"))
+    for token in ("token_id:-100", "token_id:-5", "token_id: 7 ", "token_id:+7", "token_id:1_000", "token_id:٣",
+                  "token_id:7.0", "token_id:2147483648"):
+        CASES.append(("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, [token], [-0.5])),
+                      r"logprobs\.tokens\[0\] must be 'token_id:' and a token id: an integer >= 0 and < 2\*\*31, got"))
+    for token in ("7", 7, "Hello"):  # text tokens: return_tokens_as_token_ids was not honoured
+        CASES.append(("vllm", "/v1/completions", COMPLETION, vllm_answer(vllm_choice(0, [token], [-0.5])),
+                      r"tokens\[0\] must be 'token_id:' .* \(did the server ignore return_tokens_as_token_ids\?\)"))
+
+    async def test_malformed_answers_are_named_errors_and_not_retried(self):
+        for server_type, path, call, body, message in self.CASES:
+            with self.subTest(server_type=server_type, path=path, body=str(body)[:120]):
+                server = await fake(self, Canned(path, body))
+                manager = self.manager(server, server_type=server_type, max_retries=2)
+                method = manager.get_logprobs if "top_k" in call else manager.tokens_and_logprobs_completion
+                with self.assertRaisesRegex(TokenProtocolError, message) as caught:
+                    await method(**{k: v for k, v in call.items() if k != "logprobs"})
+                text = str(caught.exception)
+                self.assertTrue(text.startswith(server.url + ": "), text)
+                self.assertNotIn("\n", text)
+                self.assertLess(len(text), 400, text)
+                self.assertEqual([r.path for r in server.posts if r.path == path], [path], "not retried")
+                self.assertTrue(manager.slots.records[0].healthy, "a malformed answer does not mark the server down")
+
+    async def test_nothing_is_recorded_from_a_malformed_answer(self):
+        server = await fake(self, Canned("/v1/completions", vllm_answer(vllm_choice(0, ["token_id:5", "token_id:6"], [-0.5]))))
+        async with self.manager(server).managed_server(tokenizer=TOKENIZER) as managed:
+            with self.assertRaises(TokenProtocolError):
+                await managed.completion(prompt="ab", max_tokens=2)
+            self.assertEqual(managed.get_state(), {"nodes": []})
+
+    async def test_ids_below_the_tokenizers_size_when_it_tells(self):
+        class SizedTokenizer(CharTokenizer):
+            def __len__(self):
+                return 100
+
+        body = vllm_answer(vllm_choice(0, ["token_id:99", "token_id:100"], [-0.5, -0.5]))
+        server = await fake(self, Canned("/v1/completions", body))
+        manager = self.manager(server)
+        async with manager.managed_server(tokenizer=SizedTokenizer()) as managed:
+            with self.assertRaisesRegex(TokenProtocolError, r"tokens\[1\].*< 100 \(len\(tokenizer\)\), got 'token_id:100'"):
+                await managed.completion(prompt="a", max_tokens=2)
+        _, outputs, _, _ = await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=2)
+        self.assertEqual(outputs, [[99, 100]], "without a tokenizer, ids are bounded by 2**31 only")
+
+    async def test_valid_answers_in_every_form_are_read(self):
+        # vLLM's -9999.0 for minus infinity is a number; older SGLang's string finish reasons; logprob 0.
+        server = await fake(self, Canned("/v1/completions", vllm_answer(vllm_choice(0, ["token_id:5", "token_id:0"], [-9999.0, 0]))))
+        result = await self.manager(server).tokens_and_logprobs_completion(input_ids=[1], max_tokens=2)
+        self.assertEqual(result, ([1], [[5, 0]], [[-9999.0, 0.0]], ["length"]))
+        server = await fake(self, Canned("/generate", [sglang_result([[-0.5, 110, None]], reason="stop"),
+                                                       sglang_result([[-0.25, 111, None]], reason={"type": "length", "length": 1})]))
+        manager = self.manager(server, server_type="sglang")
+        result = await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1, n=2)
+        self.assertEqual(result, ([1], [[110], [111]], [[-0.5], [-0.25]], ["stop", {"type": "length", "length": 1}]))
+        async with manager.managed_server(tokenizer=TOKENIZER) as managed:
+            resp = await managed.completion(prompt="a", max_tokens=1, n=2)
+        self.assertEqual([c.finish_reason for c in resp.choices], ["stop", "length"])
+
+    async def test_an_abort_in_either_form_is_retried(self):
+        for body in ([sglang_result([[-0.5, 5, None]]), sglang_result([[-0.5, 5, None]], reason="abort")],
+                     [sglang_result([[-0.5, 5, None]]), sglang_result([], reason={"type": "abort", "message": "paused"})]):
+            with self.subTest(body=body):
+                server = await fake(self, Canned("/generate", body))
+                manager = self.manager(server, server_type="sglang", max_retries=1)
+                with self.assertRaisesRegex(GenerationAbortedError, r"\[1\]\.meta_info\.finish_reason is 'abort'"):
+                    await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=1, n=2)
+                self.assertEqual(len(server.posts), 2, "retried like a 5xx")
+
+    async def test_n_of_a_token_call_is_a_positive_integer(self):
+        server = await fake(self, Canned("/generate", {}))
+        for n in (0, -1, "2", True, 1.5):
+            with self.assertRaisesRegex(ConfigError, "n="):
+                await self.manager(server).tokens_and_logprobs_completion(input_ids=[1], n=n)
+        self.assertEqual(server.posts, [])
+
+
+class WhatUniformFakesMissTests(LoopbackTestCase):
+    """Issue 16, item 5: assertions the uniform fakes (choices in order, one finish reason for
+    all, aborts on every result or none) could not make."""
+
+    async def test_prompt_after_an_assistant_message_has_no_generation_prompt(self):
+        fake = await self.fake("atropos")
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+        async with self.manager(fake).managed_server(tokenizer=TOKENIZER) as managed:
+            await managed.chat_completion(messages=messages, max_tokens=2)
+            node = managed.get_state()["nodes"][0]
+        template = TOKENIZER.apply_chat_template(messages, add_generation_prompt=False)
+        self.assertFalse(template.endswith("[assistant]"))
+        sent = self.requests(fake)[0][1]["prompt"]["prompt_token_ids"]
+        self.assertEqual(sent, TOKENIZER.encode(template)[1:])
+        self.assertEqual(node.full_text, template + TOKENIZER.decode(output_ids(0, 0, 2)))
+
+    async def test_each_choice_keeps_its_own_finish_reason_in_order_also_across_a_split(self):
+        for shape, server_type in (("atropos", "vllm"), ("sglang", "sglang"), ("vllm", "vllm")):
+            with self.subTest(shape=shape):
+                fake = await self.fake(shape)
+                fake.shapes.reason = lambda number, choice: ("stop", "length")[(number + choice) % 2]
+                manager = self.manager(fake, server_type=server_type)
+                async with manager.managed_server(tokenizer=TOKENIZER) as managed:
+                    resp = await managed.completion(prompt="P", n=2, max_tokens=1)
+                    nodes = managed.get_state()["nodes"]
+                first = len(fake.posts) - 1
+                want = [("stop", "length")[(first + c) % 2] for c in range(2)]
+                self.assertEqual([c.finish_reason for c in resp.choices], want)
+                self.assertEqual([n.metadata["finish_reason"] for n in nodes], want)
+        fake = await self.fake("atropos")
+        fake.shapes.reason = lambda number, choice: f"reason-{number}-{choice}"
+        manager = self.manager(fake, max_n_completions=3)
+        async with manager.managed_server(tokenizer=TOKENIZER) as managed:
+            resp = await managed.completion(prompt="P", n=7, max_tokens=1)
+            nodes = managed.get_state()["nodes"]
+        # Parts of n 3, 3, 1 in that order; which request (number) served each n=3 part is the
+        # server's arrival order, so the result tells: each part's choices together, in order.
+        got = [c.finish_reason for c in resp.choices]
+        numbers = [int(got[0].split("-")[1]), int(got[3].split("-")[1]), int(got[6].split("-")[1])]
+        self.assertEqual(sorted(numbers), [0, 1, 2])
+        self.assertEqual([fake.posts[number].json()["n"] for number in numbers], [3, 3, 1])
+        want = [f"reason-{number}-{c}" for number in numbers for c in range(fake.posts[number].json()["n"])]
+        self.assertEqual(got, want)
+        self.assertEqual([n.metadata["finish_reason"] for n in nodes], want)
+        self.assertEqual([n.tokens[-1] for n in nodes],
+                         [output_ids(number, c, 1)[0] for number in numbers for c in range(fake.posts[number].json()["n"])])
+
+    async def test_vllm_choices_out_of_index_order_come_back_in_index_order(self):
+        fake = await self.fake("vllm")
+        fake.shapes.shuffle = True
+        fake.shapes.reason = lambda number, choice: ("stop", "length", "stop")[choice]
+        manager = self.manager(fake)
+        prompt, outputs, logprobs, reasons = await manager.tokens_and_logprobs_completion(
+            input_ids=[1, 20], n=3, max_tokens=2)
+        self.assertEqual([c["index"] for c in fake.shapes._vllm({"n": 3}, 1)["choices"]], [2, 1, 0])
+        self.assertEqual(outputs, [output_ids(1, c, 2) for c in range(3)])
+        self.assertEqual(logprobs, [output_logprobs(1, c, 2) for c in range(3)])
+        self.assertEqual(reasons, ["stop", "length", "stop"])
+
+    async def test_sglang_answer_whose_second_result_aborted_is_retried(self):
+        fake = await self.fake("sglang")
+        fake.shapes.abort = lambda number, choice: number == 0 and choice == 1
+        manager = self.manager(fake, server_type="sglang")
+        prompt, outputs, _, reasons = await manager.tokens_and_logprobs_completion(input_ids=[1, 20], n=2, max_tokens=2)
+        self.assertEqual(len(fake.posts), 2, "the aborted answer was retried")
+        self.assertEqual(outputs, [output_ids(1, c, 2) for c in range(2)], "the retry's answer, whole")
+        self.assertEqual([r["type"] for r in reasons], ["length", "length"])
+
+    async def test_input_ids_with_a_negative_id_is_a_config_error_before_anything_is_sent(self):
+        fake = await self.fake("atropos")
+        manager = self.manager(fake)
+        for ids in ([1, -5, 3], [-100], [1, True], "abc", [1.0]):
+            with self.assertRaisesRegex(ConfigError, "input_ids"):
+                await manager.tokens_and_logprobs_completion(input_ids=ids, max_tokens=1)
+            with self.assertRaisesRegex(ConfigError, "input_ids"):
+                await manager.get_logprobs(input_ids=ids)
+        self.assertEqual(fake.posts, [])
+
+    async def test_concurrent_calls_on_one_session_replace_the_node_each_extends(self):
+        # Two nodes equal by value (the same prompt and completion twice), then two calls at once
+        # that both extend the first: the first to finish replaces it, the second is appended,
+        # and the second equal node stays, the very same object.
+        async def same_answer_slow_for_three(fake_server, request, writer):
+            count = request.json()["max_tokens"]
+            await asyncio.sleep(0.3 if count == 3 else 0)
+            writer.write(http_response(200, {"text": [""], "finish_reasons": ["stop"], "logprobs": [
+                [[{str(TOKENIZER.encode("x", False)[0] + j): -0.5}] for j in range(count)]]}))
+            return True
+
+        fake = await globals()["fake"](self, same_answer_slow_for_three)
+        async with self.manager(fake).managed_server(tokenizer=TOKENIZER) as managed:
+            await managed.completion(prompt="A", max_tokens=1)
+            await managed.completion(prompt="A", max_tokens=1)
+            first, second = managed.get_state()["nodes"]
+            self.assertEqual(first, second)
+            self.assertIsNot(first, second)
+            await asyncio.gather(managed.completion(prompt=first.full_text + "!", max_tokens=3),
+                                 managed.completion(prompt=first.full_text + "?", max_tokens=2))
+            nodes = managed.get_state()["nodes"]
+        self.assertEqual(len(nodes), 3)
+        self.assertTrue(nodes[0].full_text.startswith(first.full_text + "?"), "the first to finish replaced it")
+        self.assertIs(nodes[1], second, "the node equal to the extended one was not replaced")
+        self.assertTrue(nodes[2].full_text.startswith(first.full_text + "!"))
+
+
+class StubServerTokenTests(LoopbackTestCase):
+    """The module's stub server speaks the token protocols, deterministically (``StubTokens``):
+    managed_server, tokens_and_logprobs_completion and get_logprobs end to end over HTTP,
+    through the readers, for each server_type and protocol."""
+
+    async def stub(self, **options):
+        from atropos_slurm import StubServer
+        stub = await StubServer(**options).start()
+        self.addAsyncCleanup(stub.stop)
+        stub.url = stub_url(stub)
+        return stub
+
+    async def test_every_protocol_gives_the_stubs_ids_and_logprobs(self):
+        from atropos_slurm import StubTokens
+        prompt_ids = TOKENIZER.encode("Q: 2+2?")
+        for server_type, options, path in (("vllm", {}, "/generate"), ("vllm", {"generate": False}, "/v1/completions"),
+                                           ("sglang", {}, "/generate")):
+            with self.subTest(server_type=server_type, path=path):
+                stub = await self.stub(**options)
+                manager = self.manager(stub, server_type=server_type, max_n_completions=2)
+                async with manager.managed_server(tokenizer=TOKENIZER) as managed:
+                    resp = await managed.completion(prompt="Q: 2+2?", n=3, max_tokens=4)
+                    nodes = managed.get_state()["nodes"]
+                want = StubTokens.outputs(prompt_ids, 2, 4) + StubTokens.outputs(prompt_ids, 1, 4)  # split 2 + 1
+                self.assertEqual([n.tokens for n in nodes], [prompt_ids + [t for t, _ in w] for w in want])
+                self.assertEqual([n.logprobs[len(prompt_ids):] for n in nodes], [[lp for _, lp in w] for w in want])
+                self.assertEqual([c.finish_reason for c in resp.choices], ["length"] * 3)
+                scored = await manager.get_logprobs(input_ids=prompt_ids, top_k=2)
+                self.assertEqual(scored["prompt_topk_token_ids"][0], [])
+                self.assertEqual([ids[0] for ids in scored["prompt_topk_token_ids"][1:]], prompt_ids[1:])
+                self.assertTrue(all(len(ids) == 2 for ids in scored["prompt_topk_token_ids"][1:]))
+                text = await manager.tokens_and_logprobs_completion(prompt="hé", max_tokens=2)
+                self.assertEqual(text[0], list("hé".encode()))
+                self.assertEqual(stub.completed, 4)
+
+    async def test_malformed_token_requests_are_named_400s(self):
+        from atropos_slurm import StubTokens
+        for path, body in (("/generate", b"[1]"), ("/generate", b'{"prompt": {"prompt_token_ids": [-1]}}'),
+                           ("/generate", b'{"input_ids": [1], "sampling_params": {"n": 0}}'),
+                           ("/v1/completions", b'{"prompt": [1], "max_tokens": "3"}')):
+            status, payload = StubTokens.answer(path, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("invalid request", payload["error"]["message"])
+        stub = await self.stub(generate=False)
+        manager = self.manager(stub)
+        with self.assertRaisesRegex(APIStatusError, "max_tokens must be positive"):
+            await manager.tokens_and_logprobs_completion(input_ids=[1], max_tokens=0)
 
 
 class DummyManagedServerTests(LoopbackTestCase):

@@ -752,6 +752,49 @@ class JsonLinesTest(WatcherTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# Cluster shapes: the defaults follow the allocation; servers spanning nodes
+# ---------------------------------------------------------------------------------------------
+
+
+class ClusterShapesTest(WatcherTestCase):
+    def test_het_job_gpus_default_to_the_inference_components(self):
+        """In a heterogeneous job's step, the GPUs per node are the inference component's (as Slurm 22.05 sets them)."""
+        env = self.env(self.shadow_wandb(NO_WANDB))
+        env.update(SLURM_HET_SIZE="2", SLURM_GPUS_PER_NODE_HET_GROUP_0="8", SLURM_GPUS_PER_NODE_HET_GROUP_1="h100:2",
+                   SLURM_JOB_NODELIST_HET_GROUP_0="node1", SLURM_JOB_NODELIST_HET_GROUP_1="node[2-3]")
+        base, _ = self.two_stubs()
+        api = self.api()
+        args = ["--api_addr", api.url, "--node_num", "1", "--base-port", str(base), "--host", "127.0.0.1",
+                "--probe-timeout", str(PROBE_TIMEOUT), "--once"]
+        proc = self.watcher(args, env)
+        self.assertEqual(proc.finish(), 0, proc.dump())
+        record = json.loads(proc.out[0])
+        self.assertEqual((record["server/healthy_servers_1"], sorted(k for k in record if "server_health" in k)),
+                         (2, health_keys(1, 2)), record)
+
+    def test_spanning_server_watched_from_its_first_node_only(self):
+        env = self.env(self.shadow_wandb(NO_WANDB))
+        base = self.one_stub()
+        api = self.api()
+        common = ["--api_addr", api.url, "--tp", "8", "--pp", "2", "--gpus-per-node", "4", "--base-port", str(base),
+                  "--host", "127.0.0.1", "--probe-timeout", str(PROBE_TIMEOUT), "--once"]
+        head = self.watcher(common + ["--node_num", "4"], env)  # nodes 4-7 run one server, on node 4
+        self.assertEqual(head.finish(), 0, head.dump())
+        self.assertEqual(json.loads(head.out[0])["server/server_health_4_0"], 1)
+        other = self.watcher(common + ["--node_num", "6"], env)
+        self.assertEqual(other.finish(), 0, other.dump())
+        self.assertEqual(other.out, [])
+        other.wait_err("inference node 6 serves nothing itself: each server spans 4 nodes and listens on the first of "
+                       "its group; the watcher of inference node 4 watches it. Nothing to do here.")
+
+    def test_console_script_names_itself(self):
+        proc = subprocess.run([sys.executable, WATCHER, "--help"], capture_output=True, text=True, timeout=60,
+                              env=self.env())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertTrue(proc.stdout.startswith("usage: inference-node-wandb-watcher "), proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer API answering anything, or trickling
 # ---------------------------------------------------------------------------------------------
 
@@ -915,7 +958,8 @@ class BadArgumentsTest(WatcherTestCase):
         api = "http://127.0.0.1:8000"
         cases = [
             (["--api_addr", api, "--node_num", "0", "--tp", "0"], "--tp"),
-            (["--api_addr", api, "--node_num", "0", "--tp", "16", "--gpus-per-node", "8"], "larger than the 8 GPUs"),
+            (["--api_addr", api, "--node_num", "0", "--tp", "12", "--gpus-per-node", "8"],
+             "more than a node's 8 (--gpus-per-node)"),
             (["--api_addr", api, "--node_num", "0", "--tp", "two"], "not an integer"),
             (["--api_addr", "notaurl", "--node_num", "0"], "--api_addr"),
             (["--api_addr", "http://trainer:99999", "--node_num", "0"], "--api_addr"),
@@ -942,7 +986,7 @@ class BadArgumentsTest(WatcherTestCase):
                 self.assertEqual(proc.finish(), 2, proc.dump())
                 self.assertEqual(proc.out, [], proc.dump())
                 self.assertEqual(len(proc.err), 1, proc.dump())
-                self.assertRegex(proc.err[0], r"^(inference_watcher\.py|atropos-slurm): error: ")
+                self.assertRegex(proc.err[0], r"^(inference-node-wandb-watcher|atropos-slurm): error: ")
                 self.assertIn(expected, proc.err[0])
                 self.assertNotIn("s3cr3t", proc.err[0])
 
