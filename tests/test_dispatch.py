@@ -768,7 +768,6 @@ class DispatchInvariants(AsyncCase):
         self.addAsyncCleanup(manager.close)
         with self.assertRaises(a.APIStatusError):
             await manager.chat_completion(messages=MESSAGES)  # marks it down
-        started = time.monotonic()
         call = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
 
         async def wake():
@@ -777,9 +776,8 @@ class DispatchInvariants(AsyncCase):
                 manager.slots.wake_all()
         flapper = asyncio.ensure_future(wake())
         self.addCleanup(flapper.cancel)
-        with self.assertRaises(a.NoHealthyServerError):
+        with self.assertRaises(a.NoHealthyServerError):  # renewed per wake-up, it would never end
             await asyncio.wait_for(call, 10)
-        self.assertLess(time.monotonic() - started, 5, "bounded by no_server_timeout, not renewed per wake-up")
 
 
 class BrokenHTTP(AsyncCase):
