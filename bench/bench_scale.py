@@ -256,9 +256,8 @@ async def worker_probes(urls, down, interval: float, recover_after: float, ports
     await asyncio.sleep(1.0)
     marked = loop.time()
     for i in down:  # the blip: every request to these failed at once
-        server = manager.servers[i]
-        server.last_error = "benchmark: connection reset"
-        manager._mark_down(server)
+        manager.slots.set_healthy(manager.slots.records[i], False, "benchmark: connection reset")
+        manager._start_probe(manager.slots.records[i])
     await asyncio.sleep(recover_after)
     server_b = Servers(ports_down)  # the down half comes back
     back = loop.time()
@@ -305,7 +304,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         return asyncio.ensure_future(manager.chat_completion(messages=bd.MESSAGES, max_tokens=bd.MAX_TOKENS))
     try:
         holders = [call() for _ in range(cap * len(urls))]
-        while sum(s.in_flight["train"] for s in manager.servers) < len(holders):
+        while manager.slots.in_flight_total("train") < len(holders):
             await asyncio.sleep(0.01)
         waiters = [call() for _ in range(waiting)]
         while manager.slots.waiting("train") < waiting:
@@ -321,7 +320,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         for task in holders:
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
-        free = sum(s.in_flight["train"] for s in manager.servers)
+        free = manager.slots.in_flight_total("train")
     finally:
         await manager.close()
     return {"waiting": waiting, "cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3, "left_waiting": left,

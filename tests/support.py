@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -699,3 +700,29 @@ class TrainerAPIStub:
             target = self.hits[path] + more
             if not self.cond.wait_for(lambda: self.hits[path] >= target, timeout):
                 raise AssertionError(f"the watcher did not call {path} {more} more times within {timeout} s")
+
+
+# =============================================================================================
+# Counting scontrol
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def counting_scontrol(directory: str):
+    """``scontrol`` on ``PATH`` counting its runs (``len(runs())``), each passed on to the real
+    one (or, without Slurm's client, expanded with ``expand_hostlist``)."""
+    log_path, real = os.path.join(directory, "scontrol-runs"), shutil.which("scontrol")
+    script = os.path.join(directory, "scontrol")
+    fallback = (f'exec "{real}" "$@"' if real else
+                f'exec "{sys.executable}" -c "import sys; sys.path.insert(0, {ROOT!r}); import atropos_slurm as a; '
+                'print(chr(10).join(a.expand_hostlist(sys.argv[-1])))" "$@"')
+    with open(script, "w") as f:
+        f.write(f'#!/bin/sh\necho "$*" >> "{log_path}"\n{fallback}\n')
+    os.chmod(script, 0o755)
+    open(log_path, "w").close()
+
+    def runs() -> List[str]:
+        with open(log_path) as f:
+            return f.read().splitlines()
+    with mock.patch.dict(os.environ, {"PATH": directory + os.pathsep + os.environ.get("PATH", "")}):
+        yield runs
