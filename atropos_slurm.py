@@ -5094,29 +5094,50 @@ def cmd_stub_server(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def _free_port_block(count: int, host: str = "127.0.0.1", preferred: int = DEFAULT_BASE_PORT) -> int:
-    """A base port with ``count`` consecutive free ports: ``preferred`` if possible."""
-    candidates = [preferred] + [random.randrange(20000, 60000) for _ in range(50)]
+def ephemeral_port_range() -> Tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux's ``ip_local_port_range``; its
+    default 32768-60999 elsewhere).  A listener placed inside it can find its port taken by a
+    client socket of its own machine, so servers started here sit below it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def reserve_port_block(count: int, host: str = "127.0.0.1", preferred: Optional[int] = None) -> List[Any]:
+    """``count`` sockets bound (not listening: a connection is refused) to consecutive ports below
+    the ephemeral range, ``preferred`` first if free; the caller closes them just before a
+    server takes the ports.  The one port picker of the demo, the tests and the benchmarks."""
+    top = max(ephemeral_port_range()[0], 10000 + count + 1) - count
+    candidates = ([preferred] if preferred else []) + [random.randrange(10000, top) for _ in range(200)]
     for base in candidates:
-        socks = []
+        socks: List[Any] = []
         try:
             for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
+                socks.append(socket.socket())
+                socks[-1].bind((host, port))
+            return socks
         except OSError:
-            continue
-        finally:
             for sock in socks:
                 sock.close()
-    raise ConfigError(f"no {count} consecutive free ports found on {host}")
+    raise ConfigError(f"no {count} consecutive free ports below the ephemeral range on {host}")
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", preferred: Optional[int] = None) -> int:
+    """The first of ``count`` consecutive ports that were free a moment ago (``reserve_port_block``)."""
+    socks = reserve_port_block(count, host, preferred)
+    base = socks[0].getsockname()[1]
+    for sock in socks:
+        sock.close()
+    return base
 
 
 async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dict[str, Any]]:
     """Start stub servers, discover them the Slurm way, load them, kill one half way, show a table."""
     out = out or sys.stdout
-    base = _free_port_block(servers)
+    base = free_port_block(servers, preferred=DEFAULT_BASE_PORT)
     stubs = [await StubServer("127.0.0.1", base + i, latency=0.002).start() for i in range(servers)]
     found = discover_servers(nodelist="localhost", num_training_nodes=0, tp=1, gpus_per_node=servers,
                              base_port=base, backend="python")

@@ -25,6 +25,10 @@ One server process holds every server: the canned-answer ``asyncio.Protocol`` se
 the ephemeral range (32768-60999) so that client connections never collide with it.  Each
 measurement runs in a fresh client process.  RLIMIT_NOFILE is raised to its hard limit.
 
+Two measurements reach inside on purpose, and say where: the probe storm marks half the
+servers down at one instant (``manager._start_probe``, as a failed request would), and the
+memory measure counts idle connections (``server._pool``).
+
     python3 bench/bench_scale.py                    # everything, ~3 min
     python3 bench/bench_scale.py --only cpu --repeats 5
     python3 bench/bench_scale.py --only probes
@@ -71,12 +75,12 @@ def raise_nofile() -> int:
 
 def port_block(count: int) -> int:
     """A base port with ``count`` free consecutive ports, outside the ephemeral range."""
-    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    low, high = a.ephemeral_port_range()
     for base in PORT_BASES:
         if base + count > 65536 or not (base + count <= low or base > high):
             continue
         try:
-            if a._free_port_block(count, preferred=base) == base:
+            if a.free_port_block(count, preferred=base) == base:
                 return base
         except a.ConfigError:
             pass

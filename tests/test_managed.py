@@ -373,8 +373,8 @@ class ProtocolTests(LoopbackTestCase):
         results = await asyncio.gather(*(manager.tokens_and_logprobs_completion(input_ids=[1, 20 + i], max_tokens=1)
                                          for i in range(16)))
         self.assertEqual(len(results), 16)
-        for fake in fakes:
-            paths = [path for path, _ in self.requests(fake)]
+        for server in fakes:
+            paths = [path for path, _ in self.requests(server)]
             self.assertEqual(paths.count("/generate"), 1, paths)
         self.assertEqual(sum(len(self.requests(f)) for f in fakes), 16 + 2)
 
