@@ -455,58 +455,6 @@ def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]
         return expand_hostlist(text), "python"
 
 
-_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")  # ASCII digits: re's \d (and int()) take '٣' too
-_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
-
-
-def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
-    """Parse an integer setting; the error names the variable and its value.
-
-    Text must be at most 18 ASCII digits, so thousands of digits are refused here rather than
-    by ``int()`` (whose own limit, 4,300 digits from 3.11 on, raises a bare ``ValueError``).
-    """
-    if isinstance(raw, bool):
-        raise ConfigError(f"{name}={raw!r} is not an integer")
-    if isinstance(raw, int):
-        value = raw
-    else:
-        text = str(raw).strip()
-        if not _INTEGER_TEXT.match(text):
-            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
-            raise ConfigError(f"{name}={_shown(raw)} {problem}")
-        value = int(text)
-    if value < minimum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum}")
-    return value
-
-
-def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimum: Optional[float] = None,
-                   maximum: Optional[float] = None) -> float:
-    """Parse a finite number (a flag's text or a config field); NaN and infinity are refused.
-
-    ``above`` is an exclusive lower bound (seconds must be ``above=0``), ``minimum`` an inclusive one.
-    """
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ConfigError(f"{name}={_shown(raw)} is not a number")
-    if isinstance(raw, str) and not _NUMBER_TEXT.match(raw.strip()):
-        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
-    try:
-        value = float(raw)
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
-    if above is not None and not value > above:
-        raise ConfigError(f"{name}={_shown(raw)} must be more than {above:g}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum:g}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum:g}")
-    return value
-
-
 _GPU_COUNT = re.compile(r"(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?([0-9]{1,9})\Z")  # '4', 'h100:4', 'gpu:h100:4'
 
 
@@ -824,6 +772,60 @@ MAX_CONFIG_INT = 2 ** 31 - 1  # caps and buffer lengths: far above any use, and 
 _SENDABLE = re.compile(r"[!-~]+\Z")  # printable ASCII without space: URLs, paths, keys as sent
 _USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (up to its last '@')
 _QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.S)  # '?api_key=...' or '#...' to the end of a URL
+
+
+# The settings' checks: every variable, flag, config field and manager knob goes through these
+# two, so one mistake reads the same wherever it is made (discovery uses them above).
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")  # ASCII digits: re's \d (and int()) take '٣' too
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
+
+
+def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
+    """Parse an integer setting; the error names the variable and its value.
+
+    Text must be at most 18 ASCII digits, so thousands of digits are refused here rather than
+    by ``int()`` (whose own limit, 4,300 digits from 3.11 on, raises a bare ``ValueError``).
+    """
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}={raw!r} is not an integer")
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = str(raw).strip()
+        if not _INTEGER_TEXT.match(text):
+            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
+            raise ConfigError(f"{name}={_shown(raw)} {problem}")
+        value = int(text)
+    if value < minimum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum}")
+    return value
+
+
+def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimum: Optional[float] = None,
+                   maximum: Optional[float] = None) -> float:
+    """Parse a finite number (a flag's text or a config field); NaN and infinity are refused.
+
+    ``above`` is an exclusive lower bound (seconds must be ``above=0``), ``minimum`` an inclusive one.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ConfigError(f"{name}={_shown(raw)} is not a number")
+    if isinstance(raw, str) and not _NUMBER_TEXT.match(raw.strip()):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    try:
+        value = float(raw)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    if above is not None and not value > above:
+        raise ConfigError(f"{name}={_shown(raw)} must be more than {above:g}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum:g}")
+    return value
 
 
 @dataclasses.dataclass
