@@ -20,7 +20,8 @@ Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
 Discovery          allocation (nodelists, GPUs, het components) or a server list -> ``Layout``,
                    server URLs; scontrol through an argument list
 Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction; the
-                   manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``)
+                   manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``);
+                   the settings' checks every variable, flag, field and knob goes through
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
 HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET;
