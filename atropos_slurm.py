@@ -3100,16 +3100,13 @@ class ServerManager:
         finally:
             managed.reset()
 
-    async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
+    async def tokens_and_logprobs_completion(self, *, vocab: Optional[int] = None,
+                                             **kwargs: Any) -> Tuple[list, list, list, list]:
         """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
         for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
         one list per choice, in choice order, ``n`` split as for ``completion``.  Every id and
-        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
-        return await self._token_completion(kwargs)
-
-    async def _token_completion(self, kwargs: Dict[str, Any],
-                                vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
-        """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
+        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``.
+        ``vocab``, the tokenizer's size (``len(tokenizer)``) when known, bounds the ids (not sent)."""
         token_prompt(kwargs)
         parts = await self._token_calls(kwargs, False, vocab)
         outputs, logprobs, reasons = [], [], []
@@ -3119,14 +3116,11 @@ class ServerManager:
             reasons += part_reasons
         return parts[0][0], outputs, logprobs, reasons
 
-    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+    async def get_logprobs(self, *, vocab: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
         """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
-        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
-        return await self._prompt_logprobs(kwargs)
-
-    async def _prompt_logprobs(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Dict[str, Any]:
-        """``get_logprobs``; ``vocab``: the tokenizer's size, when known."""
+        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``; ``vocab``
+        as for ``tokens_and_logprobs_completion``."""
         token_prompt(kwargs)
         return (await self._token_calls(dict(kwargs, n=1), True, vocab))[0]
 
@@ -3835,7 +3829,28 @@ def _chat_choice(index: int, text: str, finish_reason: Any) -> Dict[str, Any]:
     return dict(finish_reason=finish_reason, index=index, logprobs=None, message=message)
 
 
-class ManagedServer:
+class RecordedSequences:
+    """What a managed session recorded, as Atropos keeps it: a list of nodes (default mode), or
+    every sequence keyed by ``full_text`` (``track_tree=True``).  Shared by ``ManagedServer`` and
+    the placeholder ``DummyManagedServer``."""
+
+    def __init__(self, track_tree: bool = False):
+        self.track_tree = track_tree
+        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
+        self.current_nodes: List[SequenceNode] = []  # default mode
+
+    def get_state(self) -> Dict[str, Any]:
+        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
+        if self.track_tree:
+            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
+        return {"nodes": list(self.current_nodes)}
+
+    def reset(self) -> None:
+        self.sequences.clear()
+        self.current_nodes.clear()
+
+
+class ManagedServer(RecordedSequences):
     """Atropos' ``ManagedServer`` over our ``ServerManager``: every completion is recorded as a
     ``SequenceNode`` with the exact token ids and logprobs the server generated.
 
@@ -3855,20 +3870,9 @@ class ManagedServer:
         if tokenizer is None or not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
             raise ConfigError("managed_server needs tokenizer=, the environment's tokenizer (with encode and decode): "
                               "atropos_slurm loads none itself")
+        super().__init__(track_tree)
         self.manager, self.tokenizer = manager, tokenizer
-        self.track_tree, self.preserve_think_blocks = track_tree, preserve_think_blocks
-        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
-        self.current_nodes: List[SequenceNode] = []  # default mode
-
-    def get_state(self) -> Dict[str, Any]:
-        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
-        if self.track_tree:
-            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
-        return {"nodes": list(self.current_nodes)}
-
-    def reset(self) -> None:
-        self.sequences.clear()
-        self.current_nodes.clear()
+        self.preserve_think_blocks = preserve_think_blocks
 
     async def chat_completion(self, **kwargs: Any) -> APIResponse:
         """Chat through the tokenizer's chat template; Atropos' ChatCompletion.  ``tools`` are
@@ -3899,7 +3903,7 @@ class ManagedServer:
             kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
         if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
             kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
-        return await self.manager._prompt_logprobs(kwargs, tokenizer_size(self.tokenizer))
+        return await self.manager.get_logprobs(vocab=tokenizer_size(self.tokenizer), **kwargs)
 
     def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
         """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
@@ -3943,8 +3947,8 @@ class ManagedServer:
             parent = None
             extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
         prompt_ids = self._prompt_ids(prompt, base)
-        _, outputs, logprobs, reasons = await self.manager._token_completion(
-            dict(kwargs, input_ids=prompt_ids), tokenizer_size(self.tokenizer))
+        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
+            vocab=tokenizer_size(self.tokenizer), **dict(kwargs, input_ids=prompt_ids))
         choices = []
         for i, (output, output_logprobs, raw_reason) in enumerate(zip(outputs, logprobs, reasons)):
             reason = _finish_reason(raw_reason)
@@ -3979,7 +3983,7 @@ class ManagedServer:
         self.current_nodes.append(node)
 
 
-class DummyManagedServer:
+class DummyManagedServer(RecordedSequences):
     """What Atropos gives ``server_type="openai"`` when ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER`` is
     set: plain completions, recorded with placeholder tokens (ids 0..127, logprobs -0.5) and
     ``metadata["dummy_tokens"]``.  For evaluation only: nothing here is fit for training."""
@@ -3989,12 +3993,8 @@ class DummyManagedServer:
     DUMMY_LOGPROBS = [-0.5] * 128
 
     def __init__(self, manager: "ServerManager", track_tree: bool = False):
-        self.manager, self.track_tree = manager, track_tree
-        self.sequences: Dict[str, SequenceNode] = {}
-        self.current_nodes: List[SequenceNode] = []
-
-    get_state = ManagedServer.get_state
-    reset = ManagedServer.reset
+        super().__init__(track_tree)
+        self.manager = manager
 
     def _record(self, full_text: str, finish_reason: Any) -> None:
         node = SequenceNode(full_text=full_text, tokens=list(self.DUMMY_TOKENS),
