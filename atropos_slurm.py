@@ -19,25 +19,46 @@ Errors             every exception raised on purpose (``AtroposSlurmError`` and 
 Hostlists          Slurm's bracket grammar, pure (``expand_hostlist``)
 Discovery          allocation (nodelists, GPUs, het components) or a server list -> ``Layout``,
                    server URLs; scontrol through an argument list
-Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction
+Config             ``ServerBaseline`` / ``APIServerConfig``, validated on construction; the
+                   manager's knobs (``manager_knobs``: argument, else ``ATROPOS_SLURM_*``);
+                   the settings' checks every variable, flag, field and knob goes through
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
-HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET
+HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET;
+                   ``_io_error``: the one translation of socket and stream errors
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
-Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``
-Slots              ``Slots``: caps, round-robin, waiters (bookkeeping only)
-Retry policy       ``RetryPolicy.decide``: raise, resend or retry, mark down or not, delay
-Manager            ``ServerManager``: composes slots, retry policy, servers and probes
+Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``EndpointFallback``:
+                   a server's alternative endpoints, learnt from 404s (a capability, no retry)
+Slots              ``Slots``: the dispatch state (a ``ServerSlot`` per server: health, in
+                   flight and caps per split), the waiters, ``select`` (which server)
+Routing            ``PrefixRouter``: the server a request would like (where its prompt's prefix
+                   is cached), learnt from requests and answers, within a load bound
+Retry policy       ``RetryPolicy.decide`` (raise, resend or retry, mark down, delay),
+                   ``Attempts`` (one request's count, obeyed), ``RetryBudget`` (across calls)
+Manager            ``ServerManager``: a ``Call`` value per request, slots from a ``SlotSource``;
+                   ``_request`` chooses a slot, calls the server, obeys the retry decision
 Managed server     ``managed_server``, ``tokens_and_logprobs_completion``, ``get_logprobs``: the
                    exact token ids and logprobs of each ``server_type``'s protocol, every answer
                    checked by a ``TokenReader`` before use
-Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments,
-                   reasoning settings, ``testing=True``, ``DedicatedServer``
+Atropos compat     ``patch_atropos``: atroposlib's ``BaseEnv`` builds ours; its arguments
+                   (``resolve_servers``: discovers at most once), reasoning settings,
+                   ``testing=True``, ``DedicatedServer``
 Stub server        a model-less OpenAI server for the demo, tests and benchmarks; its token
                    protocols (``StubTokens``) for dry runs of ``managed_server`` environments
 Watcher            per inference node: probes -> W&B or JSON lines
 CLI                ``python -m atropos_slurm discover|hostnames|wait|watch|stub-server|run-env|demo``
 =================  ==========================================================================
+
+Where to change: how a server is chosen, ``Slots.select``; which failures are retried and how
+long to wait, ``RetryPolicy.decide``; how many times, ``Attempts`` (``max_retries`` per call)
+and ``RetryBudget`` (across calls); what a job can configure, the discovery variables
+(``discover_servers``) and ``MANAGER_KNOBS``.
+
+Process-wide state (everything else belongs to an object): ``_HEADER_LINES`` (HTTP protocol:
+parsed header lines, at most 512, then emptied), ``_OUTBOXES`` (HTTP I/O: each event loop's
+requests of one iteration, until its end), the compact JSON encoder's circular-reference
+marks (``_json_compact``: empty between calls, emptied by an error), and the testing stub
+server (Atropos compat: ``testing_stub_url``, a daemon thread for the life of the process).
 """
 
 from __future__ import annotations
@@ -97,12 +118,13 @@ __all__ = [
     "expand_hostlist", "resolve_hostnames", "discover_servers", "server_layout", "Layout", "Discovery", "ServerAddress",
     "ServerBaseline", "APIServerConfig", "configs_for_urls",
     # dispatch
-    "ServerManager", "OpenAIServer", "APIResponse", "EventStream", "Slots", "RetryPolicy", "Retry",
-    "HealthProber", "wait_for_servers", "StubServer", "StubTokens",
+    "ServerManager", "OpenAIServer", "RequestStats", "APIResponse", "EventStream", "Slots", "ServerSlot",
+    "SlotSource", "SharedSlots", "Call", "TokenCall", "RetryPolicy", "Retry", "Attempts", "RetryBudget",
+    "EndpointFallback", "HealthProber", "wait_for_servers", "StubServer", "StubTokens", "ManagerKnobs", "manager_knobs",
     # exact tokens and logprobs
     "ManagedServer", "DummyManagedServer", "SequenceNode", "TokensProtocol", "TOKEN_PROTOCOLS", "TokenReader",
     # Atropos compatibility
-    "patch_atropos", "run_env", "DedicatedServer",
+    "patch_atropos", "run_env", "DedicatedServer", "resolve_servers",
     # watcher and CLI
     "WatcherOptions", "watch", "run_watcher", "main", "watcher_parser",
 ]
@@ -436,58 +458,6 @@ def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]
         return expand_hostlist(text), "python"
 
 
-_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")  # ASCII digits: re's \d (and int()) take '٣' too
-_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
-
-
-def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
-    """Parse an integer setting; the error names the variable and its value.
-
-    Text must be at most 18 ASCII digits, so thousands of digits are refused here rather than
-    by ``int()`` (whose own limit, 4,300 digits from 3.11 on, raises a bare ``ValueError``).
-    """
-    if isinstance(raw, bool):
-        raise ConfigError(f"{name}={raw!r} is not an integer")
-    if isinstance(raw, int):
-        value = raw
-    else:
-        text = str(raw).strip()
-        if not _INTEGER_TEXT.match(text):
-            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
-            raise ConfigError(f"{name}={_shown(raw)} {problem}")
-        value = int(text)
-    if value < minimum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum}")
-    return value
-
-
-def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimum: Optional[float] = None,
-                   maximum: Optional[float] = None) -> float:
-    """Parse a finite number (a flag's text or a config field); NaN and infinity are refused.
-
-    ``above`` is an exclusive lower bound (seconds must be ``above=0``), ``minimum`` an inclusive one.
-    """
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ConfigError(f"{name}={_shown(raw)} is not a number")
-    if isinstance(raw, str) and not _NUMBER_TEXT.match(raw.strip()):
-        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
-    try:
-        value = float(raw)
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
-    if above is not None and not value > above:
-        raise ConfigError(f"{name}={_shown(raw)} must be more than {above:g}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum:g}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum:g}")
-    return value
-
-
 _GPU_COUNT = re.compile(r"(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?([0-9]{1,9})\Z")  # '4', 'h100:4', 'gpu:h100:4'
 
 
@@ -807,6 +777,60 @@ _USERINFO = re.compile(r"^([^:/?#]*://).*@")  # 'http://user:secret@' of a URL (
 _QUERY_OR_FRAGMENT = re.compile(r"[?#].*", re.S)  # '?api_key=...' or '#...' to the end of a URL
 
 
+# The settings' checks: every variable, flag, config field and manager knob goes through these
+# two, so one mistake reads the same wherever it is made (discovery uses them above).
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")  # ASCII digits: re's \d (and int()) take '٣' too
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\Z")
+
+
+def _int_setting(name: str, raw: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
+    """Parse an integer setting; the error names the variable and its value.
+
+    Text must be at most 18 ASCII digits, so thousands of digits are refused here rather than
+    by ``int()`` (whose own limit, 4,300 digits from 3.11 on, raises a bare ``ValueError``).
+    """
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name}={raw!r} is not an integer")
+    if isinstance(raw, int):
+        value = raw
+    else:
+        text = str(raw).strip()
+        if not _INTEGER_TEXT.match(text):
+            problem = "has more than 18 digits" if re.fullmatch(r"[+-]?[0-9]+", text) else "is not an integer"
+            raise ConfigError(f"{name}={_shown(raw)} {problem}")
+        value = int(text)
+    if value < minimum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum}")
+    return value
+
+
+def _float_setting(name: str, raw: Any, *, above: Optional[float] = None, minimum: Optional[float] = None,
+                   maximum: Optional[float] = None) -> float:
+    """Parse a finite number (a flag's text or a config field); NaN and infinity are refused.
+
+    ``above`` is an exclusive lower bound (seconds must be ``above=0``), ``minimum`` an inclusive one.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ConfigError(f"{name}={_shown(raw)} is not a number")
+    if isinstance(raw, str) and not _NUMBER_TEXT.match(raw.strip()):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    try:
+        value = float(raw)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={_shown(raw)} is not a finite number")
+    if above is not None and not value > above:
+        raise ConfigError(f"{name}={_shown(raw)} must be more than {above:g}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={_shown(raw)} must be at most {maximum:g}")
+    return value
+
+
 @dataclasses.dataclass
 class ServerBaseline:
     """Settings shared by every server (Atropos' field names and defaults).
@@ -952,6 +976,49 @@ def configs_for_urls(template: ServerBaseline, urls: Iterable[str]) -> List[APIS
         config.__dict__.update(shared, base_url=url)
         configs.append(config)
     return configs
+
+
+# The manager's knobs: keyword argument, else environment variable, else default.
+MANAGER_KNOBS = (  # (name, variable, default, integer)
+    ("max_retries", "ATROPOS_SLURM_MAX_RETRIES", 2, True),
+    ("retry_backoff", "ATROPOS_SLURM_RETRY_BACKOFF", 0.5, False),
+    ("retry_backoff_max", "ATROPOS_SLURM_RETRY_BACKOFF_MAX", 8.0, False),
+    ("no_server_timeout", "ATROPOS_SLURM_NO_SERVER_TIMEOUT", 60.0, False),
+    ("health_probe_interval", "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL", 5.0, False),
+    ("retry_budget", "ATROPOS_SLURM_RETRY_BUDGET", 0.2, False),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerKnobs:
+    """``ServerManager``'s tuning: retries per call, backoff (s), the wait with no server healthy
+    (s), the down servers' probe interval (s), and the retry budget (retries as a share of the
+    requests of the last 10 s, on top of 10 per second)."""
+
+    max_retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    no_server_timeout: float
+    health_probe_interval: float
+    retry_budget: float
+
+
+def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> ManagerKnobs:
+    """Each knob from its keyword argument when not None (named so in errors), else from its
+    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0 and finite numbers
+    >= 0, checked as the discovery variables are (one-line ``ConfigError`` naming the source)."""
+    env = os.environ if env is None else env
+    values = {}
+    for name, variable, default, integer in MANAGER_KNOBS:
+        source, raw = (name, given[name]) if given.get(name) is not None else (variable, env.get(variable))
+        if raw is None or (source == variable and not raw.strip()):
+            values[name] = default
+        elif integer:
+            values[name] = _int_setting(source, raw, minimum=0)
+        else:
+            values[name] = _float_setting(source, raw, minimum=0)
+    return ManagerKnobs(**values)
+
 
 
 # =============================================================================================
@@ -1574,7 +1641,7 @@ class ConnectionPool:
                 reader, writer = await asyncio.open_connection(
                     self.host, self.port, ssl=self._ssl, limit=MAX_HEADER_BYTES)
         except OSError as e:
-            raise ServerConnectionError(f"cannot connect: {e.strerror or e}", self.url) from None
+            raise _io_error(e, self.url, "connect") from None
         self.opened += 1
         self._loop = asyncio.get_running_loop()
         return _Connection(reader, writer)
@@ -1633,24 +1700,14 @@ class ConnectionPool:
                 head = parse_response_head(block[:-4])
                 if not 100 <= head.status < 200:
                     break
-        except asyncio.IncompleteReadError as e:
+        except BaseException as e:
             conn.close()
-            if not e.partial:
-                raise self._nothing_received("EOF", stale) from None
-            raise ServerConnectionError(f"connection closed in the response head after {len(e.partial)} bytes",
-                                        self.url) from None
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise self._nothing_received(type(e).__name__, stale) from None
-        except asyncio.LimitOverrunError:
-            conn.close()
-            raise ProtocolError(f"response head larger than {MAX_HEADER_BYTES} bytes", self.url) from None
-        except ProtocolError as e:
-            conn.close()
-            raise ProtocolError(str(e), self.url) from None
-        except BaseException:
-            conn.close()
-            raise
+            if isinstance(e, OSError) or (isinstance(e, asyncio.IncompleteReadError) and not e.partial):
+                raise self._nothing_received("EOF" if isinstance(e, EOFError) else type(e).__name__, stale) from None
+            error = _io_error(e, self.url, "head")
+            if error is None:
+                raise
+            raise error from None
         if stream and head.status < 300:
             return head, b"", conn
         length, reader = head.content_length, conn.reader
@@ -1735,17 +1792,31 @@ class _ReadingBody:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+        error = None if exc is None else _io_error(exc, self.url, "body")
+        if error is None:
             return False
-        if issubclass(exc_type, ProtocolError):
-            if exc.url:  # already named
-                return False
-            raise exc_type(str(exc), self.url) from None  # keeps ResponseTooLargeError's type: not retried
-        if issubclass(exc_type, asyncio.IncompleteReadError):
-            raise ServerConnectionError("connection closed in the middle of the response body", self.url) from None
-        if issubclass(exc_type, (ConnectionError, OSError)):
-            raise ServerConnectionError(f"connection lost in the response body: {exc}", self.url) from None
-        return False
+        raise error from None
+
+
+def _io_error(error: BaseException, url: str, part: str) -> Optional[ServerError]:
+    """The one translation of what sockets and asyncio's streams raise into this module's
+    errors, naming the server: met in ``part`` of an exchange ("connect", the response's
+    "head" or "body"); None for anything else (and a ``ProtocolError`` already named), which
+    propagates as it is.  (A pooled connection that ends before any response byte is the
+    pool's own case: ``ConnectionPool._nothing_received``.)"""
+    if isinstance(error, ProtocolError):  # ours, from a parser that does not know the URL
+        return None if error.url else type(error)(str(error), url)  # ResponseTooLargeError stays: not retried
+    if isinstance(error, asyncio.LimitOverrunError):
+        return ProtocolError(f"response {part} larger than {MAX_HEADER_BYTES} bytes", url)
+    if isinstance(error, asyncio.IncompleteReadError):
+        if part == "head":
+            return ServerConnectionError(f"connection closed in the response head after {len(error.partial)} bytes", url)
+        return ServerConnectionError("connection closed in the middle of the response body", url)
+    if isinstance(error, OSError):  # ConnectionError included
+        if part == "connect":
+            return ServerConnectionError(f"cannot connect: {error.strerror or error}", url)
+        return ServerConnectionError(f"connection lost in the response {part}: {error}", url)
+    return None
 
 
 async def http_get(base_url: str, path: str, timeout: float) -> Tuple[int, bytes]:
@@ -2068,10 +2139,10 @@ _NOT_SENT = frozenset(("split", "timeout", "skip_reasoning", "extra_body"))
 
 
 class OpenAIServer:
-    """One OpenAI-compatible server: HTTP calls, a health check, and the state the manager keeps.
+    """The HTTP client of one OpenAI-compatible server: its calls, its health check, its statistics.
 
-    Calls here make exactly one HTTP request and raise on any failure; retries, caps and
-    health tracking live in ``ServerManager``.
+    Calls here make exactly one HTTP request and raise on any failure; the dispatch state
+    (health, slots in flight, caps) is ``Slots``', retries are ``RetryPolicy``'s.
     """
 
     def __init__(self, config: APIServerConfig, max_body_bytes: int = MAX_BODY_BYTES, reasoning_config: Any = None):
@@ -2095,26 +2166,16 @@ class OpenAIServer:
         self._post_heads: Dict[str, bytes] = {}  # target -> request_head(), made once per target
         self._timers: Optional[_DeadlineQueue] = None  # the request timeouts' one timer (see post)
         self._timeout_message = ""  # made with _timers
-        # State kept by the ServerManager.
-        self.healthy = True
-        self.last_error = ""
-        self.in_flight = {"train": 0, "eval": 0}
-        self.caps = {"train": config.num_max_requests_at_once, "eval": config.num_requests_for_eval}
-        self.queued = {"train": False, "eval": False}  # in Slots' lines; set here, so that instances share keys
-        self.done = self.failed = self.retried = 0
-        self.latencies: deque = deque(maxlen=config.rolling_buffer_length)
-        # Per split, for Atropos' W&B metrics: [requests done, attempts failed], latencies of the done.
-        self.split_counts = {"train": [0, 0], "eval": [0, 0]}
-        self.split_latencies = {split: deque(maxlen=config.rolling_buffer_length) for split in ("train", "eval")}
+        self.stats = RequestStats(config.rolling_buffer_length)  # recorded by the manager, read by stats() and W&B
+        self.slot: Optional["ServerSlot"] = None  # its record in a manager's Slots (set by the manager), read-only here
 
     def __repr__(self) -> str:
-        state = "healthy" if self.healthy else f"down ({self.last_error})"
-        return f"<OpenAIServer {self.url} {state} in_flight={sum(self.in_flight.values())} done={self.done}>"
+        return f"<OpenAIServer {self.url} done={self.stats.done}>"
 
     @property
     def server_healthy(self) -> bool:
-        """Atropos' name for ``healthy``."""
-        return self.healthy
+        """Atropos' name: whether the manager holding this server counts it healthy."""
+        return self.slot is None or self.slot.healthy
 
     def request_body(self, path: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """The JSON body that Atropos' servers send through the openai SDK for these arguments.
@@ -2218,20 +2279,49 @@ class OpenAIServer:
         metrics = {} if metrics_dict is None else metrics_dict
         for split, prefix, attempts_name in (("train", "", "average_num_attempts"),
                                              ("eval", "eval_", "eval_retry_rate")):
-            times = sorted(self.split_latencies[split])
+            times = sorted(self.stats.split_latencies[split])
             if times:
                 mean = sum(times) / len(times)
                 metrics[f"server/{name}_{prefix}request_time_avg"] = mean
                 variance = sum((t - mean) ** 2 for t in times) / len(times)
                 metrics[f"server/{name}_{prefix}request_time_std"] = math.sqrt(variance)
                 metrics[f"server/{name}_{prefix}request_time_99p"] = percentile(times, 99)
-            done, failed = self.split_counts[split]
+            done, failed = self.stats.split_counts[split]
             if done:
                 metrics[f"server/{name}_{attempts_name}"] = (done + failed) / done
         return metrics
 
     def close(self) -> None:
         self._pool.close()
+
+
+class RequestStats:
+    """One server's request statistics: recorded by the manager, read by ``ServerManager.stats``
+    and ``OpenAIServer.wandb_metrics``.
+
+    ``done``, ``failed`` (attempts), ``retried`` (failed attempts sent again); the latencies of
+    the last ``buffer`` successful requests, overall and per split; per split, [requests done,
+    attempts failed] (Atropos' W&B metrics).
+    """
+
+    __slots__ = ("done", "failed", "retried", "latencies", "split_counts", "split_latencies")
+
+    def __init__(self, buffer: int):
+        self.done = self.failed = self.retried = 0
+        self.latencies: deque = deque(maxlen=buffer)
+        self.split_counts = {"train": [0, 0], "eval": [0, 0]}
+        self.split_latencies = {split: deque(maxlen=buffer) for split in ("train", "eval")}
+
+    def succeeded(self, split: str, seconds: float) -> None:
+        self.done += 1
+        self.latencies.append(seconds)
+        self.split_latencies[split].append(seconds)
+        self.split_counts[split][0] += 1
+
+    def attempt_failed(self, split: str, retried: bool) -> None:
+        self.failed += 1
+        self.split_counts[split][1] += 1
+        self.retried += retried
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -2284,6 +2374,47 @@ class HealthProber:
             return False
         self.errors[i] = "" if 200 <= status < 300 else f"HTTP {status} from {self.urls[i]} {self.paths[i]}"
         return not self.errors[i]
+
+
+class EndpointFallback:
+    """Which of a server's alternative endpoints it has, learnt from 404s: a server capability,
+    not a retry (the health probes' own 404 fallback is ``HealthProber``'s, above).
+
+    ``call(send)`` runs ``send(index)`` with the endpoint in use; a 404 moves this server to the
+    next endpoint for good (said once) and sends again at once.  Until one endpoint has
+    answered, a single call finds out and concurrent calls wait for its answer, so a server
+    meets one 404 per endpoint it lacks, not one per call in flight.
+    """
+
+    def __init__(self, url: str, names: Sequence[str]):
+        self.url, self.names, self.index = url, list(names), 0
+        self._known = False
+        self._learning: Optional[asyncio.Future] = None  # while the first call finds out
+
+    async def call(self, send: Callable[[int], Awaitable[Any]]) -> Any:
+        while True:
+            if not self._known and self._learning is not None:
+                await asyncio.shield(self._learning)
+                continue
+            index, learning = self.index, None
+            if not self._known:
+                learning = self._learning = asyncio.get_running_loop().create_future()
+            try:
+                result = await send(index)
+            except APIStatusError as error:
+                if error.status != 404 or index + 1 >= len(self.names):
+                    raise
+                if self.index == index:
+                    log.info("%s has no %s (404): using %s from now on", self.url, self.names[index],
+                             self.names[index + 1])
+                    self.index = index + 1
+                continue
+            finally:
+                if learning is not None:
+                    self._learning = None
+                    learning.set_result(None)
+            self._known = self._known or self.index == index
+            return result
 
 
 async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: float, interval: float,
@@ -2369,37 +2500,73 @@ def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterato
 SPLITS = ("train", "eval")
 
 
-class Slots:
-    """Requests in flight per server and split, against caps; waiters in line, first come first served.
+class ServerSlot:
+    """``Slots``' record of one server: the dispatch state, written by ``Slots`` only.
 
-    Each split keeps a round-robin line of the servers that are healthy and have a free slot,
-    so taking a slot, giving one back and marking a server down or up cost the same whatever the
-    number of servers.  A server enters its split's line at most once (``server.queued``) and
-    leaves it when full or found down.  A caller that finds no free slot, or others already
-    waiting, gets a future in a FIFO; a slot given back goes to the first waiter in the same loop
-    iteration, already counted.  Nothing here sleeps, polls or touches a socket: the manager
-    owns timeouts, this class only counts.
-
-    ``server.healthy``, ``server.in_flight[split]`` and ``server.caps[split]`` are kept on each
-    server so that stats and tests can read them.
+    ``healthy`` and ``last_error`` (why it was marked down), ``in_flight[split]`` against
+    ``caps[split]``, ``queued[split]`` (whether it is in that split's line).  ``server`` is the
+    thing dispatched to (an ``OpenAIServer`` in the manager; anything in tests).
     """
 
-    def __init__(self, servers: Sequence["OpenAIServer"]):
-        self.servers = list(servers)
-        self.healthy_count = 0
+    __slots__ = ("server", "index", "healthy", "last_error", "in_flight", "caps", "queued")
+
+    def __init__(self, server: Any, index: int, train_cap: int, eval_cap: int):
+        self.server, self.index, self.healthy, self.last_error = server, index, True, ""
+        self.in_flight = {"train": 0, "eval": 0}
+        self.caps = {"train": train_cap, "eval": eval_cap}
+        self.queued = {"train": False, "eval": False}
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else f"down ({self.last_error})"
+        return f"<{getattr(self.server, 'url', self.server)} {state} in_flight={sum(self.in_flight.values())}>"
+
+
+class Slots:
+    """The dispatch state of every server: health, requests in flight per split against caps,
+    and the callers waiting for a slot, first come first served.
+
+    The one owner of that state: the manager changes it only through ``take``/``wait``/
+    ``give_back``/``set_caps``/``set_healthy``, and reads it through ``records`` (one
+    ``ServerSlot`` per server, in server order), ``of(server)``, ``healthy_count``,
+    ``in_flight_total(split)`` and ``healthy_records()``.
+
+    Each split keeps a round-robin line of the servers that are healthy and have a free slot,
+    so taking a slot, giving one back and marking a server down or up cost the same whatever
+    the number of servers.  A server enters its split's line at most once (``queued``) and
+    leaves it when full or found down.  A caller that finds no free slot, or others already
+    waiting, gets a future in a FIFO; a slot given back goes to the first waiter in the same
+    loop iteration, already counted.  Nothing here sleeps, polls or touches a socket.
+
+    Which server a request gets is decided in one place, ``select``: replace that method to
+    change the policy.
+    """
+
+    def __init__(self, servers: Sequence[Any], caps: Optional[Sequence[Tuple[int, int]]] = None):
+        """``caps``: (train, eval) per server; by default each server's config's
+        ``num_max_requests_at_once`` and ``num_requests_for_eval``."""
+        if caps is None:
+            caps = [(s.config.num_max_requests_at_once, s.config.num_requests_for_eval) for s in servers]
+        self.records = [ServerSlot(server, i, train, eval) for i, (server, (train, eval)) in enumerate(zip(servers, caps))]
+        self._by_server = {record.server: record for record in self.records}
+        self.healthy_count = len(self.records)
         self._in_flight_total = {split: 0 for split in SPLITS}
-        self._ready: Dict[str, deque] = {split: deque() for split in SPLITS}
+        self._ready: Dict[str, deque] = {split: deque(self.records) for split in SPLITS}
+        for record in self.records:
+            record.queued = {split: True for split in SPLITS}
         # Waiters in line, oldest first; an ordered dict, so that one leaving from the middle
         # (cancelled, timed out) costs O(1): a mass cancellation stays linear.
         self._waiters: Dict[str, "OrderedDict[asyncio.Future, None]"] = {split: OrderedDict() for split in SPLITS}
-        for server in self.servers:
-            server.queued = {split: False for split in SPLITS}
-            self.healthy_count += server.healthy
-            for split in SPLITS:
-                self._enqueue(server, split)
 
-    def has_room(self, server: "OpenAIServer", split: str) -> bool:
-        return server.healthy and server.in_flight[split] < server.caps[split]
+    # -- reads ---------------------------------------------------------------------------------
+
+    def of(self, server: Any) -> ServerSlot:
+        """The record of ``server``."""
+        return self._by_server[server]
+
+    def has_room(self, record: ServerSlot, split: str) -> bool:
+        """Whether ``record`` may take a request of ``split`` now (``select``'s own test, inline
+        there; for a caller choosing whom to ``prefer``)."""
+        return record.healthy and record.in_flight[split] < record.caps[split]
 
     def waiting(self, split: str) -> int:
         return sum(not w.done() for w in self._waiters[split])
@@ -2408,27 +2575,61 @@ class Slots:
         """Requests in flight of ``split`` over every server (O(1): kept as slots are taken)."""
         return self._in_flight_total[split]
 
+    def healthy_records(self) -> List[ServerSlot]:
+        """The healthy servers' records (a scan: for occasional reads, not per request)."""
+        return [record for record in self.records if record.healthy]
+
+    # -- the selection policy ------------------------------------------------------------------
+
+    def select(self, split: str, avoid: Optional[ServerSlot] = None,
+               prefer: Optional[ServerSlot] = None) -> Optional[ServerSlot]:
+        """Choose a server for one request of ``split`` and count its slot; None if none has room.
+
+        The contract, whatever the policy: the record returned is healthy and had room
+        (``in_flight < cap``), and its ``in_flight[split]`` is already incremented; the
+        waiters' order is not this method's business (``take`` and the hand-over call it only
+        when the caller is first in line).  Today's policy:
+
+        * ``prefer`` (a server the caller would like, e.g. where its prompt is cached) is
+          taken when it is healthy, has room and is not ``avoid``; the line is not rotated;
+        * else round-robin over the line of healthy servers with room;
+        * ``avoid`` (the server that just failed) only when no other has room.
+        """
+        if prefer is not None and prefer is not avoid and prefer.healthy and prefer.in_flight[split] < prefer.caps[split]:
+            prefer.in_flight[split] += 1
+            self._in_flight_total[split] += 1
+            return prefer  # a full one stays in the line until the line finds it full
+        ready = self._ready[split]
+        while ready:
+            record = ready.popleft()
+            if not (record.healthy and record.in_flight[split] < record.caps[split]):  # down, full or a cap shrank
+                record.queued[split] = False
+                continue
+            if record is avoid and ready:
+                ready.append(record)  # its turn passes to the next one (at most one rotation)
+                avoid = None
+                continue
+            record.in_flight[split] += 1
+            self._in_flight_total[split] += 1
+            if record.in_flight[split] < record.caps[split]:
+                ready.append(record)  # round-robin: to the back of the line
+            else:
+                record.queued[split] = False
+            return record
+        return None
+
     # -- taking and giving back ------------------------------------------------------------------
 
-    def take(self, split: str, avoid: Optional["OpenAIServer"] = None,
-             prefer: Optional["OpenAIServer"] = None) -> Optional["OpenAIServer"]:
-        """A slot on the next server in line, counted, or None (none free, or others wait first).
-
-        ``avoid`` (the server that just failed) is taken only when no other has room.
-        ``prefer`` (the routing's choice) is taken out of turn when it has room and is not
-        ``avoid``; the line is not moved (it places the requests nobody prefers).
-        """
+    def take(self, split: str, avoid: Optional[ServerSlot] = None,
+             prefer: Optional[ServerSlot] = None) -> Optional[ServerSlot]:
+        """A counted slot (see ``select``), or None: none free, or others wait first (a caller
+        never jumps the line, whatever it prefers)."""
         if self._waiters[split]:
             return None
-        if (prefer is not None and prefer is not avoid and prefer.healthy
-                and prefer.in_flight[split] < prefer.caps[split]):
-            prefer.in_flight[split] += 1  # left in the line: _take_next drops it there if now full
-            self._in_flight_total[split] += 1
-            return prefer
-        return self._take_next(split, avoid)
+        return self.select(split, avoid, prefer)
 
     def wait(self, split: str) -> "asyncio.Future":
-        """Join the line: the future gets a server (its slot counted) or None (look again)."""
+        """Join the line: the future gets a record (its slot counted) or None (look again)."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[split][waiter] = None
         return waiter
@@ -2437,45 +2638,54 @@ class Slots:
         """A waiter gives up (cancelled, timed out): out of the line, and a slot it was just
         handed goes to the next one."""
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            server = waiter.result()
-            if server is not None:
-                self.give_back(server, split)
+            record = waiter.result()
+            if record is not None:
+                self.give_back(record, split)
             return
         waiter.cancel()  # a no-op on a waiter a deadline failed: it is done
         self._waiters[split].pop(waiter, None)
 
-    def give_back(self, server: "OpenAIServer", split: str) -> None:
-        server.in_flight[split] -= 1
+    def give_back(self, record: ServerSlot, split: str) -> None:
+        record.in_flight[split] -= 1
         self._in_flight_total[split] -= 1
-        self._enqueue(server, split)
+        if not record.queued[split] and record.healthy and record.in_flight[split] < record.caps[split]:
+            record.queued[split] = True  # _enqueue inline: this runs on every request
+            self._ready[split].append(record)
         if self._waiters[split]:
             self._hand_over(split)
 
     # -- caps and health -------------------------------------------------------------------------
 
-    def set_caps(self, server: "OpenAIServer", train: int, eval: int) -> None:
+    def set_caps(self, record: ServerSlot, train: int, eval: int) -> None:
         """Change a server's caps; calls waiting for a slot see a larger cap at once."""
-        server.caps = {"train": train, "eval": eval}
+        record.caps = {"train": train, "eval": eval}
         for split in SPLITS:
-            self._enqueue(server, split)
+            self._enqueue(record, split)
             self._hand_over(split)
 
-    def set_healthy(self, server: "OpenAIServer", healthy: bool) -> None:
-        """Mark a server up (it rejoins the lines, waiters are served) or down (it is skipped).
+    def set_healthy(self, record: ServerSlot, healthy: bool, reason: str = "") -> None:
+        """Mark a server up (it rejoins the lines, waiters are served) or down (it is skipped);
+        ``reason`` (why down) is kept as ``last_error``.
 
         When the last healthy server goes down, every waiter is woken with None: with none
         healthy, the manager starts their ``no_server_timeout``.
         """
-        if server.healthy == healthy:
+        if reason:
+            record.last_error = reason
+        if record.healthy == healthy:
             return
-        server.healthy = healthy
+        record.healthy = healthy
         self.healthy_count += 1 if healthy else -1
         if healthy:
             for split in SPLITS:
-                self._enqueue(server, split)
+                self._enqueue(record, split)
                 self._hand_over(split)
         elif not self.healthy_count:
             self.wake_all()
+
+    def note_error(self, record: ServerSlot, reason: str) -> None:
+        """Keep why a request to (or a probe of) this server failed, for messages and stats."""
+        record.last_error = reason
 
     def wake_all(self) -> None:
         """Resolve every waiter with None, so that each looks at the servers again."""
@@ -2487,32 +2697,10 @@ class Slots:
 
     # -- the lines -------------------------------------------------------------------------------
 
-    # _enqueue and _take_next run on every request: they test has_room() inline.
-
-    def _enqueue(self, server: "OpenAIServer", split: str) -> None:
-        if not server.queued[split] and server.healthy and server.in_flight[split] < server.caps[split]:
-            server.queued[split] = True
-            self._ready[split].append(server)
-
-    def _take_next(self, split: str, avoid: Optional["OpenAIServer"]) -> Optional["OpenAIServer"]:
-        ready = self._ready[split]
-        while ready:
-            server = ready.popleft()
-            if not (server.healthy and server.in_flight[split] < server.caps[split]):  # went down, or a cap shrank
-                server.queued[split] = False
-                continue
-            if server is avoid and ready:
-                ready.append(server)  # its turn passes to the next one (at most one rotation)
-                avoid = None
-                continue
-            server.in_flight[split] += 1
-            self._in_flight_total[split] += 1
-            if server.in_flight[split] < server.caps[split]:
-                ready.append(server)  # round-robin: to the back of the line
-            else:
-                server.queued[split] = False
-            return server
-        return None
+    def _enqueue(self, record: ServerSlot, split: str) -> None:
+        if not record.queued[split] and record.healthy and record.in_flight[split] < record.caps[split]:
+            record.queued[split] = True
+            self._ready[split].append(record)
 
     def _hand_over(self, split: str) -> None:
         waiters = self._waiters[split]
@@ -2521,11 +2709,11 @@ class Slots:
             if waiter.done():  # failed by its deadline, not yet gone (leave() follows)
                 del waiters[waiter]
                 continue
-            server = self._take_next(split, None)
-            if server is None:
+            record = self.select(split)
+            if record is None:
                 return
             del waiters[waiter]
-            waiter.set_result(server)
+            waiter.set_result(record)
 
 
 # =============================================================================================
@@ -2741,7 +2929,7 @@ class PrefixRouter:
 
 
 # =============================================================================================
-# Retry policy: one pure decision per failed attempt
+# Retry policy: after each failed attempt one object decides; a budget bounds retries overall
 # =============================================================================================
 
 
@@ -2753,9 +2941,56 @@ class Retry:
     mark_down: bool = False
     delay: float = 0.0
 
-    RAISE = "raise"  # not worth sending again (4xx, too large, retry-after too long)
+    RAISE = "raise"  # not worth sending again (4xx, too large, retry-after too long), or no retry left
     RESEND = "resend"  # at once, same server, fresh connection (a stale pooled one)
     RETRY = "retry"  # after ``delay``, on another server if one is healthy
+
+
+class RetryBudget:
+    """Retries allowed across every call of a manager, as Finagle's ``RetryBudget`` (Envoy's
+    ``retry_budget``, gRPC's retry throttling): each request deposits ``percent`` of a retry,
+    each retry withdraws one, both are forgotten after ``ttl`` seconds, and a reserve of
+    ``min_per_second * ttl`` retries lets a lone call retry.
+
+    So over any ``ttl`` seconds, retries <= ``percent`` x requests + ``min_per_second`` x
+    ``ttl``: when every server fails (429/503 everywhere) the calls cost at most about 1.2x
+    their requests plus 10 retries per second, not ``max_retries + 1`` times their requests.
+    Counted in one-second slices, O(1) per request; ``clock`` is injectable for tests.
+    """
+
+    UNIT = 1000  # a retry, in the integer units counted (so that 5 deposits of 0.2 make exactly 1)
+
+    def __init__(self, percent: float = 0.2, min_per_second: float = 10.0, ttl: int = 10,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._deposit = round(percent * self.UNIT)
+        self._reserve = round(min_per_second * ttl * self.UNIT)
+        self._stamps = [-1] * ttl  # the second each slice counts (-1: none yet)
+        self._sums = [0] * ttl  # deposits minus withdrawals in that second
+        self._second, self._index = -1, 0  # the last second deposited in, and its slice
+
+    def deposit(self) -> None:
+        """One request went out (a call's, or a split call part's, first attempt)."""
+        second = int(self.clock())
+        if second != self._second:  # once a second: the slice (runs on every request)
+            self._second, self._index = second, self._slice(second)
+        self._sums[self._index] += self._deposit
+
+    def try_withdraw(self) -> bool:
+        """Whether one retry may go out now; counts it when so."""
+        second = int(self.clock())
+        i = self._slice(second)
+        oldest = second - len(self._stamps)
+        if self._reserve + sum(total for stamp, total in zip(self._stamps, self._sums) if stamp > oldest) < self.UNIT:
+            return False
+        self._sums[i] -= self.UNIT
+        return True
+
+    def _slice(self, second: int) -> int:
+        i = second % len(self._stamps)
+        if self._stamps[i] != second:  # a slice of an older window: forget it
+            self._stamps[i], self._sums[i] = second, 0
+        return i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2763,19 +2998,25 @@ class RetryPolicy:
     """openai-python's policy: which failures are retried, which mark a server down, how long to wait.
 
     Retried: connection errors, timeouts, protocol errors, 408, 429, 5xx and aborted generations,
-    after ``min(backoff * 2**(attempt-1), backoff_max)`` seconds times a jitter in [0.75, 1],
-    or the server's ``Retry-After`` if longer (over ``MAX_RETRY_AFTER`` we give up instead).
+    after ``min(backoff * 2**(attempt-1), backoff_max)`` seconds times a jitter in [0.75, 1]
+    (drawn from ``rng``), or the server's ``Retry-After`` if longer (over ``MAX_RETRY_AFTER`` we
+    give up instead); at most ``max_retries`` times per call.
     Marked down: servers that failed to answer (connection, timeout, protocol) or answered 5xx.
     Not a sign of death: a stale pooled connection, 408/429, an abort (a paused server).
     Not retried: other 4xx, a too large body, a malformed token answer (``TokenProtocolError``).
+    A call's requests are counted by ``Attempts``; the manager-wide bound is ``budget``.
     """
 
     max_retries: int = 2
     backoff: float = 0.5
     backoff_max: float = 8.0
+    rng: random.Random = dataclasses.field(default_factory=random.Random, compare=False, repr=False)
+    budget: Optional[RetryBudget] = dataclasses.field(default=None, compare=False, repr=False)
 
-    def decide(self, error: ServerError, attempt: int, jitter: float = 1.0) -> Retry:
-        """The decision after ``attempt`` (1-based) failed with ``error``; ``jitter`` in [0.75, 1]."""
+    def decide(self, error: ServerError, attempt: int, jitter: Optional[float] = None) -> Retry:
+        """The decision after ``attempt`` (1-based) failed with ``error``, regardless of what
+        is left of the call's retries and of the budget (``Attempts`` applies both);
+        ``jitter`` in [0.75, 1], drawn from ``rng`` when not given."""
         if isinstance(error, StaleConnectionError):
             return Retry(Retry.RESEND)
         if isinstance(error, (ResponseTooLargeError, TokenProtocolError)):  # the same answer again
@@ -2789,8 +3030,48 @@ class RetryPolicy:
                 return Retry(Retry.RAISE, mark_down)
         elif not isinstance(error, GenerationAbortedError):
             mark_down = True  # connection error, timeout, protocol error
+        if jitter is None:
+            jitter = self.rng.uniform(0.75, 1)
         backoff = min(self.backoff * 2 ** min(attempt - 1, 16), self.backoff_max)
         return Retry(Retry.RETRY, mark_down, max(backoff * jitter, retry_after or 0.0))
+
+    def attempts(self, left: Optional[List[int]] = None) -> "Attempts":
+        """The attempts of one request; the parts of a split call pass one ``left``, the call's
+        retries (``[max_retries]`` when not given)."""
+        return Attempts(self, [self.max_retries] if left is None else left)
+
+
+class Attempts:
+    """One request's attempts, as urllib3's ``Retry`` is: ``failed(error)`` counts the attempt
+    and says what to do; the caller only obeys.
+
+    A decision to send again becomes RAISE when the call has no retry left (``max_retries``
+    per call, shared by a split call's parts: ``left`` is one list for all of them) or, for a
+    RETRY, when the manager's ``RetryBudget`` refuses (the request's deposit in the budget is
+    the caller's: most requests never fail, and need no ``Attempts``).  ``made``: the HTTP
+    requests made so far by this request.
+    """
+
+    __slots__ = ("policy", "left", "made")
+
+    def __init__(self, policy: RetryPolicy, left: List[int]):
+        self.policy, self.left, self.made = policy, left, 0
+
+    def failed(self, error: ServerError) -> Retry:
+        self.made += 1
+        decision = self.policy.decide(error, self.made)
+        if decision.action == Retry.RAISE:
+            return decision
+        budget = self.policy.budget
+        if self.left[0] <= 0 or (decision.action == Retry.RETRY and budget is not None
+                                 and not budget.try_withdraw()):
+            return Retry(Retry.RAISE, decision.mark_down)
+        self.left[0] -= 1
+        return decision
+
+    def gave_up(self, error: ServerError) -> ServerError:
+        """``error``, saying how many requests were made when more than one."""
+        return error.after_attempts(self.made, self.policy.max_retries + 1)
 
 
 # =============================================================================================
@@ -2827,26 +3108,154 @@ def merge_responses(parts: Sequence[APIResponse]) -> APIResponse:
     return merged
 
 
+class SlotSource:
+    """Where ``ServerManager``'s request path gets a server's slot from, and gives it back to:
+    the manager's shared slots (``SharedSlots``), or the one slot of a ``DedicatedServer``.
+
+    ``take`` answers at once (a counted ``ServerSlot``, or None when the caller must wait);
+    ``acquire`` waits for one; ``give_back`` returns it.  ``avoid``: the server that just failed.
+    """
+
+    def take(self, split: str, avoid: Optional[ServerSlot]) -> Optional[ServerSlot]:
+        return None
+
+    async def acquire(self, split: str, avoid: Optional[ServerSlot]) -> ServerSlot:
+        raise NotImplementedError
+
+    def give_back(self, slot: ServerSlot, split: str) -> None:
+        raise NotImplementedError
+
+
+class SharedSlots(SlotSource):
+    """The manager's slot source: ``Slots``, and the waits when none is free.
+
+    A caller that finds no free slot waits in line at most ``slot_timeout``; with no server
+    healthy, at most ``no_server_timeout`` counted from the first moment this caller saw none
+    healthy, while ``probe_down()`` has the probes try to bring one back.
+    """
+
+    def __init__(self, slots: Slots, slot_timeout: float, no_server_timeout: float, probe_down: Callable[[], None]):
+        self.slots, self.slot_timeout, self.no_server_timeout = slots, slot_timeout, no_server_timeout
+        self.take, self.give_back, self._probe_down = slots.take, slots.give_back, probe_down
+
+    async def acquire(self, split: str, avoid: Optional[ServerSlot], prefer: Optional[ServerSlot] = None) -> ServerSlot:
+        slots, all_down_since = self.slots, None
+        while True:
+            slot = slots.take(split, avoid, prefer)
+            if slot is not None:
+                return slot
+            waiter = slots.wait(split)
+            try:
+                if slots.healthy_count:
+                    with _Deadline(self.slot_timeout, f"no free slot within timeout={self.slot_timeout:g} s "
+                                                      f"(every healthy server at its cap for split={split!r})"):
+                        slot = await waiter
+                else:
+                    all_down_since = all_down_since or time.monotonic()
+                    self._probe_down()
+                    try:
+                        with _Deadline(all_down_since + self.no_server_timeout - time.monotonic(), "no healthy server"):
+                            slot = await waiter
+                    except ServerTimeoutError:
+                        raise NoHealthyServerError(self._no_server_message()) from None
+            except BaseException:
+                slots.leave(waiter, split)
+                raise
+            if slot is not None:
+                return slot  # the giver already counted our slot
+
+    def _no_server_message(self) -> str:
+        lines = "; ".join(f"{s.server.url}: {s.last_error or 'down'}" for s in self.slots.records)
+        return f"no healthy server after {self.no_server_timeout:g} s ({lines})"
+
+
+class Call:
+    """One request of a call, as ``ServerManager._request`` sends it: the split whose slot it
+    takes, how it is sent to a server, and the call's retries left (shared by a split call's parts)."""
+
+    __slots__ = ("path", "kwargs", "split", "stream", "loop", "left")
+
+    def __init__(self, path: str, kwargs: Dict[str, Any], loop: Optional[asyncio.AbstractEventLoop] = None,
+                 left: Optional[List[int]] = None):
+        self.path, self.kwargs, self.loop, self.left = path, kwargs, loop, left
+        self.split = "train" if kwargs.get("split", "train") == "train" else "eval"  # Atropos' rule
+        self.stream = bool(kwargs.get("stream"))
+
+    def send(self, server: OpenAIServer, fresh: bool, on_stream_close: Optional[Callable[[], None]]) -> Awaitable[Any]:
+        """The HTTP request on ``server`` (``fresh``: on a new connection)."""
+        kwargs = self.kwargs
+        return server.post(self.path, server.request_body(self.path, kwargs), fresh=fresh,
+                           timeout=kwargs.get("timeout"), loop=self.loop, on_stream_close=on_stream_close)
+
+
+class TokenCall(Call):
+    """A token call (``tokens_and_logprobs_completion``, ``get_logprobs``): sent in the token
+    protocol of whichever server takes it (the first its ``EndpointFallback`` finds), and its
+    answer read (``TokenReader``) before the slot is given back: an aborted generation is
+    retried like a 5xx, a malformed answer raises ``TokenProtocolError``.  ``vocab``: the
+    tokenizer's size, when known."""
+
+    __slots__ = ("prompt", "params", "prompt_logprobs", "top_k", "n", "vocab", "endpoints")
+
+    def __init__(self, kwargs: Dict[str, Any], prompt_logprobs: bool, endpoints: Callable[[OpenAIServer], EndpointFallback],
+                 vocab: Optional[int] = None, left: Optional[List[int]] = None):
+        super().__init__("", kwargs, None, left)
+        self.prompt, self.params, self.prompt_logprobs = token_prompt(kwargs), sampling_params(kwargs), prompt_logprobs
+        self.endpoints, self.vocab = endpoints, vocab
+        self.top_k, self.n = 0, 1 if self.params.get("n") is None else self.params["n"]
+        if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
+            self.top_k, self.n = self.params.pop("top_k", self.params.pop("top_logprobs", 1)), 1
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                raise ConfigError(f"top_k={self.top_k!r} must be a positive integer")
+        elif isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n={_shown(self.n)} must be a positive integer")
+
+    async def send(self, server: OpenAIServer, fresh: bool, on_stream_close: Any) -> Any:
+        """The answer of ``server``, read: the protocol's result."""
+        protocols, first = token_protocols(server.config.server_type), [fresh]
+
+        async def send_as(index: int) -> Any:
+            protocol, model, fresh_now = protocols[index], server.config.model_name, first.pop() if first else False
+            body = (protocol.logprobs_body(model, self.prompt, self.top_k, self.params) if self.prompt_logprobs
+                    else protocol.completion_body(model, self.prompt, self.params))
+            data = await server.post(protocol.path, body, fresh=fresh_now, root=protocol.root, tokens=True,
+                                     timeout=self.kwargs.get("timeout"))
+            read = TokenReader(protocol.name, server.url, self.n, self.vocab, self.prompt, self.top_k)
+            return (protocol.logprobs_result if self.prompt_logprobs else protocol.completion_result)(data, read)
+
+        return await self.endpoints(server).call(send_as)
+
+
+def n_sizes(n: Any, per_request: int, stream: Any) -> Optional[List[int]]:
+    """None when a call asking ``n`` choices is one request, else the ``n`` of each of its requests."""
+    if stream or not isinstance(n, int) or n <= per_request:
+        return None
+    return [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
+
+
 class ServerManager:
     """Spread OpenAI requests over many servers; drop-in for Atropos' ``ServerManager``.
 
-    * ``configs``: a ``ServerBaseline`` or a list of ``APIServerConfig``.  With ``slurm=True``
-      the servers are discovered from the job (``discover_servers``) and the first config is
-      the template for all of them.
+    * ``configs``: a ``ServerBaseline`` or a list of ``APIServerConfig``, resolved as Atropos
+      does (``resolve_servers``: with ``slurm=True`` the servers are discovered from the job and
+      the first config is the template for all of them).
     * Each request takes a slot (``Slots``) on the next healthy server, round-robin, that has
       room for its ``split`` (``num_max_requests_at_once`` for "train", ``num_requests_for_eval``
       for "eval").  When all are full it waits, without polling, for the first slot to free.
     * A failed request is handled as ``RetryPolicy`` decides: connection errors, timeouts,
       408, 429 and 5xx are retried with capped exponential backoff and jitter, on another server
       when one is healthy, honouring ``Retry-After``: at most ``max_retries + 1`` HTTP requests
-      per call, and per part of a split call (the first part that fails for good cancels the
-      others).  Other 4xx are raised at once.  A stale pooled connection is resent at once.
+      per call, a split call's parts included (the first part that fails for good cancels the
+      others), and retries of all calls within the ``RetryBudget`` (``retry_budget`` of the
+      requests of the last 10 s, plus 10 per second).  Other 4xx are raised at once.  A stale
+      pooled connection is resent at once.
     * A call waits for a slot at most the config's ``timeout``; a stream holds its slot until
       it ends, is closed, or is dropped.
     * A connection error, timeout or 5xx marks the server down at once; a background probe of
       its health path brings it back.  With no server healthy, a request waits at most
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
     * ``n > max_n_completions`` is split over several requests and merged.
+    * The keyword-only knobs default to their ``ATROPOS_SLURM_*`` variables (``manager_knobs``).
     * ``routing="prefix"`` (the default; ``ATROPOS_SLURM_ROUTING``) sends each request where its
       prompt's prefix is cached (``PrefixRouter``: continuations, split parts), within a load
       bound (``routing_epsilon``); ``server_load_interval`` > 0 also reads the servers' own
@@ -2856,53 +3265,42 @@ class ServerManager:
     def __init__(self, configs: Any, server_class: Any = OpenAIServer, slurm: bool = False,
                  testing: bool = False, max_n_completions: int = 8, reasoning_config: Any = None,
                  proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
-                 max_retries: int = 2, retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
-                 no_server_timeout: float = 60.0, health_probe_interval: float = 5.0,
+                 max_retries: Optional[int] = None, retry_backoff: Optional[float] = None,
+                 retry_backoff_max: Optional[float] = None, no_server_timeout: Optional[float] = None,
+                 health_probe_interval: Optional[float] = None, retry_budget: Optional[float] = None,
                  routing: Optional[str] = None, routing_epsilon: float = 0.25, server_load_interval: float = 0.0):
-        configs, server_class, slurm = manager_arguments(configs, server_class, slurm, testing, reasoning_config,
-                                                         proxy_url, use_proxy)
+        configs, server_class = resolve_servers(configs, server_class, slurm, testing, reasoning_config,
+                                                proxy_url, use_proxy)
+        knobs = manager_knobs(max_retries=max_retries, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
+                              no_server_timeout=no_server_timeout, health_probe_interval=health_probe_interval,
+                              retry_budget=retry_budget)
+        self.max_n_completions = _int_setting("max_n_completions", max_n_completions, minimum=1)
+        self._per_request = 1 if configs[0].n_kwarg_is_ignored else self.max_n_completions  # n per request
         self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
-        if isinstance(configs, ServerBaseline):
-            configs = [configs]
-        configs = list(configs)
-        if not configs or not all(isinstance(c, ServerBaseline) for c in configs):
-            raise ConfigError("configs must be a ServerBaseline or a non-empty list of APIServerConfig")
-        if slurm:
-            discovery = discover_servers()
-            log.info("discovered %d inference servers on %s", len(discovery.servers), ",".join(discovery.inference_nodes))
-            configs = configs_for_urls(configs[0], discovery.urls)
-        elif not isinstance(configs[0], APIServerConfig):
-            configs = configs_for_urls(configs[0], LOCAL_DEFAULT_URLS)
-        for name, value, minimum in (("max_n_completions", max_n_completions, 1), ("max_retries", max_retries, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
-        for name, value in (("retry_backoff", retry_backoff), ("retry_backoff_max", retry_backoff_max),
-                            ("no_server_timeout", no_server_timeout), ("health_probe_interval", health_probe_interval),
-                            ("server_load_interval", server_load_interval)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a number of seconds >= 0")
         self.configs = configs
         self.servers = [server_class(c) for c in configs]
-        self.max_n_completions = max_n_completions
-        self.retry_policy = RetryPolicy(max_retries, retry_backoff, retry_backoff_max)
-        self.no_server_timeout = no_server_timeout
-        self.health_probe_interval = health_probe_interval
+        self.retry_policy = RetryPolicy(knobs.max_retries, knobs.retry_backoff, knobs.retry_backoff_max,
+                                        budget=RetryBudget(knobs.retry_budget))
+        self.no_server_timeout, self.health_probe_interval = knobs.no_server_timeout, knobs.health_probe_interval
         self.slots = Slots(self.servers)
+        for server, slot in zip(self.servers, self.slots.records):
+            server.slot = slot
+        self.slot_source = SharedSlots(self.slots, max(c.timeout for c in configs), knobs.no_server_timeout,
+                                       self._probe_all_down)
         self.routing = check_routing(os.environ.get(ENV_ROUTING, "").strip() or "prefix", ENV_ROUTING) \
             if routing is None else check_routing(routing)
-        if isinstance(routing_epsilon, bool) or not isinstance(routing_epsilon, (int, float)) \
-                or not 0 <= routing_epsilon < math.inf:
-            raise ConfigError(f"routing_epsilon={routing_epsilon!r} must be a number >= 0")
-        self.router = PrefixRouter(self.servers, routing_epsilon) if self.routing == "prefix" else None
+        for name, value in (("routing_epsilon", routing_epsilon), ("server_load_interval", server_load_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"{name}={value!r} must be a number >= 0")
+        self.router = PrefixRouter(self.slots.records, routing_epsilon) if self.routing == "prefix" else None
         if server_load_interval and self.router is None:
             raise ConfigError(f"server_load_interval={server_load_interval!r} needs routing='prefix' "
                               f"(routing={self.routing!r} reads no load)")
         self.server_load_interval = server_load_interval
-        self._slot_timeout = max(c.timeout for c in configs)
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False
-        self._tokens_via: Dict[OpenAIServer, int] = {}  # the protocol each server answered (see _token_call)
+        self._endpoints: Dict[OpenAIServer, EndpointFallback] = {}  # each server's token protocol (see TokenCall)
 
     @property
     def max_retries(self) -> int:
@@ -2910,17 +3308,35 @@ class ServerManager:
 
     def __repr__(self) -> str:
         return (f"<ServerManager {self.slots.healthy_count}/{len(self.servers)} healthy: "
-                + ", ".join(map(repr, self.servers)) + ">")
+                + ", ".join(map(repr, self.slots.records)) + ">")
 
     # -- public API ---------------------------------------------------------------------------
 
     async def chat_completion(self, **kwargs: Any) -> Any:
         """POST ``/chat/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
-        return await self._generate("/chat/completions", kwargs)
+        return await self.dispatch("/chat/completions", kwargs)
 
     async def completion(self, **kwargs: Any) -> Any:
         """POST ``/completions`` with the OpenAI body in ``kwargs`` (plus ``split``)."""
-        return await self._generate("/completions", kwargs)
+        return await self.dispatch("/completions", kwargs)
+
+    def dispatch(self, path: str, kwargs: Dict[str, Any], source: Optional[SlotSource] = None) -> Awaitable[Any]:
+        """The coroutine of one call of ``path`` with ``kwargs``, its slots from ``source`` (the
+        manager's by default; a ``DedicatedServer``'s): for the usual call one request, awaited
+        by the caller directly (a coroutine level less); for ``n`` over the per-request cap, the
+        split and the merge."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._closed:
+            self._enter()
+        sizes = n_sizes(kwargs["n"], self._per_request, kwargs.get("stream")) if "n" in kwargs else None
+        if sizes is None:
+            return self._request(Call(path, kwargs, loop), source or self.slot_source)
+        return self._dispatch_split(path, kwargs, sizes, source or self.slot_source)
+
+    async def _dispatch_split(self, path: str, kwargs: Dict[str, Any], sizes: List[int], source: SlotSource) -> Any:
+        left = [self.retry_policy.max_retries]  # the call's retries, shared by its parts
+        return merge_responses(await self._gather_parts(
+            [self._request(Call(path, dict(kwargs, n=k), left=left), source) for k in sizes]))
 
     # -- exact tokens and logprobs (the "Managed server" section) ------------------------------
 
@@ -2950,18 +3366,15 @@ class ServerManager:
         finally:
             managed.reset()
 
-    async def tokens_and_logprobs_completion(self, **kwargs: Any) -> Tuple[list, list, list, list]:
+    async def tokens_and_logprobs_completion(self, *, vocab: Optional[int] = None,
+                                             **kwargs: Any) -> Tuple[list, list, list, list]:
         """Atropos' 4-tuple ``(prompt_tokens, output_tokens, output_logprobs, finish_reasons)``
         for ``input_ids=[...]`` (or ``prompt`` text the server tokenizes) and sampling parameters;
         one list per choice, in choice order, ``n`` split as for ``completion``.  Every id and
-        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``."""
-        return await self._token_completion(kwargs)
-
-    async def _token_completion(self, kwargs: Dict[str, Any],
-                                vocab: Optional[int] = None) -> Tuple[list, list, list, list]:
-        """``tokens_and_logprobs_completion``; ``vocab``: the tokenizer's size, when known."""
+        logprob is checked (``TokenReader``): a malformed answer raises ``TokenProtocolError``.
+        ``vocab``, the tokenizer's size (``len(tokenizer)``) when known, bounds the ids (not sent)."""
         token_prompt(kwargs)
-        parts = await self._split_n(kwargs, lambda part: self._token_call(part, False, vocab))
+        parts = await self._token_calls(kwargs, False, vocab)
         outputs, logprobs, reasons = [], [], []
         for _, part_outputs, part_logprobs, part_reasons in parts:
             outputs += part_outputs
@@ -2969,67 +3382,43 @@ class ServerManager:
             reasons += part_reasons
         return parts[0][0], outputs, logprobs, reasons
 
-    async def get_logprobs(self, **kwargs: Any) -> Dict[str, Any]:
+    async def get_logprobs(self, *, vocab: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
         """Atropos' normalized prompt logprobs for ``input_ids`` or ``prompt``, ``top_k`` (or
         ``top_logprobs``, default 1) per position: ``{"prompt_tokens": [...],
-        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``."""
-        return await self._prompt_logprobs(kwargs)
-
-    async def _prompt_logprobs(self, kwargs: Dict[str, Any], vocab: Optional[int] = None) -> Dict[str, Any]:
-        """``get_logprobs``; ``vocab``: the tokenizer's size, when known."""
+        "prompt_topk_token_ids": [[...], ...], "prompt_topk_logprobs": [[...], ...]}``; ``vocab``
+        as for ``tokens_and_logprobs_completion``."""
         token_prompt(kwargs)
-        return (await self._split_n(dict(kwargs, n=1), lambda part: self._token_call(part, True, vocab)))[0]
+        return (await self._token_calls(dict(kwargs, n=1), True, vocab))[0]
 
-    async def _token_call(self, kwargs: Dict[str, Any], prompt_logprobs: bool, vocab: Optional[int] = None) -> Any:
-        """One token request through the slots and retries, in the protocol of whichever server
-        takes it: on a 404 the server's next protocol is tried (once per server, said once).
-        The answer is read (``TokenReader``) before the slot is given back: an aborted
-        generation is retried like a 5xx, a malformed answer raises ``TokenProtocolError``."""
-        prompt, params = token_prompt(kwargs), sampling_params(kwargs)
-        top_k, n = 0, 1 if params.get("n") is None else params["n"]
-        if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
-            top_k, n = params.pop("top_k", params.pop("top_logprobs", 1)), 1
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ConfigError(f"top_k={top_k!r} must be a positive integer")
-        elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n={_shown(n)} must be a positive integer")
+    async def _token_calls(self, kwargs: Dict[str, Any], prompt_logprobs: bool, vocab: Optional[int]) -> list:
+        """The results of a token call's requests (one per part of ``n``), each read by its
+        protocol (``TokenReader``) before its slot is given back."""
+        self._enter()
+        sizes = n_sizes(kwargs.get("n", 1), self._per_request, kwargs.get("stream"))
+        left = [self.retry_policy.max_retries]
+        calls = [TokenCall(kwargs if sizes is None else dict(kwargs, n=k), prompt_logprobs, self._endpoints_of,
+                           vocab, left) for k in sizes or [None]]
+        return await self._gather_parts([self._request(call, self.slot_source) for call in calls])
 
-        async def send(server: OpenAIServer, fresh: bool) -> Any:  # the result, read
-            protocols = token_protocols(server.config.server_type)
-            index = self._tokens_via.get(server, 0)
-            while True:
-                protocol = protocols[index]
-                model = server.config.model_name
-                body = (protocol.logprobs_body(model, prompt, top_k, params) if prompt_logprobs
-                        else protocol.completion_body(model, prompt, params))
-                try:
-                    data = await server.post(protocol.path, body, fresh=fresh, root=protocol.root, tokens=True,
-                                             timeout=kwargs.get("timeout"))
-                except APIStatusError as error:
-                    if error.status != 404 or index + 1 >= len(protocols):
-                        raise
-                    index, fresh = index + 1, False
-                    if self._tokens_via.get(server, 0) < index:  # concurrent calls may all have met the 404
-                        log.info("%s has no %s (404): using %s from now on", server.url, protocol.name,
-                                    protocols[index].name)
-                        self._tokens_via[server] = index
-                    continue
-                read = TokenReader(protocol.name, server.url, n, vocab, prompt, top_k)
-                return (protocol.logprobs_result if prompt_logprobs else protocol.completion_result)(data, read)
-
-        return await self._request("", kwargs, send=send)
+    def _endpoints_of(self, server: OpenAIServer) -> EndpointFallback:
+        fallback = self._endpoints.get(server)
+        if fallback is None:
+            names = [p.name for p in token_protocols(server.config.server_type)]
+            fallback = self._endpoints[server] = EndpointFallback(server.url, names)
+        return fallback
 
     def stats(self) -> List[Dict[str, Any]]:
         """Per server: health, requests in flight, done, failed, retried, latency p50/p99 (s)."""
         rows = []
-        for s in self.servers:
+        for slot in self.slots.records:
+            s = slot.server.stats
             lat = sorted(s.latencies)
             rows.append({
-                "url": s.url, "healthy": s.healthy, "in_flight": sum(s.in_flight.values()),
+                "url": slot.server.url, "healthy": slot.healthy, "in_flight": sum(slot.in_flight.values()),
                 "done": s.done, "failed": s.failed, "retried": s.retried,
                 "p50": lat[len(lat) // 2] if lat else None,
                 "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-                "last_error": s.last_error,
+                "last_error": slot.last_error,
             })
         return rows
 
@@ -3042,10 +3431,10 @@ class ServerManager:
         most the manager's slot wait); any weight above 0 leaves each cap at least 1."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"weight={weight!r} must be a number >= 0")
-        caps = [(server, weighted_cap(server.config.num_max_requests_at_once, weight),
-                 weighted_cap(server.config.num_requests_for_eval, weight)) for server in self.servers]
-        for server, train, eval_cap in caps:  # all computed first: a refused weight changes none
-            self.slots.set_caps(server, train, eval_cap)
+        caps = [(slot, weighted_cap(slot.server.config.num_max_requests_at_once, weight),
+                 weighted_cap(slot.server.config.num_requests_for_eval, weight)) for slot in self.slots.records]
+        for slot, train, eval_cap in caps:  # all computed first: a refused weight changes none
+            self.slots.set_caps(slot, train, eval_cap)
 
     @contextlib.asynccontextmanager
     async def dedicated_server(self) -> AsyncIterator["DedicatedServer"]:
@@ -3053,9 +3442,8 @@ class ServerManager:
 
         ``async with manager.dedicated_server() as server: await server.chat_completion(...)``
         """
-        if self._closed:
-            raise ManagerClosedError("this ServerManager was closed; make a new one")
-        episode = DedicatedServer(self, await self._acquire("train", None))
+        self._enter()
+        episode = DedicatedServer(self, self.slot_source, await self.slot_source.acquire("train", None))
         try:
             yield episode
         finally:
@@ -3082,26 +3470,25 @@ class ServerManager:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    # -- n splitting --------------------------------------------------------------------------
+    # -- one call: checked, split in parts of n, each part through _request ---------------------
 
-    def _generate(self, path: str, kwargs: Dict[str, Any],
-                  episode: Optional["DedicatedServer"] = None) -> Awaitable[Any]:
-        """The call's coroutine: for the usual call, one request, awaited by the caller directly
-        (a coroutine level less); for ``n`` over the per-request cap, the split and the merge."""
-        if self._n_sizes(kwargs) is None:
-            return self._request(path, kwargs, episode, loop=self._loop)  # _n_sizes set the running loop
-        return self._generate_split(path, kwargs, episode)
+    def _enter(self) -> asyncio.AbstractEventLoop:
+        """The running loop, for a new call: raises when the manager is closed, and restarts
+        the probes of down servers in a new event loop (the last one's ended with it)."""
+        if self._closed:
+            raise ManagerClosedError("this ServerManager was closed; make a new one")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._probe_all_down()
+            if self.server_load_interval and not self._closed:
+                self._probes[-1] = asyncio.ensure_future(self._read_loads())
+        return loop
 
-    async def _generate_split(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"]) -> Any:
-        return merge_responses(await self._split_n(kwargs, lambda part: self._request(path, part, episode)))
-
-    async def _split_n(self, kwargs: Dict[str, Any], call) -> list:
-        """``[await call(kwargs)]``, or, for ``n`` over the per-request cap, ``call`` once per
-        chunk of ``n`` (concurrently), the results in chunk order."""
-        sizes = self._n_sizes(kwargs)
-        if sizes is None:
-            return [await call(kwargs)]
-        tasks = [asyncio.ensure_future(call(dict(kwargs, n=k))) for k in sizes]
+    @staticmethod
+    async def _gather_parts(parts: List[Awaitable[Any]]) -> list:
+        """The parts' results in order, run concurrently; the first to fail cancels the others."""
+        tasks = [asyncio.ensure_future(part) for part in parts]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -3110,167 +3497,85 @@ class ServerManager:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    def _n_sizes(self, kwargs: Dict[str, Any]) -> Optional[List[int]]:
-        """None when the call is one request, else the ``n`` of each of its requests; raises
-        when the manager is closed, and restarts the probes in a new event loop."""
-        if self._closed:
-            raise ManagerClosedError("this ServerManager was closed; make a new one")
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new asyncio.run(): the last one's health probes ended with it
-            self._loop = loop
-            self._probe_all_down()
-            if self.server_load_interval and self.router is not None and not self._closed:
-                self._probes[-1] = asyncio.ensure_future(self._read_loads())
-        n = kwargs.get("n", 1)
-        per_request = 1 if self.configs[0].n_kwarg_is_ignored else self.max_n_completions
-        if kwargs.get("stream") or not isinstance(n, int) or n <= per_request:
-            return None
-        return [per_request] * (n // per_request) + ([n % per_request] if n % per_request else [])
-
-    # -- one call: a slot, one HTTP request per attempt, the retry policy ---------------------
-
-    async def _request(self, path: str, kwargs: Dict[str, Any], episode: Optional["DedicatedServer"] = None,
-                       send=None, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
-        """One call: a slot, the HTTP request, bounded retries.  ``send(server, fresh)``, when
-        given, makes the request instead of POSTing ``kwargs`` to ``path`` (token protocols);
-        ``loop``, the running loop if the caller knows it (see ``ConnectionPool.send``)."""
-        split = "train" if kwargs.get("split", "train") == "train" else "eval"  # Atropos' rule
-        # Where slots come from: any server, or the one an episode holds (same interface).
-        acquire, slots = (self._acquire, self.slots) if episode is None else (episode.acquire, episode)
-        attempts = self.retry_policy.max_retries + 1
-        avoid: Optional[OpenAIServer] = None
-        resend = False  # the last attempt met a stale pooled connection: same slot, fresh connection
-        router = self.router if episode is None else None
-        route = RouteKeys.of(kwargs) if router is not None else None
-        prefer = spill = None
-        for attempt in range(1, attempts + 1):
-            if not resend:  # the manager's free slot is taken at once, without the coroutine of a wait
-                if route:
-                    prefer, spill = router.choose(route, self.slots)
-                server = (episode is None and self.slots.take(split, avoid or spill, prefer)
-                          or await acquire(split, avoid or spill))
-                if route:
-                    router.placed(route, server)
+    async def _request(self, call: Call, source: SlotSource) -> Any:
+        """One request: choose a slot, call the server, obey the retry decision."""
+        split, attempts, policy = call.split, None, self.retry_policy
+        slot: Optional[ServerSlot] = None  # kept for a resend on a fresh connection
+        avoid, fresh = None, False
+        router = self.router if source is self.slot_source else None  # a dedicated server's episode: its own
+        route = RouteKeys.of(call.kwargs) if router is not None else None
+        policy.budget.deposit()
+        while True:
+            if slot is None and route:  # where the prompt's prefix is (see PrefixRouter)
+                prefer, spill = router.choose(route, self.slots)
+                slot = source.take(split, avoid or spill, prefer) or await source.acquire(split, avoid or spill)
+                router.placed(route, slot)
+            elif slot is None:  # the manager's free slot is taken at once, without the coroutine of a wait
+                slot = source.take(split, avoid) or await source.acquire(split, avoid)
             started = time.monotonic()
             try:
-                if send is not None:
-                    result = await send(server, resend)
-                else:
-                    result = await server.post(path, server.request_body(path, kwargs), fresh=resend,
-                                               timeout=kwargs.get("timeout"), loop=loop,
-                                               on_stream_close=(lambda s=server: slots.give_back(s, split))
-                                               if kwargs.get("stream") else None)
+                result = await call.send(slot.server, fresh, (lambda s=slot: source.give_back(s, split))
+                                         if call.stream else None)
             except ServerError as error:
-                decision = self.retry_policy.decide(error, attempt, random.uniform(0.75, 1))
-                self._record_failure(server, error, decision)
-                server.split_counts[split][1] += 1
-                if decision.action == Retry.RAISE or attempt == attempts:
-                    slots.give_back(server, split)
-                    raise error.after_attempts(attempt, attempts)
-                server.retried += 1
-                resend = decision.action == Retry.RESEND
-                if resend:
-                    continue  # in the same slot
-                slots.give_back(server, split)
-                avoid = server
+                attempts = attempts or policy.attempts(call.left)
+                decision = attempts.failed(error)
+                self._record_failure(slot, split, error, decision)
+                if decision.action == Retry.RESEND:
+                    fresh = True  # in the same slot
+                    continue
+                source.give_back(slot, split)
+                if decision.action == Retry.RAISE:
+                    raise attempts.gave_up(error)
+                avoid, slot, fresh = slot, None, False
                 await asyncio.sleep(decision.delay)
             except BaseException:
-                slots.give_back(server, split)
+                source.give_back(slot, split)
                 raise
             else:
                 if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
-                    slots.give_back(server, split)
+                    source.give_back(slot, split)
                     if route:
-                        router.answered(route, server, result)
-                server.done += 1
-                elapsed = time.monotonic() - started
-                server.latencies.append(elapsed)
-                server.split_latencies[split].append(elapsed)
-                server.split_counts[split][0] += 1
+                        router.answered(route, slot, result)
+                slot.server.stats.succeeded(split, time.monotonic() - started)
                 return result
-        raise AssertionError("the loop returns or raises on its last attempt")
 
-    def _record_failure(self, server: OpenAIServer, error: ServerError, decision: Retry) -> None:
-        server.failed += 1
-        server.last_error = str(error)
-        log.debug("request to %s failed: %s: %s -> %s", server.url, type(error).__name__, error, decision)
+    def _record_failure(self, slot: ServerSlot, split: str, error: ServerError, decision: Retry) -> None:
+        slot.server.stats.attempt_failed(split, decision.action != Retry.RAISE)
+        self.slots.note_error(slot, str(error))
+        log.debug("request to %s failed: %s: %s -> %s", slot.server.url, type(error).__name__, error, decision)
         if decision.mark_down:
-            self._mark_down(server)
-
-    async def _acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
-        """Take a slot: at once if one is free, else wait in line for the first one freed.
-
-        With no server healthy, the wait is bounded by ``no_server_timeout`` (counted from when
-        the last one went down for this call) while the probes try to bring one back.
-        """
-        all_down_since: Optional[float] = None
-        while True:
-            server = self.slots.take(split, avoid)
-            if server is not None:
-                return server
-            waiter = self.slots.wait(split)
-            try:
-                if self.slots.healthy_count:
-                    all_down_since = None
-                    with _Deadline(self._slot_timeout, f"no free slot within timeout={self._slot_timeout:g} s "
-                                                       f"(every healthy server at its cap for split={split!r})"):
-                        server = await waiter
-                else:
-                    all_down_since = all_down_since or time.monotonic()
-                    self._probe_all_down()
-                    remaining = all_down_since + self.no_server_timeout - time.monotonic()
-                    try:
-                        with _Deadline(remaining, "no healthy server"):
-                            server = await waiter
-                    except ServerTimeoutError:
-                        raise NoHealthyServerError(self._no_server_message()) from None
-            except BaseException:
-                self.slots.leave(waiter, split)
-                raise
-            if server is not None:
-                return server  # the giver already counted our slot
-
-    def _no_server_message(self) -> str:
-        lines = "; ".join(f"{s.url}: {s.last_error or 'down'}" for s in self.servers)
-        return f"no healthy server after {self.no_server_timeout:g} s ({lines})"
+            self._mark_down(slot)
 
     # -- health -------------------------------------------------------------------------------
-
-    def _mark_down(self, server: OpenAIServer) -> None:
-        if not server.config.health_check or not server.healthy:
-            return
-        log.warning("server %s marked down: %s", server.url, server.last_error)
-        self.slots.set_healthy(server, False)
-        self._start_probe(server)
 
     async def _read_loads(self) -> None:
         """Read each healthy server's own queue (``read_server_load``) every
         ``server_load_interval`` seconds, or slower: at most ``MAX_LOAD_READS_PER_SECOND`` reads
         a second over all servers, one at a time per server; the router's bound uses them."""
-        servers, router = self.servers, self.router
-        gap = max(self.server_load_interval / len(servers), 1 / MAX_LOAD_READS_PER_SECOND)
-        paths = {id(s): ["/metrics", "/get_load"] for s in servers}
+        slots, router = self.slots.records, self.router
+        gap = max(self.server_load_interval / len(slots), 1 / MAX_LOAD_READS_PER_SECOND)
+        paths = {slot.index: ["/metrics", "/get_load"] for slot in slots}
         reading: set = set()
 
-        async def read(server: OpenAIServer) -> None:
+        async def read(slot: ServerSlot) -> None:
             try:
-                load = await read_server_load(server.url, paths[id(server)], server.config.health_timeout)
+                load = await read_server_load(slot.server.url, paths[slot.index], slot.server.config.health_timeout)
             except ServerError:
                 load = None
             finally:
-                reading.discard(server)
-            mine = server.in_flight["train"] + server.in_flight["eval"]
-            router.report(server, None if load is None else max(0, load - mine))
+                reading.discard(slot)
+            mine = slot.in_flight["train"] + slot.in_flight["eval"]
+            router.report(slot, None if load is None else max(0, load - mine))
 
         tasks: set = set()
-        for server in itertools.cycle(servers):
-            if server.healthy and paths[id(server)] and server not in reading:
-                reading.add(server)
-                task = asyncio.ensure_future(read(server))
+        for slot in itertools.cycle(slots):
+            if slot.healthy and paths[slot.index] and slot not in reading:
+                reading.add(slot)
+                task = asyncio.ensure_future(read(slot))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            elif not server.healthy and server in router.reported:
-                router.report(server, None)
+            elif not slot.healthy and slot in router.reported:
+                router.report(slot, None)
             try:
                 await asyncio.sleep(gap)
             except asyncio.CancelledError:
@@ -3278,32 +3583,38 @@ class ServerManager:
                     task.cancel()
                 raise
 
-    def _probe_all_down(self) -> None:
-        for server in self.servers:
-            if not server.healthy:
-                self._start_probe(server)
+    def _mark_down(self, slot: ServerSlot) -> None:
+        if not slot.server.config.health_check or not slot.healthy:
+            return
+        log.warning("server %s marked down: %s", slot.server.url, slot.last_error)
+        self.slots.set_healthy(slot, False)
+        self._start_probe(slot)
 
-    def _start_probe(self, server: OpenAIServer) -> None:
+    def _probe_all_down(self) -> None:
+        for slot in self.slots.records:
+            if not slot.healthy:
+                self._start_probe(slot)
+
+    def _start_probe(self, slot: ServerSlot) -> None:
         if self._closed:
             return
-        key = id(server)
-        if key not in self._probes or self._probes[key].done():
-            self._probes[key] = asyncio.ensure_future(self._probe_until_healthy(server))
+        if slot.index not in self._probes or self._probes[slot.index].done():
+            self._probes[slot.index] = asyncio.ensure_future(self._probe_until_healthy(slot))
 
-    async def _probe_until_healthy(self, server: OpenAIServer) -> None:
+    async def _probe_until_healthy(self, slot: ServerSlot) -> None:
         """Probe a down server's health path until it answers 2xx (waits: ``probe_waits``), then
         bring it back.
 
         A server without the health path (404) counts as healthy when ``GET /v1/models`` is 200.
         """
         waits = probe_waits(self.health_probe_interval)
-        while not server.healthy and not self._closed:
+        while not slot.healthy and not self._closed:
             await asyncio.sleep(next(waits))
-            if await server.check_health():
-                log.info("server %s is healthy again", server.url)
-                self.slots.set_healthy(server, True)
+            if await slot.server.check_health():
+                log.info("server %s is healthy again", slot.server.url)
+                self.slots.set_healthy(slot, True)
             else:
-                server.last_error = f"health probe: {server.health_error}"
+                self.slots.note_error(slot, f"health probe: {slot.server.health_error}")
 
 
 # =============================================================================================
@@ -3829,7 +4140,28 @@ def _chat_choice(index: int, text: str, finish_reason: Any) -> Dict[str, Any]:
     return dict(finish_reason=finish_reason, index=index, logprobs=None, message=message)
 
 
-class ManagedServer:
+class RecordedSequences:
+    """What a managed session recorded, as Atropos keeps it: a list of nodes (default mode), or
+    every sequence keyed by ``full_text`` (``track_tree=True``).  Shared by ``ManagedServer`` and
+    the placeholder ``DummyManagedServer``."""
+
+    def __init__(self, track_tree: bool = False):
+        self.track_tree = track_tree
+        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
+        self.current_nodes: List[SequenceNode] = []  # default mode
+
+    def get_state(self) -> Dict[str, Any]:
+        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
+        if self.track_tree:
+            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
+        return {"nodes": list(self.current_nodes)}
+
+    def reset(self) -> None:
+        self.sequences.clear()
+        self.current_nodes.clear()
+
+
+class ManagedServer(RecordedSequences):
     """Atropos' ``ManagedServer`` over our ``ServerManager``: every completion is recorded as a
     ``SequenceNode`` with the exact token ids and logprobs the server generated.
 
@@ -3849,20 +4181,9 @@ class ManagedServer:
         if tokenizer is None or not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
             raise ConfigError("managed_server needs tokenizer=, the environment's tokenizer (with encode and decode): "
                               "atropos_slurm loads none itself")
+        super().__init__(track_tree)
         self.manager, self.tokenizer = manager, tokenizer
-        self.track_tree, self.preserve_think_blocks = track_tree, preserve_think_blocks
-        self.sequences: Dict[str, SequenceNode] = {}  # tree mode
-        self.current_nodes: List[SequenceNode] = []  # default mode
-
-    def get_state(self) -> Dict[str, Any]:
-        """``{"nodes": [...]}``, or in tree mode ``{"sequences": {...}, "tree": {...}}`` (copies)."""
-        if self.track_tree:
-            return {"sequences": dict(self.sequences), "tree": dict(self.sequences)}
-        return {"nodes": list(self.current_nodes)}
-
-    def reset(self) -> None:
-        self.sequences.clear()
-        self.current_nodes.clear()
+        self.preserve_think_blocks = preserve_think_blocks
 
     async def chat_completion(self, **kwargs: Any) -> APIResponse:
         """Chat through the tokenizer's chat template; Atropos' ChatCompletion.  ``tools`` are
@@ -3893,7 +4214,7 @@ class ManagedServer:
             kwargs["prompt"] = self.chat_prompt(kwargs.pop("messages"))
         if kwargs.get("input_ids") is None and isinstance(kwargs.get("prompt"), str):
             kwargs["input_ids"] = self._prompt_ids(kwargs.pop("prompt"), None)
-        return await self.manager._prompt_logprobs(kwargs, tokenizer_size(self.tokenizer))
+        return await self.manager.get_logprobs(vocab=tokenizer_size(self.tokenizer), **kwargs)
 
     def chat_prompt(self, messages: List[Dict[str, Any]]) -> str:
         """``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` unless the
@@ -3937,8 +4258,8 @@ class ManagedServer:
             parent = None
             extending = base = next((n for n in self.current_nodes if prompt.startswith(n.full_text)), None)
         prompt_ids = self._prompt_ids(prompt, base)
-        _, outputs, logprobs, reasons = await self.manager._token_completion(
-            dict(kwargs, input_ids=prompt_ids), tokenizer_size(self.tokenizer))
+        _, outputs, logprobs, reasons = await self.manager.tokens_and_logprobs_completion(
+            vocab=tokenizer_size(self.tokenizer), **dict(kwargs, input_ids=prompt_ids))
         choices = []
         for i, (output, output_logprobs, raw_reason) in enumerate(zip(outputs, logprobs, reasons)):
             reason = _finish_reason(raw_reason)
@@ -3973,7 +4294,7 @@ class ManagedServer:
         self.current_nodes.append(node)
 
 
-class DummyManagedServer:
+class DummyManagedServer(RecordedSequences):
     """What Atropos gives ``server_type="openai"`` when ``ATROPOS_ALLOW_DUMMY_MANAGED_SERVER`` is
     set: plain completions, recorded with placeholder tokens (ids 0..127, logprobs -0.5) and
     ``metadata["dummy_tokens"]``.  For evaluation only: nothing here is fit for training."""
@@ -3983,12 +4304,8 @@ class DummyManagedServer:
     DUMMY_LOGPROBS = [-0.5] * 128
 
     def __init__(self, manager: "ServerManager", track_tree: bool = False):
-        self.manager, self.track_tree = manager, track_tree
-        self.sequences: Dict[str, SequenceNode] = {}
-        self.current_nodes: List[SequenceNode] = []
-
-    get_state = ManagedServer.get_state
-    reset = ManagedServer.reset
+        super().__init__(track_tree)
+        self.manager = manager
 
     def _record(self, full_text: str, finish_reason: Any) -> None:
         node = SequenceNode(full_text=full_text, tokens=list(self.DUMMY_TOKENS),
@@ -4055,18 +4372,19 @@ def atropos_server_type(server_class: Any) -> Tuple[bool, Optional[str]]:
     return True, ATROPOS_SERVER_TYPES[name]
 
 
-def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: bool, reasoning_config: Any,
-                      proxy_url: Optional[str], use_proxy: bool) -> Tuple[Any, Any, bool]:
-    """``ServerManager``'s arguments, as Atropos' ``BaseEnv`` passes them, made ours.
+def resolve_servers(configs: Any, server_class: Any, slurm: bool, testing: bool, reasoning_config: Any,
+                    proxy_url: Optional[str], use_proxy: bool) -> Tuple[List[APIServerConfig], Any]:
+    """``ServerManager``'s arguments, as Atropos' ``BaseEnv`` passes them, resolved: (one
+    ``APIServerConfig`` per server, the server factory).  The job is discovered at most once.
 
-    Returns (configs as a list of ours, the server factory, whether to discover from Slurm):
     Atropos' pydantic configs are read by field; Atropos' server classes become ours, a
     concrete one setting every config's ``server_type``; ``reasoning_config`` is given to each
     server; ``testing=True`` points one server at this process' stub server (``testing_stub_url``).
     Atropos' discovery rules: a lone baseline (no ``base_url``) discovers whenever
     ``SLURM_JOB_NODELIST`` is set, and a nodelist of one node discovers nothing (a lone
     baseline then means localhost:9004-9007, a list is used as given), unless
-    ``NUM_TRAINING_NODES=0`` says that node serves.
+    ``NUM_TRAINING_NODES=0`` says that node serves.  Discovery is ``discover_servers()``, the
+    first config the template of every server.
     """
     proxy_url = proxy_url or os.environ.get("ATROPOS_PROXY_URL")
     if proxy_url or use_proxy:
@@ -4074,28 +4392,49 @@ def manager_arguments(configs: Any, server_class: Any, slurm: bool, testing: boo
                           "ManagedServer proxy is not supported")
     lone = not isinstance(configs, (list, tuple))
     configs = [own_config(c) for c in ([configs] if lone else configs)]
+    if not configs or not all(isinstance(c, ServerBaseline) for c in configs):
+        raise ConfigError("configs must be a ServerBaseline or a non-empty list of APIServerConfig")
     is_atropos, server_type = atropos_server_type(server_class)
     if is_atropos:
         server_class = OpenAIServer
         if server_type is not None:
-            configs = [dataclasses.replace(c, server_type=server_type) if isinstance(c, ServerBaseline) else c
-                       for c in configs]
+            configs = [dataclasses.replace(c, server_type=server_type) for c in configs]
     if reasoning_config is not None:
         server_class = functools.partial(server_class, reasoning_config=reasoning_config)
-    if testing and configs and isinstance(configs[0], ServerBaseline):
-        return configs_for_urls(configs[0], [testing_stub_url()]), server_class, False
+    if testing:
+        return configs_for_urls(configs[0], [testing_stub_url()]), server_class
+    if atropos_discovers(slurm, lone and not getattr(configs[0], "base_url", "")):
+        discovery = discover_servers()
+        log.info("discovered %d inference servers on %s", len(discovery.servers), ",".join(discovery.inference_nodes))
+        return configs_for_urls(configs[0], discovery.urls), server_class
+    if not isinstance(configs[0], APIServerConfig):
+        return configs_for_urls(configs[0], LOCAL_DEFAULT_URLS), server_class
+    return configs, server_class
+
+
+def atropos_discovers(slurm: bool, lone_baseline: bool) -> bool:
+    """Whether to discover, as Atropos: with ``slurm=True``, or for a lone baseline when
+    ``SLURM_JOB_NODELIST`` is set; but not on a one-node job unless ``NUM_TRAINING_NODES=0``
+    (a heterogeneous job or a server list is never "one node").
+
+    The nodes are counted by the hostlist grammar, without ``scontrol`` (discovery runs it,
+    once).  ``slurm=True`` outside a job discovers, and discovery says what is missing.
+    """
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if lone and nodelist is not None and not getattr(configs[0], "base_url", ""):
-        slurm = True
-    backend = os.environ.get(ENV_HOSTLIST_BACKEND, "auto").strip() or "auto"
+    if nodelist is None or not (slurm or lone_baseline):
+        return slurm
     # Not about a heterogeneous job (its SLURM_JOB_NODELIST is component 0's alone) or a server list.
     one_nodelist = "SLURM_HET_SIZE" not in os.environ and not os.environ.get(ENV_SERVERS, "").strip()
-    if (slurm and nodelist and one_nodelist and os.environ.get("NUM_TRAINING_NODES", "").strip() != "0"
-            and len(resolve_hostnames(nodelist, backend)[0]) < 2):
+    if not nodelist or not one_nodelist or os.environ.get("NUM_TRAINING_NODES", "").strip() == "0":
+        return True
+    try:
+        one_node = len(expand_hostlist(nodelist)) < 2
+    except HostlistError:  # discovery says what is wrong with it
+        return True
+    if one_node:
         log.info("SLURM_JOB_NODELIST=%r is one node (and NUM_TRAINING_NODES is not 0): no discovery, "
                  "as in Atropos", nodelist)
-        slurm = False
-    return configs, server_class, slurm
+    return not one_node
 
 
 _testing_stub_lock = threading.Lock()
@@ -4154,7 +4493,7 @@ def weighted_cap(cap: int, weight: float) -> int:
     return max(math.ceil(round(scaled, 9)), 1 if weight > 0 and cap > 0 else 0)
 
 
-class DedicatedServer:
+class DedicatedServer(SlotSource):
     """One server held for a multi-turn episode, from ``ServerManager.dedicated_server()``.
 
     The episode holds one "train" slot of one healthy server from start to end, as Atropos'
@@ -4163,13 +4502,18 @@ class DedicatedServer:
     as any call.  When its server goes down, the episode moves to another healthy one.  A
     stream keeps the slot until it ends: the episode's next call waits for it (at most the
     manager's slot wait), and a stream still open when the episode ends holds the server's slot
-    until it ends.  Calls after the episode ended raise ``ConfigError``.
+    until it ends.  Calls after the episode ended raise ``ConfigError``.  It is the episode's
+    calls' ``SlotSource``, over the manager's (``shared``).
     """
 
-    def __init__(self, manager: "ServerManager", server: OpenAIServer):
-        self._manager, self.server = manager, server
+    def __init__(self, manager: "ServerManager", shared: "SharedSlots", slot: ServerSlot):
+        self._manager, self._shared, self._slot = manager, shared, slot
         self._turn = asyncio.Semaphore(1)
         self._ended = False
+
+    @property
+    def server(self) -> Optional[OpenAIServer]:
+        return self._slot.server if self._slot is not None else None
 
     @property
     def config(self) -> APIServerConfig:
@@ -4177,18 +4521,18 @@ class DedicatedServer:
 
     @property
     def server_healthy(self) -> bool:
-        return self.server.healthy
+        return self._slot is not None and self._slot.healthy
 
     async def chat_completion(self, **kwargs: Any) -> Any:
-        return await self._manager._generate("/chat/completions", kwargs, self)
+        return await self._manager.dispatch("/chat/completions", kwargs, self)
 
     async def completion(self, **kwargs: Any) -> Any:
-        return await self._manager._generate("/completions", kwargs, self)
+        return await self._manager.dispatch("/completions", kwargs, self)
 
-    # The slot interface of ServerManager._request (as ServerManager._acquire and Slots.give_back).
+    # The SlotSource of the episode's calls.
 
-    async def acquire(self, split: str, avoid: Optional[OpenAIServer]) -> OpenAIServer:
-        wait = self._manager._slot_timeout
+    async def acquire(self, split: str, avoid: Optional[ServerSlot]) -> ServerSlot:
+        wait = self._shared.slot_timeout
         with _Deadline(wait, f"the episode's slot was still in use after timeout={wait:g} s "
                              "(by an unfinished stream of this episode?)"):
             await self._turn.acquire()
@@ -4196,17 +4540,17 @@ class DedicatedServer:
             if self._ended:
                 raise ConfigError("this dedicated_server() episode has ended: make its calls inside its "
                                   "`async with` block")
-            if self.server is None or not self.server.healthy:  # down (or a move failed): move
-                old, self.server = self.server, None
+            if self._slot is None or not self._slot.healthy:  # down (or a move failed): move
+                old, self._slot = self._slot, None
                 if old is not None:
-                    self._manager.slots.give_back(old, "train")
-                self.server = await self._manager._acquire("train", old)
-            return self.server
+                    self._shared.give_back(old, "train")
+                self._slot = await self._shared.acquire("train", old)
+            return self._slot
         except BaseException:
             self._turn.release()
             raise
 
-    def give_back(self, server: OpenAIServer, split: str) -> None:
+    def give_back(self, slot: ServerSlot, split: str) -> None:
         self._turn.release()
         if self._ended:  # the stream that outlived its episode ended
             self._leave_server()
@@ -4217,9 +4561,9 @@ class DedicatedServer:
             self._leave_server()
 
     def _leave_server(self) -> None:
-        if self.server is not None:
-            self._manager.slots.give_back(self.server, "train")
-            self.server = None
+        if self._slot is not None:
+            self._shared.give_back(self._slot, "train")
+            self._slot = None
 
 
 # Where atroposlib keeps the ServerManager that BaseEnv (and code importing it later) builds.
@@ -5064,29 +5408,50 @@ def cmd_stub_server(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def _free_port_block(count: int, host: str = "127.0.0.1", preferred: int = DEFAULT_BASE_PORT) -> int:
-    """A base port with ``count`` consecutive free ports: ``preferred`` if possible."""
-    candidates = [preferred] + [random.randrange(20000, 60000) for _ in range(50)]
+def ephemeral_port_range() -> Tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux's ``ip_local_port_range``; its
+    default 32768-60999 elsewhere).  A listener placed inside it can find its port taken by a
+    client socket of its own machine, so servers started here sit below it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def reserve_port_block(count: int, host: str = "127.0.0.1", preferred: Optional[int] = None) -> List[Any]:
+    """``count`` sockets bound (not listening: a connection is refused) to consecutive ports below
+    the ephemeral range, ``preferred`` first if free; the caller closes them just before a
+    server takes the ports.  The one port picker of the demo, the tests and the benchmarks."""
+    top = max(ephemeral_port_range()[0], 10000 + count + 1) - count
+    candidates = ([preferred] if preferred else []) + [random.randrange(10000, top) for _ in range(200)]
     for base in candidates:
-        socks = []
+        socks: List[Any] = []
         try:
             for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-            return base
+                socks.append(socket.socket())
+                socks[-1].bind((host, port))
+            return socks
         except OSError:
-            continue
-        finally:
             for sock in socks:
                 sock.close()
-    raise ConfigError(f"no {count} consecutive free ports found on {host}")
+    raise ConfigError(f"no {count} consecutive free ports below the ephemeral range on {host}")
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", preferred: Optional[int] = None) -> int:
+    """The first of ``count`` consecutive ports that were free a moment ago (``reserve_port_block``)."""
+    socks = reserve_port_block(count, host, preferred)
+    base = socks[0].getsockname()[1]
+    for sock in socks:
+        sock.close()
+    return base
 
 
 async def run_demo(requests: int = 4000, servers: int = 8, out=None) -> List[Dict[str, Any]]:
     """Start stub servers, discover them the Slurm way, load them, kill one half way, show a table."""
     out = out or sys.stdout
-    base = _free_port_block(servers)
+    base = free_port_block(servers, preferred=DEFAULT_BASE_PORT)
     stubs = [await StubServer("127.0.0.1", base + i, latency=0.002).start() for i in range(servers)]
     found = discover_servers(nodelist="localhost", num_training_nodes=0, tp=1, gpus_per_node=servers,
                              base_port=base, backend="python")

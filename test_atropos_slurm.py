@@ -968,6 +968,33 @@ class UnsendableValues(unittest.TestCase):
                 self.assertLess(len(err), 300)
 
 
+class PortBlocks(unittest.TestCase):
+    """The one port picker of the demo, the tests and the benchmarks: below the ephemeral range."""
+
+    def test_a_block_is_consecutive_free_and_below_the_ephemeral_range(self):
+        low, high = a.ephemeral_port_range()
+        self.assertLess(low, high)
+        socks = a.reserve_port_block(5)
+        try:
+            ports = [s.getsockname()[1] for s in socks]
+            self.assertEqual(ports, list(range(ports[0], ports[0] + 5)))
+            self.assertLessEqual(ports[-1], low - 1)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def test_the_preferred_block_when_free_else_another(self):
+        base = a.free_port_block(3)
+        self.assertEqual(a.free_port_block(3, preferred=base), base)
+        held = a.reserve_port_block(1, preferred=base + 1)
+        try:
+            self.assertEqual(held[0].getsockname()[1], base + 1)
+            other = a.free_port_block(3, preferred=base)  # base + 1 is taken: a block elsewhere
+            self.assertNotEqual(other, base)
+        finally:
+            held[0].close()
+
+
 class CLIEdges(unittest.TestCase):
     def test_a_closed_stdout_ends_quietly(self):
         """Issue 10 item 18: ``discover | head -1`` with many URLs: no traceback, the status of a

@@ -335,7 +335,7 @@ def fast_server_main(ports, latency: float) -> None:
 
 def free_ports(count: int):
     import atropos_slurm as a
-    base = a._free_port_block(count, preferred=39000)
+    base = a.free_port_block(count)
     return list(range(base, base + count))
 
 

@@ -363,7 +363,7 @@ def load_cost(count, seconds, interval):
         urls = [f"http://127.0.0.1:{ports[i % 16]}/v1" for i in range(count)]
         manager = a.ServerManager(a.configs_for_urls(a.APIServerConfig(base_url=urls[0]), urls),
                                   routing="prefix", server_load_interval=interval)
-        manager._n_sizes({})  # starts the reader in this loop, as a first call does
+        manager._enter()  # starts the reader in this loop, as a first call does
         cpu, wall = time.process_time(), time.monotonic()
         await asyncio.sleep(seconds)
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall

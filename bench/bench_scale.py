@@ -25,6 +25,10 @@ One server process holds every server: the canned-answer ``asyncio.Protocol`` se
 the ephemeral range (32768-60999) so that client connections never collide with it.  Each
 measurement runs in a fresh client process.  RLIMIT_NOFILE is raised to its hard limit.
 
+Two measurements reach inside on purpose, and say where: the probe storm marks half the
+servers down at one instant (``manager._start_probe``, as a failed request would), and the
+memory measure counts idle connections (``server._pool``).
+
     python3 bench/bench_scale.py                    # everything, ~3 min
     python3 bench/bench_scale.py --only cpu --repeats 5
     python3 bench/bench_scale.py --only probes
@@ -71,12 +75,12 @@ def raise_nofile() -> int:
 
 def port_block(count: int) -> int:
     """A base port with ``count`` free consecutive ports, outside the ephemeral range."""
-    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    low, high = a.ephemeral_port_range()
     for base in PORT_BASES:
         if base + count > 65536 or not (base + count <= low or base > high):
             continue
         try:
-            if a._free_port_block(count, preferred=base) == base:
+            if a.free_port_block(count, preferred=base) == base:
                 return base
         except a.ConfigError:
             pass
@@ -256,9 +260,8 @@ async def worker_probes(urls, down, interval: float, recover_after: float, ports
     await asyncio.sleep(1.0)
     marked = loop.time()
     for i in down:  # the blip: every request to these failed at once
-        server = manager.servers[i]
-        server.last_error = "benchmark: connection reset"
-        manager._mark_down(server)
+        manager.slots.set_healthy(manager.slots.records[i], False, "benchmark: connection reset")
+        manager._start_probe(manager.slots.records[i])
     await asyncio.sleep(recover_after)
     server_b = Servers(ports_down)  # the down half comes back
     back = loop.time()
@@ -305,7 +308,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         return asyncio.ensure_future(manager.chat_completion(messages=bd.MESSAGES, max_tokens=bd.MAX_TOKENS))
     try:
         holders = [call() for _ in range(cap * len(urls))]
-        while sum(s.in_flight["train"] for s in manager.servers) < len(holders):
+        while manager.slots.in_flight_total("train") < len(holders):
             await asyncio.sleep(0.01)
         waiters = [call() for _ in range(waiting)]
         while manager.slots.waiting("train") < waiting:
@@ -321,7 +324,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         for task in holders:
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
-        free = sum(s.in_flight["train"] for s in manager.servers)
+        free = manager.slots.in_flight_total("train")
     finally:
         await manager.close()
     return {"waiting": waiting, "cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3, "left_waiting": left,

@@ -15,7 +15,7 @@ Three views, all in µs of client CPU per request:
    write (the transport's ``write``, the send syscall, timed in place in an end-to-end run: its
    cost depends on what the server process is doing), head read
    + parse, body read, JSON decode, response object, slot bookkeeping (acquire + release),
-   deadline (the request timeout), and the manager's layers around ``post`` (``_generate``,
+   deadline (the request timeout), and the manager's layers around ``post`` (``dispatch``,
    ``_request``, accounting) with the HTTP call replaced by a canned answer.  The bare loop's
    own stages are timed the same way.  What is left of the end-to-end figure is the event
    loop: ``select``, socket reads, waking tasks, coroutine switches, GC.
@@ -25,6 +25,9 @@ Three views, all in µs of client CPU per request:
     python3 bench/profile_request.py                 # ~1 min
     python3 bench/profile_request.py --cprofile      # plus the cProfile attribution
     python3 bench/profile_request.py --concurrency 512 --repeats 5
+
+It times the module's internals on purpose (private names: the pool, the deadline queue, the
+encoder, ``_request``); it is a profiler, not a test, and follows them when they change.
 
 The machine is shared: a figure is the median of ``--repeats`` runs (tight loops: the
 median of as many batches), and the script prints the outside load it saw.
@@ -210,9 +213,9 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     stages["response object (APIResponse copy, choices and abort check)"] = per_call_us(response_object, n, batches)
 
     def slots():
-        s = drive(manager._acquire("train", None))
+        s = drive(manager.slot_source.acquire("train", None))
         manager.slots.give_back(s, "train")
-    stages["slot bookkeeping (_acquire + Slots.give_back)"] = per_call_us(slots, n, batches)
+    stages["slot bookkeeping (SharedSlots.acquire + Slots.give_back)"] = per_call_us(slots, n, batches)
 
     # deadline: the timeout message, the timer queue check, enter + exit (needs a task)
     async def deadlines():
@@ -244,7 +247,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
         a._send_soon = send_soon
     pool._idle.clear()
 
-    # the manager's layers: chat_completion -> _generate -> _request with post() answering at once
+    # the manager's layers: chat_completion -> dispatch -> _request with post() answering at once
     canned = a.decode_response(raw, url)
 
     async def post(*args, **kwargs):
@@ -252,7 +255,7 @@ async def ours_stages(url: str, n: int, batches: int) -> dict:
     server.post = post
     layers = per_call_us(lambda: drive(manager.chat_completion(**KWARGS)), n, batches)
     del server.post
-    stages["manager layers (_generate, _request, accounting; incl. slots)"] = layers
+    stages["manager layers (dispatch, _request, accounting; incl. slots)"] = layers
     await manager.close()
     return stages
 
@@ -345,9 +348,9 @@ STAGE_OF = [  # (substring of the function name, stage); first match wins
     ("_loads_attr", "JSON decode"), ("decode", "JSON decode"), ("raw_decode", "JSON decode"),
     ("detect_encoding", "JSON decode"), ("AttrDict", "JSON decode"),
     ("decode_response", "response object"), ("check_not_aborted", "response object"),
-    ("_acquire", "slots"), ("give_back", "slots"), ("_take_next", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("has_room", "slots"), ("take", "slots"),
+    ("acquire", "slots"), ("give_back", "slots"), ("select", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("has_room", "slots"), ("take", "slots"),
     ("current_task", "deadline"),
-    ("_generate", "manager layers"), ("_request", "manager layers"), ("chat_completion", "manager layers"),
+    ("dispatch", "manager layers"), ("_request", "manager layers"), ("chat_completion", "manager layers"),
     ("'post'", "post/send coroutines"), ("post", "post/send coroutines"), ("send", "post/send coroutines"),
     ("select", "event loop"), ("_run_once", "event loop"), ("_read_ready", "event loop"), ("recv", "event loop"),
     ("data_received", "event loop"), ("feed_data", "event loop"), ("_wakeup", "event loop"), ("__step", "event loop"),
@@ -440,7 +443,7 @@ def main(argv=None) -> int:
           f"outside load during the runs: {max(other, 0):.2f} cores\n")
     print("| stage | ours | bare loop |")
     print("|---|---:|---:|")
-    layer_key = "manager layers (_generate, _request, accounting; incl. slots)"
+    layer_key = "manager layers (dispatch, _request, accounting; incl. slots)"
     summed_ours = summed_bare = 0.0
     order = list(ours)
     order.remove(WRITE)
@@ -453,7 +456,7 @@ def main(argv=None) -> int:
         summed_ours += us
         summed_bare += b or 0.0
         print(f"| {stage} | {us:.2f} | {'-' if b is None else f'{b:.2f}'} |")
-    slots = ours["slot bookkeeping (_acquire + Slots.give_back)"]
+    slots = ours["slot bookkeeping (SharedSlots.acquire + Slots.give_back)"]
     print(f"| {layer_key} | {ours[layer_key]:.2f} (of which slots {slots:.2f}) | - |")
     summed_ours += ours[layer_key] - slots
     print(f"| **sum of the stages** | **{summed_ours:.1f}** | **{summed_bare:.1f}** |")

@@ -78,13 +78,10 @@ class PrefixCache:
 
 
 class Server:
-    """What ``Slots`` and ``PrefixRouter`` read, plus the server's cache."""
+    """A simulated server: its cache and its count of sequences (``Slots`` keeps the rest)."""
 
     def __init__(self, i, cache, cap):
-        self.name, self.healthy = f"s{i}", True
-        self.in_flight = {"train": 0, "eval": 0}
-        self.caps = {"train": cap, "eval": cap}
-        self.cache, self.requests = cache, 0
+        self.name, self.cache, self.requests = f"s{i}", cache, 0
 
 
 # -- RL-shaped traces: sessions of requests, each request's messages and its answer ----------------
@@ -151,8 +148,9 @@ def simulate(trace, servers_count, routing, block, capacity, concurrency_per_ser
     concurrent = per_server * servers_count
     sessions = list(build(random.Random(seed + 1), concurrent * generations))
     servers = [Server(i, PrefixCache(block, capacity), concurrency_per_server) for i in range(servers_count)]
-    slots = a.Slots(servers)
-    router = a.PrefixRouter(servers) if routing == "prefix" else None
+    slots = a.Slots(servers, caps=[(concurrency_per_server, concurrency_per_server)] * servers_count)
+    records = slots.records  # what the selection reads and returns; .server is ours
+    router = a.PrefixRouter(records) if routing == "prefix" else None
     clock, events, seq = 0.0, [], 0
     waiting = []  # requests waiting for a slot, FIFO
     state = {}
@@ -178,12 +176,13 @@ def simulate(trace, servers_count, routing, block, capacity, concurrency_per_ser
             index, messages, n = waiting[0]
             route = a.RouteKeys.of({"messages": messages}) if router else None
             prefer, spill = router.choose(route, slots) if router else (None, None)
-            server = slots.take("train", spill, prefer)
-            if server is None:
+            slot = slots.take("train", spill, prefer)
+            if slot is None:
                 return
             waiting.pop(0)
             if router:
-                router.placed(route, server)
+                router.placed(route, slot)
+            server = slot.server
             st = state[index]
             tokens = render(messages)
             st["hashes"] = server.cache.hashes(tokens, st["hashes"], min(st["done_blocks"], len(tokens) // block))
@@ -193,25 +192,26 @@ def simulate(trace, servers_count, routing, block, capacity, concurrency_per_ser
             server.requests += n
             uncached = n * len(tokens) - (server.cache.hits - hits_before)
             answer_len = sessions[index]["answer"]
-            busy = server.in_flight["train"]
+            busy = slot.in_flight["train"]
             service = (0.02 + uncached * 2e-5 + answer_len * 0.01) * (1 + busy / 32) * rng.uniform(0.8, 1.2)
             seq += 1
-            heapq.heappush(events, (clock + service, seq, index, server, route, messages, tokens, n))
+            heapq.heappush(events, (clock + service, seq, index, slot, route, messages, tokens, n))
 
     for index in range(concurrent):
         start_session(index)
     next_session = concurrent
     while events:
-        clock, _, index, server, route, messages, tokens, n = heapq.heappop(events)
+        clock, _, index, slot, route, messages, tokens, n = heapq.heappop(events)
+        server = slot.server
         s, st = sessions[index], state[index]
         answers = [words(rng, s["answer"]) for _ in range(n)]
         # the generated tokens' full blocks are cached too
         for answer in answers[:1]:
             full = tokens + tokens_of(answer)
             server.cache.store(server.cache.hashes(full, st["hashes"], len(st["hashes"])))
-        slots.give_back(server, "train")
+        slots.give_back(slot, "train")
         if router:
-            router.answered(route, server, {"choices": [{"message": {"content": x}} for x in answers]})
+            router.answered(route, slot, {"choices": [{"message": {"content": x}} for x in answers]})
         finished = True
         if s["kind"] == "episode":
             st["turn"] += 1

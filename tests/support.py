@@ -6,7 +6,7 @@ One helper per need, one meaning per name:
   a test locally but fails it when ``ATROPOS_TEST_REQUIRE`` names it (CI: ``all``).
 * ``run_cli`` runs ``atropos_slurm.main`` in this process; ``run_module`` runs
   ``python -m atropos_slurm`` as a subprocess.
-* Ports: ``free_port_block``, ``reserve_ports`` and ``closed_port`` pick ports below the
+* Ports: ``free_port_block``, ``reserve_ports`` (the module's ``reserve_port_block``) and ``closed_port`` pick ports below the
   kernel's ephemeral range, where no client socket (nor a TCP self-connect) can take one.
 * ``LoopThread``: an event loop in a thread, for servers beside code that runs its own
   ``asyncio.run``.  ``AsyncCase``: a bounded ``IsolatedAsyncioTestCase`` with quiet logs.
@@ -25,8 +25,8 @@ import io
 import json
 import logging
 import os
-import random
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -102,39 +102,13 @@ def run_module(*argv, env=None, cwd=None, timeout=60):
 # =============================================================================================
 
 
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def reserve_ports(count: int, host: str = "127.0.0.1") -> List[socket.socket]:
     """``count`` sockets bound (not listening: connections are refused) to consecutive ports
     below the ephemeral range.  Close them just before a server takes the ports over."""
-    top = max(_ephemeral_low(), 10100) - count
-    for _ in range(200):
-        base, socks = random.randrange(10000, top), []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-            return socks
-        except OSError:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+    return a.reserve_port_block(count, host)
 
 
-def free_port_block(count: int, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive ports that were free a moment ago (released at once)."""
-    socks = reserve_ports(count, host)
-    base = socks[0].getsockname()[1]
-    for sock in socks:
-        sock.close()
-    return base
+free_port_block = a.free_port_block
 
 
 _held: List[socket.socket] = []  # closed_port's sockets, held for the life of the test process
@@ -701,3 +675,29 @@ class TrainerAPIStub:
             target = self.hits[path] + more
             if not self.cond.wait_for(lambda: self.hits[path] >= target, timeout):
                 raise AssertionError(f"the watcher did not call {path} {more} more times within {timeout} s")
+
+
+# =============================================================================================
+# Counting scontrol
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def counting_scontrol(directory: str):
+    """``scontrol`` on ``PATH`` counting its runs (``len(runs())``), each passed on to the real
+    one (or, without Slurm's client, expanded with ``expand_hostlist``)."""
+    log_path, real = os.path.join(directory, "scontrol-runs"), shutil.which("scontrol")
+    script = os.path.join(directory, "scontrol")
+    fallback = (f'exec "{real}" "$@"' if real else
+                f'exec "{sys.executable}" -c "import sys; sys.path.insert(0, {ROOT!r}); import atropos_slurm as a; '
+                'print(chr(10).join(a.expand_hostlist(sys.argv[-1])))" "$@"')
+    with open(script, "w") as f:
+        f.write(f'#!/bin/sh\necho "$*" >> "{log_path}"\n{fallback}\n')
+    os.chmod(script, 0o755)
+    open(log_path, "w").close()
+
+    def runs() -> List[str]:
+        with open(log_path) as f:
+            return f.read().splitlines()
+    with mock.patch.dict(os.environ, {"PATH": directory + os.pathsep + os.environ.get("PATH", "")}):
+        yield runs

@@ -20,6 +20,7 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import support  # noqa: E402
 from support import AsyncCase, RecordingStub, run_module, stub_url  # noqa: E402
 import atropos_slurm as a  # noqa: E402
 from atropos_slurm import APIServerConfig, ServerBaseline, ServerManager  # noqa: E402
@@ -160,7 +161,7 @@ class CallsOnTheWire(Case):
         manager = self.manager([stub])
         for split in ("train", "eval", "validation", "test"):
             await manager.chat_completion(messages=MESSAGES, split=split)
-        self.assertEqual(manager.servers[0].split_counts, {"train": [1, 0], "eval": [3, 0]})
+        self.assertEqual(manager.servers[0].stats.split_counts, {"train": [1, 0], "eval": [3, 0]})
         self.assertTrue(all("split" not in body for _, body in stub.requests))
 
 
@@ -184,7 +185,7 @@ class Constructor(unittest.TestCase):
         self.assertIsInstance(own, APIServerConfig)
         self.assertEqual((own.timeout, own.num_max_requests_at_once, own.model_name, own.server_type, own.api_key),
                          (30, 7, "q", "vllm", ""))
-        self.assertEqual(manager.servers[0].caps, {"train": 7, "eval": 3})
+        self.assertEqual(manager.slots.records[0].caps, {"train": 7, "eval": 3})
         self.assertEqual(manager.servers[0].config.model_name, "q")
         with self.assertRaisesRegex(a.ConfigError, "num_max_requests_at_once=0"):
             ServerManager([AtroposLike(model_name="q", base_url="http://h/v1", num_max_requests_at_once=0)])
@@ -215,6 +216,21 @@ class Constructor(unittest.TestCase):
             ServerManager([APIServerConfig(base_url="http://h/v1")], server_class=mine)
         with self.assertRaisesRegex(a.ConfigError, "ServerHarness"):
             ServerManager([APIServerConfig(base_url="http://h/v1")], server_class=atropos_class("ServerHarness"))
+
+    def test_construction_runs_scontrol_once(self):
+        """ServerManager(slurm=True) discovers once (the one-node rule counts nodes without scontrol)."""
+        env = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_HOSTLIST": "auto",
+               "ATROPOS_SLURM_GPUS_PER_NODE": "2"}
+        with tempfile.TemporaryDirectory() as tmp, support.counting_scontrol(tmp) as runs, \
+                mock.patch.dict(os.environ, env):
+            manager = ServerManager([APIServerConfig(base_url="http://given:1/v1")], slurm=True)
+            self.assertEqual(len(manager.servers), 4)
+            self.assertEqual(len(runs()), 1, runs())
+            ServerManager(ServerBaseline())
+            self.assertEqual(len(runs()), 2, "a lone baseline inside a job: one more discovery, one more run")
+            with mock.patch.dict(os.environ, {"SLURM_JOB_NODELIST": "n1"}):
+                ServerManager(ServerBaseline())
+            self.assertEqual(len(runs()), 2, "a one-node job discovers nothing, and runs no scontrol")
 
     def test_implicit_discovery_rules(self):
         env = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_HOSTLIST": "python",
@@ -267,7 +283,7 @@ class Weights(Case):
         stub = await self.stub(latency=0.3)
         manager = self.manager([stub], cap=8, eval_cap=4)
         await manager.update_weight(0.25)
-        self.assertEqual(manager.servers[0].caps, {"train": 2, "eval": 1})
+        self.assertEqual(manager.slots.records[0].caps, {"train": 2, "eval": 1})
         await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(4)))
         self.assertEqual(stub.max_in_flight, 2)
         stub.max_in_flight = 0
@@ -304,7 +320,7 @@ class WandbMetrics(Case):
             "server/server_0_average_num_attempts", "server/server_0_eval_retry_rate"]))
         self.assertEqual((metrics["server/server_0_average_num_attempts"], metrics["server/server_0_eval_retry_rate"]),
                          (1.0, 1.0))
-        times = sorted(server.split_latencies["train"])
+        times = sorted(server.stats.split_latencies["train"])
         self.assertTrue(times[0] <= metrics["server/server_0_request_time_avg"] <= times[-1])
         self.assertEqual(metrics["server/server_0_eval_request_time_std"], 0.0)
         self.assertIn("server/server_request_time_avg", await server.wandb_metrics({}, None))
@@ -313,8 +329,8 @@ class WandbMetrics(Case):
     async def test_request_time_std_is_the_population_std_atropos_logs(self):
         stub = await self.stub()
         server = self.manager([stub]).servers[0]
-        server.split_latencies["train"].extend([1.0, 2.0, 3.0, 4.0])
-        server.split_counts["train"][0] = 4
+        server.stats.split_latencies["train"].extend([1.0, 2.0, 3.0, 4.0])
+        server.stats.split_counts["train"][0] = 4
         metrics = await server.wandb_metrics({}, "s")
         # numpy.std (ddof=0), as Atropos' wandb_metrics: sqrt(1.25), not the sample std sqrt(5/3)
         self.assertAlmostEqual(metrics["server/s_request_time_std"], 1.25 ** 0.5, places=12)
@@ -337,7 +353,7 @@ class Dedicated(Case):
         stubs = [await self.stub(), await self.stub()]
         manager = self.manager(stubs, cap=1)
         async with manager.dedicated_server() as server:
-            self.assertEqual([s.in_flight["train"] for s in manager.servers].count(1), 1)
+            self.assertEqual([s.in_flight["train"] for s in manager.slots.records].count(1), 1)
             for turn in range(4):
                 chat = await server.chat_completion(messages=MESSAGES, n=3, max_tokens=4)
                 self.assertEqual(len(chat.choices), 3)
@@ -345,7 +361,7 @@ class Dedicated(Case):
             self.assertEqual(server.config.model_name, "m")
             self.assertTrue(server.server_healthy)
         self.assertEqual(sorted(len(s.requests) for s in stubs), [0, 5], "every turn went to the held server")
-        self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 2)
+        self.assertEqual([s.in_flight for s in manager.slots.records], [{"train": 0, "eval": 0}] * 2)
         await manager.close()
         with self.assertRaises(a.ManagerClosedError):
             async with manager.dedicated_server():
@@ -376,7 +392,7 @@ class Dedicated(Case):
             chat = await server.chat_completion(messages=MESSAGES)
             self.assertIsNot(server.server, first)
             self.assertTrue(chat.choices[0].message.content)
-        self.assertEqual([s.in_flight["train"] for s in manager.servers], [0, 0])
+        self.assertEqual([s.in_flight["train"] for s in manager.slots.records], [0, 0])
 
     async def test_a_stream_in_an_episode_holds_the_episodes_slot_until_it_ends(self):
         stubs = [await self.stub(), await self.stub()]
@@ -384,7 +400,7 @@ class Dedicated(Case):
         async with manager.dedicated_server() as server:
             held = server.server
             stream = await server.chat_completion(messages=MESSAGES, stream=True, max_tokens=4, timeout=60)
-            self.assertEqual(sum(s.in_flight["train"] for s in manager.servers), 1, "the stream takes no other slot")
+            self.assertEqual(sum(s.in_flight["train"] for s in manager.slots.records), 1, "the stream takes no other slot")
             # Until the stream ends, the episode's next call waits for the slot (here past its bound).
             with self.assertRaisesRegex(a.ServerTimeoutError, "episode"):
                 await server.chat_completion(messages=MESSAGES)
@@ -400,18 +416,18 @@ class Dedicated(Case):
             await server.chat_completion(messages=MESSAGES)
             self.assertIs(server.server, held)
         self.assertEqual(sorted(s.received for s in stubs), [0, 4], "every call went to the held server")
-        self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 2)
+        self.assertEqual([s.in_flight for s in manager.slots.records], [{"train": 0, "eval": 0}] * 2)
 
     async def test_a_stream_open_when_its_episode_ends_keeps_the_servers_slot_until_it_ends(self):
         stub = await self.stub()
         manager = self.manager([stub], cap=1)
         async with manager.dedicated_server() as server:
             stream = await server.chat_completion(messages=MESSAGES, stream=True, timeout=60)
-        self.assertEqual(manager.servers[0].in_flight["train"], 1, "the stream still runs on the cap's one slot")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 1, "the stream still runs on the cap's one slot")
         other = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
         self.assertEqual(len([chunk async for chunk in stream]), 2)
         self.assertTrue((await other).choices, "the slot went to the waiting call when the stream ended")
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         self.assertEqual(stub.max_in_flight, 1)
 
     async def test_an_ended_episode_refuses_calls_and_takes_no_slot(self):
@@ -421,7 +437,7 @@ class Dedicated(Case):
             await server.chat_completion(messages=MESSAGES)
         with self.assertRaisesRegex(a.ConfigError, "episode has ended"):
             await server.chat_completion(messages=MESSAGES)
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         self.assertEqual(stub.received, 1)
 
 

@@ -192,7 +192,7 @@ else:
                 asyncio.run(env.get_status())
                 server = env.server.servers[0]
                 if kind == "ours":
-                    caps[kind] = (server.caps["train"], server.caps["eval"])
+                    caps[kind] = (server.slot.caps["train"], server.slot.caps["eval"])
                 else:  # Atropos' weighted semaphores admit max_val * weight calls, rounded up
                     caps[kind] = tuple(round(s.max_val - s.min_val(), 9) for s in (server.sem, server.eval_sem))
                 self.assertEqual(env.status_dict["env_weight"], 0.25)
@@ -233,6 +233,16 @@ else:
             for module in (atropos_base, atropos_server_manager, atropos_eval):
                 self.assertIs(module.ServerManager, a.ServerManager, module.__name__)
             self.assertIs(atropos_base.APIServerConfig, APIServerConfig, "Atropos' pydantic configs stay")
+
+        def test_base_env_construction_in_a_job_runs_scontrol_once(self):
+            env_config, server_configs = tiny_envs.ChatEnv.config_init()
+            job = {"SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "ATROPOS_SLURM_GPUS_PER_NODE": "2"}
+            with tempfile.TemporaryDirectory() as tmp, support.counting_scontrol(tmp) as runs, \
+                    mock.patch.dict(os.environ, job):
+                env = tiny_envs.ChatEnv(env_config, server_configs, slurm=True, testing=False)
+                self.assertEqual([s.url for s in env.server.servers],
+                                 [f"http://n{n}:{p}/v1" for n in (2, 3) for p in (9000, 9001)])
+                self.assertEqual(len(runs()), 1, runs())
 
     class CallsOnTheWire(unittest.TestCase):
         """Manager calls as environments make them, ours and Atropos', compared request by request."""

@@ -246,7 +246,7 @@ class SeedStyle(unittest.TestCase):
         self.assertEqual(resp["model"], "default", "model comes from ServerBaseline.model_name")
         self.assertTrue(text.choices[0].text.startswith("stub reply from"))
         self.assertEqual([s.url for s in server_manager.servers], [f"http://localhost:{base + i}/v1" for i in range(4)])
-        self.assertEqual(sorted(s.done for s in server_manager.servers), [2, 2, 2, 3])
+        self.assertEqual(sorted(s.stats.done for s in server_manager.servers), [2, 2, 2, 3])
         ports = {int(r.system_fingerprint.rsplit(":", 1)[1]) for r in chats}
         self.assertEqual(ports, {base + i for i in range(4)}, "round-robin reached every stub process port")
 
@@ -269,12 +269,12 @@ class SeedStyle(unittest.TestCase):
                 self.assertEqual(len(asyncio.run(asyncio.wait_for(calls(4), LIMIT))), 4)
                 thread.run(stubs[1].stop())
                 self.assertEqual(len(asyncio.run(asyncio.wait_for(calls(4), LIMIT))), 4)
-                self.assertFalse(manager.servers[1].healthy)
+                self.assertFalse(manager.slots.records[1].healthy)
                 thread.run(stubs[1].start())
                 before = stubs[1].completed
 
                 async def until_back():
-                    while not manager.servers[1].healthy:  # the user's next calls restart the probe
+                    while not manager.slots.records[1].healthy:  # the user's next calls restart the probe
                         await calls(1)
                         await asyncio.sleep(0.02)
                     await calls(4)
@@ -318,7 +318,7 @@ class Dispatch(AsyncCase):
         await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(24)))
         self.assertEqual([s.max_in_flight for s in stubs], [4, 4])
         self.assertEqual(sum(s.completed for s in stubs), 24)
-        self.assertEqual([sum(s.in_flight.values()) for s in manager.servers], [0, 0])
+        self.assertEqual([sum(s.in_flight.values()) for s in manager.slots.records], [0, 0])
         self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
 
     async def test_eval_split_has_its_own_cap(self):
@@ -335,9 +335,9 @@ class Dispatch(AsyncCase):
         train = asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(10)))
         await asyncio.gather(eval_full, train)
         self.assertEqual(stubs[0].max_in_flight, 7, "eval traffic does not take training slots")
-        self.assertEqual(manager.servers[0].in_flight, {"train": 0, "eval": 0})
+        self.assertEqual(manager.slots.records[0].in_flight, {"train": 0, "eval": 0})
         await asyncio.gather(*(manager.chat_completion(messages=MESSAGES, split=s) for s in ("validation", "test")))
-        self.assertEqual(manager.servers[0].split_counts["eval"][0], 6 + 4 + 2, "any split but 'train' is eval (Atropos)")
+        self.assertEqual(manager.servers[0].stats.split_counts["eval"][0], 6 + 4 + 2, "any split but 'train' is eval (Atropos)")
 
     async def test_n_is_split_over_requests_and_merged(self):
         stubs = await start_stubs(self, 2)
@@ -387,8 +387,8 @@ class Failover(AsyncCase):
 
         results = await asyncio.gather(*(one() for _ in range(300)))
         self.assertEqual(len(results), 300, "every request succeeded on the others")
-        self.assertEqual(sum(s.done for s in manager.servers), 300)
-        victim = manager.servers[1]
+        self.assertEqual(sum(s.stats.done for s in manager.servers), 300)
+        victim = manager.slots.records[1]
         self.assertFalse(victim.healthy)
         self.assertIn(stub_url(stubs[1]), victim.last_error)
         self.assertIn(f"{stub_url(stubs[1])} down", repr(manager))
@@ -425,9 +425,9 @@ class Failover(AsyncCase):
         results = await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(120)))
         self.assertEqual(len(results), 120)
         self.assertTrue(stubs[0].died.is_set())
-        self.assertFalse(manager.servers[0].healthy)
-        self.assertGreater(manager.servers[0].failed, 0)
-        self.assertEqual(sum(s.done for s in manager.servers), 120)
+        self.assertFalse(manager.slots.records[0].healthy)
+        self.assertGreater(manager.servers[0].stats.failed, 0)
+        self.assertEqual(sum(s.stats.done for s in manager.servers), 120)
         self.assertGreaterEqual(sum(s.completed for s in stubs), 120)
 
     async def test_all_down_raises_no_healthy_server_error_listing_each(self):
@@ -436,7 +436,7 @@ class Failover(AsyncCase):
         self.addAsyncCleanup(manager.close)
         with self.assertRaises(a.ServerError):  # three attempts, one per server, each refused
             await asyncio.wait_for(manager.chat_completion(messages=MESSAGES), 0.5 + 10)
-        self.assertFalse(any(s.healthy for s in manager.servers))
+        self.assertFalse(any(s.healthy for s in manager.slots.records))
         for _ in range(2):
             with self.assertRaises(a.NoHealthyServerError) as caught:
                 await asyncio.wait_for(manager.chat_completion(messages=MESSAGES), 0.5 + 10)
@@ -444,7 +444,7 @@ class Failover(AsyncCase):
             for url in urls:
                 self.assertIn(url, message)
             self.assertEqual(message.count("cannot connect"), 3, message)
-        self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 3)
+        self.assertEqual([s.in_flight for s in manager.slots.records], [{"train": 0, "eval": 0}] * 3)
         self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
 
     async def test_all_stalled_never_hangs(self):
@@ -470,7 +470,7 @@ class Failover(AsyncCase):
         self.addAsyncCleanup(manager.close)
         resp = await manager.chat_completion(messages=MESSAGES)
         self.assertTrue(resp.choices[0].message.content.startswith("stub reply"))
-        self.assertFalse(manager.servers[0].healthy)
+        self.assertFalse(manager.slots.records[0].healthy)
         self.assertEqual(stubs[0].completed, 1)
 
     async def test_reset_mid_body(self):
@@ -485,7 +485,7 @@ class Failover(AsyncCase):
         for _ in range(4):
             await manager.chat_completion(messages=MESSAGES)
         self.assertEqual(stubs[0].completed, 4)
-        self.assertGreaterEqual(manager.servers[0].failed, 1)
+        self.assertGreaterEqual(manager.servers[0].stats.failed, 1)
 
 
 # =============================================================================================
@@ -535,7 +535,7 @@ class Retries(AsyncCase):
                 self.assertLessEqual(sent, 3, f"{name}: HTTP requests for the failing call")
                 if failure is not stall:  # a loaded machine may time out an attempt before it is sent
                     self.assertEqual(sent, 3, f"{name}: HTTP requests for the failing call")
-                self.assertEqual(manager.servers[0].in_flight, {"train": 0, "eval": 0})
+                self.assertEqual(manager.slots.records[0].in_flight, {"train": 0, "eval": 0})
 
     async def test_stale_pooled_connection_is_resent_to_the_same_server(self):
         server = await fake(self, drop_second_on_each_connection)
@@ -548,7 +548,7 @@ class Retries(AsyncCase):
         resp = await manager.chat_completion(messages=MESSAGES)  # the fake drops it, then answers afresh
         self.assertEqual(resp.choices[0].message.content, "fake reply")
         self.assertEqual((len(server.posts), pool.opened, stubs[0].received), (3, 2, 1))
-        self.assertTrue(manager.servers[0].healthy, "a connection closed while idle is no sign of death")
+        self.assertTrue(manager.slots.records[0].healthy, "a connection closed while idle is no sign of death")
         strict = make_manager([server.url], max_retries=0)
         self.addAsyncCleanup(strict.close)
         await strict.chat_completion(messages=MESSAGES)
@@ -565,7 +565,7 @@ class Retries(AsyncCase):
         resp = await manager.chat_completion(messages=MESSAGES, n=2)
         self.assertEqual([c.finish_reason for c in resp.choices], ["stop", "stop"])
         self.assertEqual(len(server.posts), 2)
-        self.assertTrue(manager.servers[0].healthy, "an abort (e.g. a paused server) is no sign of death")
+        self.assertTrue(manager.slots.records[0].healthy, "an abort (e.g. a paused server) is no sign of death")
         always = await fake(self, answer(200, aborted))
         strict = make_manager([always.url], max_retries=0)
         self.addAsyncCleanup(strict.close)
@@ -594,7 +594,7 @@ class Retries(AsyncCase):
         self.assertIn("rate limited", str(caught.exception))
         self.assertEqual(len(server.posts), 2)
         self.assertGreaterEqual(server.posts[1].time - server.posts[0].time, 0.9, "Retry-After: 1 was honoured")
-        self.assertTrue(manager.servers[0].healthy, "429 is back-pressure, not a dead server")
+        self.assertTrue(manager.slots.records[0].healthy, "429 is back-pressure, not a dead server")
 
     async def test_retry_after_ms_then_success(self):
         failing = answer(503, {"error": {"message": "warming up"}}, [("retry-after-ms", "300")])
@@ -635,7 +635,7 @@ class Retries(AsyncCase):
                 self.assertIn(words, caught.exception.message)
                 self.assertIn(server.url, str(caught.exception))
                 self.assertEqual(len(server.posts), 1)
-                self.assertTrue(manager.servers[0].healthy)
+                self.assertTrue(manager.slots.records[0].healthy)
 
     async def test_failures_move_to_a_healthy_server(self):
         failing = await fake(self, answer(500, {"error": {"message": "boom"}}), health_status=503)
@@ -647,13 +647,138 @@ class Retries(AsyncCase):
         await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(40)))
         self.assertEqual(len(failing.posts), 1, "down after its first 500; its probe keeps failing")
         self.assertEqual(sum(s.completed for s in stubs), 60)
-        await until(lambda: "health probe: HTTP 503" in manager.servers[0].last_error, what="a failed probe")
-        self.assertFalse(manager.servers[0].healthy)
+        await until(lambda: "health probe: HTTP 503" in manager.slots.records[0].last_error, what="a failed probe")
+        self.assertFalse(manager.slots.records[0].healthy)
 
 
 # =============================================================================================
 # Broken HTTP: garbage, oversize heads and bodies, keep-alive
 # =============================================================================================
+
+
+class RetryBudgetStorm(AsyncCase):
+    """The manager's ``RetryBudget`` against real loopback servers, on a simulated clock: a
+    storm of 429/503 costs at most 1.2x the calls plus 10 retries per second of storm."""
+
+    def storm_servers(self):
+        self.storming, self.fail_next = True, 0
+        statuses = iter([429, 503] * 10_000)
+
+        async def handler(fake, request, writer):
+            if self.storming or self.fail_next:
+                self.fail_next = max(0, self.fail_next - 1)
+                writer.write(http_response(next(statuses), {"error": {"message": "storm"}}, [("Retry-After", "0")]))
+            else:
+                writer.write(http_response(200, chat_payload(int(request.json().get("n", 1)))))
+            return True
+        return handler
+
+    async def test_a_30_s_storm_is_bounded_by_the_budget_and_retries_flow_after_it(self):
+        handler = self.storm_servers()
+        servers = [await fake(self, handler) for _ in range(3)]
+        manager = make_manager([s.url for s in servers], max_retries=3, retry_backoff=0)
+        self.addAsyncCleanup(manager.close)
+        manager._mark_down = lambda slot: None  # 503 everywhere would leave no server up: the budget is under test
+        clock = [0.0]
+        manager.retry_policy.budget.clock = lambda: clock[0]
+        calls = 0
+        for second in range(30):
+            clock[0] = second + 0.5
+            outcomes = await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(40)),
+                                            return_exceptions=True)
+            self.assertTrue(all(isinstance(o, a.APIStatusError) for o in outcomes), outcomes[:1])
+            calls += len(outcomes)
+        requests = sum(len(s.posts) for s in servers)
+        self.assertLessEqual(requests, 1.2 * calls + 10 * 30)
+        self.assertGreater(requests, calls, "the reserve let some calls retry")
+        self.storming, self.fail_next = False, 1  # the storm is over: one more failure
+        clock[0] = 45.0  # the storm's withdrawals are forgotten
+        self.assertEqual(len((await manager.chat_completion(messages=MESSAGES)).choices), 1,
+                         "after the storm a failed attempt is retried again")
+        self.assertEqual(sum(len(s.posts) for s in servers), requests + 2)
+
+    async def test_a_split_call_makes_at_most_its_parts_plus_max_retries_requests(self):
+        handler = self.storm_servers()
+        servers = [await fake(self, handler) for _ in range(2)]
+        manager = make_manager([s.url for s in servers], max_retries=2, retry_backoff=0, max_n_completions=8)
+        self.addAsyncCleanup(manager.close)
+        manager._mark_down = lambda slot: None
+        with self.assertRaises(a.APIStatusError):
+            await manager.chat_completion(messages=MESSAGES, n=64)
+        self.assertLessEqual(sum(len(s.posts) for s in servers), 8 + 2)
+        self.storming = False
+        for s in servers:
+            s.posts.clear()
+        self.assertEqual(len((await manager.chat_completion(messages=MESSAGES, n=64)).choices), 64)
+        self.assertEqual(sum(len(s.posts) for s in servers), 8)
+
+
+class DispatchInvariants(AsyncCase):
+    """What the dispatcher promises beyond answering: caught by breaking it on purpose."""
+
+    async def test_a_waiter_is_woken_by_the_release_not_by_polling(self):
+        release = asyncio.Event()
+
+        async def held(fake, request, writer):
+            await release.wait()
+            writer.write(http_response(200, chat_payload()))
+            return True
+        server = await fake(self, held)
+        manager = make_manager([server.url], cap=1)
+        self.addAsyncCleanup(manager.close)
+        first = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await until(lambda: len(server.posts) == 1, what="the first call at the server")
+        second = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        before = set(map(id, loop._scheduled))  # timers: a poller would make new ones while it waits
+        await asyncio.sleep(0.5)
+        after_wait = set(map(id, loop._scheduled))
+        self.assertFalse(second.done())
+        self.assertTrue(after_wait - before <= {id(h) for h in loop._scheduled if h.when() > loop.time() + 5},
+                        "no new short timer while waiting: nothing polls")
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        self.assertEqual(len(server.posts), 2)
+
+    async def test_a_retry_never_lands_on_the_server_that_just_failed_while_another_is_free(self):
+        bad = await fake(self, answer(429, {"error": {"message": "busy"}}, [("Retry-After", "0")]))
+        good = [await fake(self, answer(200)) for _ in range(2)]
+        manager = make_manager([bad.url, good[0].url, good[1].url], cap=4, max_retries=1, retry_backoff=0)
+        self.addAsyncCleanup(manager.close)
+        for _ in range(10):  # 3 at once: when the 429 comes back, the line starts with its server again
+            await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(3)))
+        self.assertGreaterEqual(len(bad.posts), 10, "it keeps its round-robin turns (429 is no sign of death)")
+        self.assertEqual(sum(len(g.posts) for g in good), 30, "each call answered once, its retry elsewhere")
+
+    async def test_a_stale_pooled_connection_drops_its_idle_siblings(self):
+        server = await fake(self, drop_second_on_each_connection)
+        manager = make_manager([server.url], max_retries=1)
+        self.addAsyncCleanup(manager.close)
+        await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(3)))
+        pool = manager.servers[0]._pool
+        self.assertEqual((server.accepted, pool.idle_count), (3, 3))
+        await manager.chat_completion(messages=MESSAGES)  # a pooled one, closed unanswered: resent fresh
+        self.assertEqual(server.accepted, 4)
+        self.assertEqual(pool.idle_count, 1, "its idle siblings went with it: only the fresh connection idles")
+
+    async def test_no_server_timeout_counts_from_the_first_moment_none_was_healthy(self):
+        """Waking up (to look at the servers again) does not restart the wait."""
+        server = await fake(self, answer(503, b"down"), health_status=503)
+        manager = make_manager([server.url], max_retries=0, no_server_timeout=1.0, health_probe_interval=10)
+        self.addAsyncCleanup(manager.close)
+        with self.assertRaises(a.APIStatusError):
+            await manager.chat_completion(messages=MESSAGES)  # marks it down
+        call = asyncio.ensure_future(manager.chat_completion(messages=MESSAGES))
+
+        async def wake():
+            while not call.done():  # every waiter looks at the servers again, finds none healthy
+                await asyncio.sleep(0.2)
+                manager.slots.wake_all()
+        flapper = asyncio.ensure_future(wake())
+        self.addCleanup(flapper.cancel)
+        with self.assertRaises(a.NoHealthyServerError):  # renewed per wake-up, it would never end
+            await asyncio.wait_for(call, 10)
 
 
 class BrokenHTTP(AsyncCase):
@@ -768,7 +893,7 @@ class BrokenHTTP(AsyncCase):
         with self.assertRaises(a.ResponseTooLargeError):
             async for _ in stream:
                 pass
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_idle_connections_closed_by_the_server_are_replaced(self):
         stubs = await start_stubs(self, 1, keep_alive_timeout=1)
@@ -782,7 +907,7 @@ class BrokenHTTP(AsyncCase):
         resp = await manager.chat_completion(messages=MESSAGES)
         self.assertTrue(resp.choices[0].message.content.startswith("stub reply"))
         self.assertEqual(pool.opened, 2, "reconnected")
-        self.assertTrue(manager.servers[0].healthy)
+        self.assertTrue(manager.slots.records[0].healthy)
 
 
 # =============================================================================================
@@ -811,7 +936,7 @@ class Streaming(AsyncCase):
         with self.assertRaises(a.GenerationAbortedError):
             async for _ in stream:
                 pass
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_cancelled_consumer_and_stream_timeout_release_the_slot(self):
         server = await fake(self, sse_then_stall)
@@ -825,16 +950,16 @@ class Streaming(AsyncCase):
 
         task = asyncio.ensure_future(consume())
         await until(lambda: received == ["fake"], what="the first event")
-        self.assertEqual(manager.servers[0].in_flight["train"], 1)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 1)
         task.cancel()
         with self.assertRaises(asyncio.CancelledError):
             await task
-        self.assertEqual(manager.servers[0].in_flight["train"], 0, "a cancelled consumer releases the slot")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0, "a cancelled consumer releases the slot")
         stream = await manager.chat_completion(messages=MESSAGES, stream=True)
         self.assertEqual((await stream.__anext__()).choices[0].delta.content, "fake")
         with self.assertRaisesRegex(a.ServerTimeoutError, "stream timed out"):
             await asyncio.wait_for(stream.__anext__(), 10)
-        self.assertEqual(manager.servers[0].in_flight["train"], 0, "a timed-out stream releases the slot")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0, "a timed-out stream releases the slot")
         await until(lambda: server.open == 0, what="the client to close the stalled connections")
 
     async def test_stream_with_usage_through_the_manager(self):
@@ -843,9 +968,9 @@ class Streaming(AsyncCase):
         self.addAsyncCleanup(manager.close)
         stream = await manager.chat_completion(messages=MESSAGES, n=2, max_tokens=3, stream=True,
                                                stream_options={"include_usage": True})
-        self.assertEqual(manager.servers[0].in_flight["train"], 1, "the stream holds its slot")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 1, "the stream holds its slot")
         chunks = [chunk async for chunk in stream]
-        self.assertEqual(manager.servers[0].in_flight["train"], 0, "released at [DONE]")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0, "released at [DONE]")
         self.assertEqual(chunks[-1].choices, [])
         self.assertEqual(chunks[-1].usage.total_tokens, 8 + 2 * 3)
         self.assertTrue(all("usage" not in c for c in chunks[:-1]))
@@ -862,14 +987,14 @@ class Streaming(AsyncCase):
         first = await stream.__anext__()
         self.assertEqual(first.choices[0].text, "stub ")
         await stream.aclose()
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         unstarted = await manager.completion(prompt="p", stream=True)
         await unstarted.aclose()
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         async with await manager.chat_completion(messages=MESSAGES, stream=True) as stream:
             async for chunk in stream:
                 break
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         resp = await asyncio.wait_for(manager.chat_completion(messages=MESSAGES), 10)  # cap 1: the slot is free
         self.assertEqual(len(resp.choices), 1)
 
@@ -880,7 +1005,7 @@ class Streaming(AsyncCase):
         stream = await manager.chat_completion(messages=MESSAGES, stream=True)
         self.assertEqual([chunk.choices[0].delta.content async for chunk in stream], ["fake", " reply"])
         self.assertEqual(len(server.posts), 2)
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_stream_broken_mid_way_releases_the_slot(self):
         server = await fake(self, sse_then_reset)
@@ -892,7 +1017,7 @@ class Streaming(AsyncCase):
             async for chunk in stream:
                 received.append(chunk.choices[0].delta.content)
         self.assertEqual(received, ["fake"])
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
         self.assertEqual(manager.servers[0]._pool.idle_count, 0)
 
 
@@ -958,10 +1083,10 @@ class Cancellation(AsyncCase):
         # The stub answers after 1 s, the callers give up within 0.26 s; a starved loop may still
         # see a few answers first.  Those leave idle pooled connections, nothing else.
         self.assertGreater(sum(outcomes), 9000)
-        for server in manager.servers:
+        for server in manager.slots.records:
             self.assertEqual(server.in_flight, {"train": 0, "eval": 0})
         self.assertEqual([manager.slots.waiting(split) for split in ("train", "eval")], [0, 0])
-        self.assertTrue(all(s.healthy for s in manager.servers), "cancellation is not a server failure")
+        self.assertTrue(all(s.healthy for s in manager.slots.records), "cancellation is not a server failure")
         idle = sum(s._pool.idle_count for s in manager.servers)
         self.assertLessEqual(idle, 10000 - sum(outcomes), "only answered calls leave a connection")
         await until(lambda: open_fds() <= fds + idle,
@@ -969,7 +1094,7 @@ class Cancellation(AsyncCase):
         # Still usable, and the caps still hold.
         results = await asyncio.gather(*(manager.chat_completion(messages=MESSAGES) for _ in range(4)))
         self.assertEqual(len(results), 4)
-        self.assertEqual([s.in_flight["train"] for s in manager.servers], [0, 0])
+        self.assertEqual([s.in_flight["train"] for s in manager.slots.records], [0, 0])
 
     async def test_failed_part_of_a_split_request_cancels_the_others(self):
         refusing = await fake(self, answer(400, {"error": {"message": "bad logprobs"}}))
@@ -978,7 +1103,7 @@ class Cancellation(AsyncCase):
         self.addAsyncCleanup(manager.close)
         with self.assertRaisesRegex(a.APIStatusError, "bad logprobs"):
             await manager.chat_completion(messages=MESSAGES, n=4)
-        self.assertEqual([s.in_flight for s in manager.servers], [{"train": 0, "eval": 0}] * 2)
+        self.assertEqual([s.in_flight for s in manager.slots.records], [{"train": 0, "eval": 0}] * 2)
 
     async def test_cancelled_split_request_cancels_its_parts(self):
         stubs = await start_stubs(self, 2, latency=0.5)
@@ -989,7 +1114,7 @@ class Cancellation(AsyncCase):
         task.cancel()
         with self.assertRaises(asyncio.CancelledError):
             await task
-        self.assertEqual([s.in_flight["train"] for s in manager.servers], [0, 0])
+        self.assertEqual([s.in_flight["train"] for s in manager.slots.records], [0, 0])
         await until(lambda: all(s._pool.idle_count == 0 for s in manager.servers), what="pools")
 
 
@@ -1077,6 +1202,12 @@ class WaitCommand(unittest.TestCase):
 
 
 class DemoCommand(unittest.TestCase):
+    def test_a_bad_manager_knob_exits_2_with_one_line(self):
+        result = run_module("demo", "--requests", "8", env={"ATROPOS_SLURM_RETRY_BUDGET": "lots"})
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("ATROPOS_SLURM_RETRY_BUDGET='lots' is not", result.stderr)
+
     def test_demo_prints_the_per_server_table(self):
         result = run_module("demo", "--requests", "400", timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)

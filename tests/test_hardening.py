@@ -100,8 +100,8 @@ class HostileJSON(AsyncCase):
         self.addAsyncCleanup(manager.close)
         resp = await manager.chat_completion(messages=MESSAGES)
         self.assertTrue(resp.choices[0].message.content.startswith("stub reply"))
-        self.assertFalse(manager.servers[0].healthy)
-        self.assertIn("HTTP 503", manager.servers[0].last_error)
+        self.assertFalse(manager.slots.records[0].healthy)
+        self.assertIn("HTTP 503", manager.slots.records[0].last_error)
 
     async def test_stream_events_that_are_not_objects_are_protocol_errors(self):
         for data in (b"5", b"[1]", b"null", b'{"choices": "x"}', b"[" * 100000):
@@ -115,7 +115,7 @@ class HostileJSON(AsyncCase):
                 with self.assertRaises(a.ProtocolError):
                     async for _ in stream:
                         pass
-                self.assertEqual(manager.servers[0].in_flight["train"], 0)
+                self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_malformed_choices_in_a_split_call_is_a_protocol_error(self):
         server = await fake(self, raw(http_response(200, b'{"choices": {"0": "x"}}')))
@@ -145,10 +145,10 @@ class StreamSlots(AsyncCase):
     async def test_a_dropped_unread_stream_gives_back_its_slot(self):
         manager = await self.manager_over_stub()
         stream = await manager.chat_completion(messages=MESSAGES, stream=True)
-        self.assertEqual(manager.servers[0].in_flight["train"], 1)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 1)
         del stream
         gc.collect()
-        await until(lambda: manager.servers[0].in_flight["train"] == 0, what="the slot back")
+        await until(lambda: manager.slots.records[0].in_flight["train"] == 0, what="the slot back")
         resp = await manager.chat_completion(messages=MESSAGES)  # would wait forever for the one slot
         self.assertTrue(resp.choices)
 
@@ -161,7 +161,7 @@ class StreamSlots(AsyncCase):
 
         self.assertIsNotNone(await first_chunk())
         gc.collect()
-        await until(lambda: manager.servers[0].in_flight["train"] == 0, what="the slot back")
+        await until(lambda: manager.slots.records[0].in_flight["train"] == 0, what="the slot back")
 
     async def test_a_stream_lost_in_a_cancelled_gather_gives_back_its_slot(self):
         manager = await self.manager_over_stub()
@@ -173,7 +173,7 @@ class StreamSlots(AsyncCase):
         with self.assertRaises(RuntimeError):
             await asyncio.gather(manager.chat_completion(messages=MESSAGES, stream=True), fail_later())
         gc.collect()
-        await until(lambda: manager.servers[0].in_flight["train"] == 0, what="the slot back")
+        await until(lambda: manager.slots.records[0].in_flight["train"] == 0, what="the slot back")
 
     async def test_waiting_for_a_slot_is_bounded_by_the_timeout(self):
         stubs = await start_stubs(self, 1)
@@ -202,7 +202,7 @@ class StreamSlots(AsyncCase):
         self.assertEqual([c.choices[0].delta.content for c in chunks], ["hello"])
         self.assertLess(loop.time() - started, 10, "not held until the 30 s timeout")
         self.assertEqual(manager.servers[0]._pool.idle_count, 0, "an unfinished body's connection is closed")
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
 
 # =============================================================================================
@@ -224,7 +224,7 @@ class StreamErrorEvents(AsyncCase):
             async for chunk in await manager.chat_completion(messages=MESSAGES, stream=True):
                 seen.append(chunk.choices[0].delta.content)
         self.assertEqual(seen, ["par"])
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
 
 # =============================================================================================
@@ -312,7 +312,7 @@ class SplitCalls(AsyncCase):
         self.assertLess(loop.time() - started, 10, "raised at once, not after the sibling's timeout")
         await until(lambda: server.seen.get("hung up") == 1, what="the sibling's connection to close")
         self.assertEqual(len(server.posts), 2, "the sibling was not retried")
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_429_storm_is_bounded_per_part(self):
         server = await fake(self, answer(429, {"error": {"message": "slow down"}}))
@@ -359,7 +359,7 @@ class EarlyAnswer(AsyncCase):
         self.assertEqual(caught.exception.status, 413)
         self.assertIn("request too large", str(caught.exception))
         self.assertEqual(caught.exception.attempts, 1, "not retried")
-        self.assertTrue(manager.servers[0].healthy, "a 413 is no sign of death")
+        self.assertTrue(manager.slots.records[0].healthy, "a 413 is no sign of death")
 
 
 # =============================================================================================
@@ -396,7 +396,7 @@ class SentTogether(AsyncCase):
         call.cancel()
         with self.assertRaises(asyncio.CancelledError):
             await call
-        self.assertEqual(manager.servers[0].in_flight["train"], 0, "its slot is back")
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0, "its slot is back")
         later = await manager.chat_completion(messages=MESSAGES)
         self.assertEqual(later.choices[0].message.content, str(len(server.posts)),
                          "the next call gets its own answer, not the cancelled one's")
@@ -481,7 +481,7 @@ class CloseWhileRunning(AsyncCase):
         manager = make_manager([server.url], max_retries=0)
         with self.assertRaises(a.APIStatusError):
             await manager.chat_completion(messages=MESSAGES)
-        self.assertFalse(manager.servers[0].healthy)
+        self.assertFalse(manager.slots.records[0].healthy)
         await manager.close()
         gets = len(server.gets)
         manager._probe_all_down()
@@ -533,7 +533,7 @@ class MissedBefore(AsyncCase):
             task.cancel()
         await asyncio.gather(first, *waiting, return_exceptions=True)
         self.assertEqual(manager.slots.waiting("train"), 0)
-        self.assertEqual(manager.servers[0].in_flight["train"], 0)
+        self.assertEqual(manager.slots.records[0].in_flight["train"], 0)
 
     async def test_a_server_back_after_seconds_down_is_healthy_within_twice_the_probe_interval(self):
         interval = 1.0
@@ -544,13 +544,13 @@ class MissedBefore(AsyncCase):
         await stubs[0].stop()
         with self.assertRaises(a.ServerConnectionError):
             await manager.chat_completion(messages=MESSAGES)
-        self.assertFalse(manager.servers[0].healthy)
+        self.assertFalse(manager.slots.records[0].healthy)
         await asyncio.sleep(3.0)  # the probe backs off to its interval meanwhile
         loop = asyncio.get_running_loop()
         back = await a.StubServer("127.0.0.1", port).start()
         self.addAsyncCleanup(back.stop)
         started = loop.time()
-        await until(lambda: manager.servers[0].healthy, timeout=10, what="the server to be probed back")
+        await until(lambda: manager.slots.records[0].healthy, timeout=10, what="the server to be probed back")
         self.assertLess(loop.time() - started, 2 * interval + 1.0, "the probe's backoff is capped by its interval")
 
     async def test_a_call_queued_behind_a_full_server_gets_no_healthy_server_when_it_dies(self):
@@ -627,13 +627,13 @@ class SmallerDefects(AsyncCase):
         for huge in (1e308, 1e306):  # 512 x 1e306 is past the largest float
             with self.assertRaisesRegex(a.ConfigError, "weight="):
                 await manager.update_weight(huge)
-        self.assertEqual([s.caps for s in manager.servers], [{"train": 512, "eval": 64}] * 2, "nothing changed")
+        self.assertEqual([s.caps for s in manager.slots.records], [{"train": 512, "eval": 64}] * 2, "nothing changed")
         await manager.update_weight(1e-12)
-        self.assertEqual([s.caps for s in manager.servers], [{"train": 1, "eval": 1}] * 2)
+        self.assertEqual([s.caps for s in manager.slots.records], [{"train": 1, "eval": 1}] * 2)
         resp = await asyncio.wait_for(manager.chat_completion(messages=MESSAGES, split="eval"), 10)
         self.assertEqual(len(resp.choices), 1, "an eval call gets its slot, it does not wait for the slot timeout")
         await manager.update_weight(0)
-        self.assertEqual(manager.servers[0].caps, {"train": 0, "eval": 0})
+        self.assertEqual(manager.slots.records[0].caps, {"train": 0, "eval": 0})
         self.assertEqual([a.weighted_cap(10, w) for w in (0, 1e-300, 0.01, 0.3, 1.5)], [0, 1, 1, 3, 15])
 
 

@@ -365,6 +365,19 @@ class ProtocolTests(LoopbackTestCase):
                                  [output_logprobs(1, 0, 2), output_logprobs(1, 1, 2)], ["length", "length"]))
         self.assertEqual(second[1], [output_ids(2, 0, 1)])
 
+    async def test_concurrent_first_calls_meet_one_404_per_server(self):
+        """The /generate -> /v1/completions fallback is a server capability found out once:
+        16 first calls in flight at once over 2 stock-vLLM-shaped servers, one 404 each."""
+        fakes = [await self.fake("vllm"), await self.fake("vllm")]
+        manager = self.manager(*fakes)
+        results = await asyncio.gather(*(manager.tokens_and_logprobs_completion(input_ids=[1, 20 + i], max_tokens=1)
+                                         for i in range(16)))
+        self.assertEqual(len(results), 16)
+        for server in fakes:
+            paths = [path for path, _ in self.requests(server)]
+            self.assertEqual(paths.count("/generate"), 1, paths)
+        self.assertEqual(sum(len(self.requests(f)) for f in fakes), 16 + 2)
+
     async def test_atropos_get_logprobs_and_its_missing_prompt_logprobs(self):
         fake = await self.fake("atropos")
         manager = self.manager(fake)
@@ -411,7 +424,7 @@ class ProtocolTests(LoopbackTestCase):
         await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=1, split="eval", timeout=5)
         self.assertEqual(self.requests(fake)[0][1], {"prompt": {"prompt_token_ids": [1, 20]}, "logprobs": 0,
                                                      "max_tokens": 1})
-        self.assertEqual(manager.servers[0].split_counts["eval"][0], 1)
+        self.assertEqual(manager.servers[0].stats.split_counts["eval"][0], 1)
         with self.assertRaises(ServerTimeoutError):
             await manager.tokens_and_logprobs_completion(input_ids=[1, 20], max_tokens=9, timeout=0.2)
 
@@ -566,7 +579,7 @@ class StrictAnswerTests(LoopbackTestCase):
                 self.assertNotIn("\n", text)
                 self.assertLess(len(text), 400, text)
                 self.assertEqual([r.path for r in server.posts if r.path == path], [path], "not retried")
-                self.assertTrue(manager.servers[0].healthy, "a malformed answer does not mark the server down")
+                self.assertTrue(manager.slots.records[0].healthy, "a malformed answer does not mark the server down")
 
     async def test_nothing_is_recorded_from_a_malformed_answer(self):
         server = await fake(self, Canned("/v1/completions", vllm_answer(vllm_choice(0, ["token_id:5", "token_id:6"], [-0.5]))))

@@ -48,9 +48,9 @@ def answer_chat(text, n=1):
 class Dispatch:
     """The manager's routing step, without I/O: keys, prefer, take, placed (and answered)."""
 
-    def __init__(self, count=3, epsilon=0.25, entries=1000, **caps):
-        self.servers = [Server(f"s{i}", **caps) for i in range(count)]
-        self.slots = a.Slots(self.servers)
+    def __init__(self, count=3, epsilon=0.25, entries=1000, train=8, eval=2):
+        self.slots = a.Slots([f"s{i}" for i in range(count)], caps=[(train, eval)] * count)
+        self.servers = self.slots.records  # what Slots and PrefixRouter read: health, in flight, caps
         self.router = a.PrefixRouter(self.servers, epsilon, entries)
 
     def send(self, kwargs, split="train", avoid=None):
@@ -250,7 +250,7 @@ class Knob(unittest.TestCase):
         cases = [
             ({"routing": "sticky"}, "routing='sticky' must be one of 'prefix', 'round_robin'"),
             ({"routing_epsilon": -1}, "routing_epsilon=-1 must be a number >= 0"),
-            ({"server_load_interval": "1"}, "server_load_interval='1' must be a number of seconds >= 0"),
+            ({"server_load_interval": "1"}, "server_load_interval='1' must be a number >= 0"),
             ({"server_load_interval": 1, "routing": "round_robin"},
              "server_load_interval=1 needs routing='prefix' (routing='round_robin' reads no load)"),
         ]
@@ -331,8 +331,8 @@ class ServerLoad(unittest.TestCase):
             url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1"
             manager = make_manager([url, url], routing="prefix", server_load_interval=0.05)
             off = make_manager([url], routing="prefix")
-            manager._n_sizes({})  # the first call starts the reader in its loop
-            off._n_sizes({})
+            manager._enter()  # the first call starts the reader in its loop
+            off._enter()
             while len(manager.router.reported) < 2:
                 await asyncio.sleep(0.01)
             reported = dict(manager.router.reported), manager.router.reported_total

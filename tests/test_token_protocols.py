@@ -223,7 +223,6 @@ def mutate(rng, shape, data):
         except (KeyError, IndexError, TypeError):
             pass  # an earlier mutation moved it
     path, value = rng.choice(list(nodes(data)))
-    parent = get(data, path[:-1]) if path else None
     bound = shape.reader_args["vocab"] or 2 ** 31
     if isinstance(value, dict):
         keys = list(value)

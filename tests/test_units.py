@@ -1,17 +1,21 @@
 """Unit tests of the dispatcher's pure parts, without sockets: ``Slots``, ``RetryPolicy``, the
-body framers, ``_DeadlineQueue`` (on a fake clock), ``probe_waits`` and the request-body JSON encoder.
+body framers, ``_DeadlineQueue`` (on a fake clock), ``probe_waits``, the request-body JSON encoder,
+``Attempts`` and ``RetryBudget`` (on a fake clock) and the manager's knobs (``manager_knobs``).
 
 These are the pieces a change to dispatch is most likely to touch; each test names the rule it
 holds.  Run: ``python -m pytest tests/test_units.py -q``.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import sys
 import unittest
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,53 +50,40 @@ class ProbeWaits(unittest.TestCase):
 # =============================================================================================
 
 
-class FakeServer:
-    """What ``Slots`` reads and writes on a server: health, in-flight counts and caps."""
-
-    def __init__(self, name, train=2, eval=1, healthy=True):
-        self.name, self.healthy = name, healthy
-        self.in_flight = {"train": 0, "eval": 0}
-        self.caps = {"train": train, "eval": eval}
-
-    def __repr__(self):
-        return self.name
-
-
-def servers(count, **caps):
-    return [FakeServer(f"s{i}", **caps) for i in range(count)]
+def make_slots(count, train=2, eval=1):
+    """Slots over ``count`` servers named s0, s1, ... (any object is a server to Slots), and their records."""
+    slots = a.Slots([f"s{i}" for i in range(count)], caps=[(train, eval)] * count)
+    return slots, slots.records
 
 
 class SlotsTest(unittest.IsolatedAsyncioTestCase):
     async def test_round_robin_over_servers_with_room(self):
-        s0, s1, s2 = servers(3, train=2)
-        slots = a.Slots([s0, s1, s2])
+        slots, (s0, s1, s2) = make_slots(3, train=2)
         taken = [slots.take("train") for _ in range(6)]
         self.assertEqual(taken, [s0, s1, s2, s0, s1, s2])
         self.assertIsNone(slots.take("train"), "every server is at its cap")
         self.assertEqual([s.in_flight["train"] for s in (s0, s1, s2)], [2, 2, 2])
+        self.assertEqual(slots.in_flight_total("train"), 6)
 
     async def test_splits_have_their_own_caps(self):
-        (s0,) = servers(1, train=1, eval=2)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1, eval=2)
         self.assertIs(slots.take("train"), s0)
         self.assertIsNone(slots.take("train"))
         self.assertIs(slots.take("eval"), s0)
         self.assertIs(slots.take("eval"), s0)
         self.assertIsNone(slots.take("eval"))
         self.assertEqual(s0.in_flight, {"train": 1, "eval": 2})
+        self.assertEqual(slots.of("s0"), s0)
 
     async def test_avoid_is_a_last_resort(self):
-        s0, s1 = servers(2, train=4)
-        slots = a.Slots([s0, s1])
+        slots, (s0, s1) = make_slots(2, train=4)
         self.assertIs(slots.take("train", avoid=s0), s1, "the failed server's turn passes to the next one")
         slots.give_back(s1, "train")
-        (only,) = servers(1, train=4)
-        alone = a.Slots([only])
+        alone, (only,) = make_slots(1, train=4)
         self.assertIs(alone.take("train", avoid=only), only, "with no other server, the avoided one is used")
 
     async def test_a_freed_slot_goes_to_the_first_waiter_in_the_same_iteration(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         self.assertIs(slots.take("train"), s0)
         first, second = slots.wait("train"), slots.wait("train")
         self.assertIsNone(slots.take("train"), "newcomers queue behind waiters: first come, first served")
@@ -104,9 +95,21 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         slots.give_back(s0, "train")
         self.assertIs(second.result(), s0)
 
+    async def test_take_never_jumps_queued_callers(self):
+        """Not with a free slot appearing, nor with a preferred server that has room."""
+        slots, (s0, s1) = make_slots(2, train=1)
+        slots.take("train"), slots.take("train")
+        waiter = slots.wait("train")
+        slots.set_caps(s1, train=1, eval=1)  # no room yet: the waiter still waits
+        self.assertFalse(waiter.done())
+        s0.caps["train"] = 2  # room appears without a hand-over (a cap read directly): still behind the waiter
+        self.assertIsNone(slots.take("train"))
+        self.assertIsNone(slots.take("train", prefer=s0), "a preferred server does not jump the line")
+        slots.give_back(s1, "train")
+        self.assertIsNotNone(waiter.result())
+
     async def test_waiters_are_served_in_arrival_order(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         waiters = [slots.wait("train") for _ in range(5)]
         order = []
@@ -116,8 +119,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(order, [0, 1, 2, 3, 4])
 
     async def test_leaving_gives_back_a_slot_handed_over_just_before(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         handed, next_one = slots.wait("train"), slots.wait("train")
         slots.give_back(s0, "train")
@@ -127,8 +129,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(s0.in_flight["train"], 1)
 
     async def test_waiters_leaving_from_the_middle_keep_the_rest_in_order(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         waiters = [slots.wait("train") for _ in range(2000)]
         for w in waiters[1::2]:  # a mass cancellation: every other waiter, none at the front
@@ -143,8 +144,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(all(w.cancelled() for w in waiters[1::2]))
 
     async def test_leaving_while_waiting_removes_the_waiter(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         waiter = slots.wait("train")
         slots.leave(waiter, "train")
@@ -154,26 +154,24 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(s0.in_flight["train"], 0)
 
     async def test_down_servers_are_skipped_and_rejoin_when_up(self):
-        s0, s1 = servers(2, train=4)
-        slots = a.Slots([s0, s1])
-        slots.set_healthy(s0, False)
-        self.assertEqual(slots.healthy_count, 1)
+        slots, (s0, s1) = make_slots(2, train=4)
+        slots.set_healthy(s0, False, "connection refused")
+        self.assertEqual((slots.healthy_count, s0.last_error), (1, "connection refused"))
+        self.assertEqual(slots.healthy_records(), [s1])
         self.assertEqual([slots.take("train") for _ in range(3)], [s1, s1, s1])
         slots.set_healthy(s0, True)
         self.assertEqual(slots.healthy_count, 2)
         self.assertIn(s0, [slots.take("train") for _ in range(2)])
 
     async def test_last_server_down_wakes_every_waiter_with_none(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         waiters = [slots.wait("train"), slots.wait("eval")]
         slots.set_healthy(s0, False)
         self.assertEqual([w.result() for w in waiters], [None, None], "each looks again and starts its deadline")
 
     async def test_a_server_back_up_serves_waiters_at_once(self):
-        s0, s1 = servers(2, train=1)
-        slots = a.Slots([s0, s1])
+        slots, (s0, s1) = make_slots(2, train=1)
         slots.set_healthy(s1, False)
         slots.take("train")
         waiter = slots.wait("train")
@@ -181,8 +179,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertIs(waiter.result(), s1)
 
     async def test_larger_caps_serve_waiters_at_once_and_smaller_ones_hold_new_calls(self):
-        (s0,) = servers(1, train=1)
-        slots = a.Slots([s0])
+        slots, (s0,) = make_slots(1, train=1)
         slots.take("train")
         waiters = [slots.wait("train"), slots.wait("train")]
         slots.set_caps(s0, train=3, eval=1)
@@ -195,13 +192,49 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_no_scan_over_the_servers_per_take(self):
         """The line holds only servers with room: taking from 4,096 servers touches one."""
-        many = servers(4096, train=1)
-        slots = a.Slots(many)
+        slots, many = make_slots(4096, train=1)
         taken = [slots.take("train") for _ in range(4096)]
         self.assertEqual(taken, many)
         self.assertEqual(len(slots._ready["train"]), 0, "full servers left the line")
         slots.give_back(many[7], "train")
         self.assertEqual(list(slots._ready["train"]), [many[7]])
+        self.assertIs(slots.take("train", prefer=many[7]), many[7])
+        self.assertEqual(slots.in_flight_total("train"), 4096)
+
+
+class SelectTest(unittest.TestCase):
+    """``Slots.select``, the one selection step, as a table: the servers' state before (in
+    flight / cap per server, healthy or not), avoid, prefer -> the server chosen, and the
+    order of the next picks (round-robin)."""
+
+    # (servers as (in_flight, cap, healthy), avoid, prefer, chosen, then the next two picks)
+    TABLE = [
+        ("round-robin from the front", [(0, 2, True), (0, 2, True), (0, 2, True)], None, None, 0, [1, 2]),
+        ("full servers are skipped", [(2, 2, True), (0, 2, True), (1, 2, True)], None, None, 1, [2, 1]),
+        ("down servers are skipped", [(0, 2, False), (0, 2, True)], None, None, 1, [1, None]),
+        ("avoid passes its turn", [(0, 2, True), (0, 2, True)], 0, None, 1, [0, 1]),
+        ("avoid when no other has room", [(0, 2, True), (2, 2, True)], 0, None, 0, [0, None]),
+        ("prefer with room", [(0, 2, True), (0, 2, True), (0, 2, True)], None, 2, 2, [0, 1]),
+        ("prefer full: round-robin", [(0, 2, True), (2, 2, True)], None, 1, 0, [0, None]),
+        ("prefer down: round-robin", [(0, 2, True), (0, 2, False)], None, 1, 0, [0, None]),
+        ("prefer that is avoided: round-robin", [(0, 2, True), (0, 2, True)], 1, 1, 0, [1, 0]),
+        ("nobody has room", [(1, 1, True), (0, 1, False)], None, None, None, [None, None]),
+    ]
+
+    def test_table(self):
+        for name, state, avoid, prefer, chosen, then in self.TABLE:
+            with self.subTest(name):
+                slots = a.Slots([f"s{i}" for i in range(len(state))], caps=[(cap, 1) for _, cap, _ in state])
+                for record, (in_flight, _, healthy) in zip(slots.records, state):
+                    record.in_flight["train"] = in_flight
+                    slots.set_healthy(record, healthy)
+                pick = slots.select("train", slots.records[avoid] if avoid is not None else None,
+                                    slots.records[prefer] if prefer is not None else None)
+                self.assertEqual(pick.index if pick else None, chosen)
+                if pick is not None:
+                    self.assertEqual(pick.in_flight["train"], state[chosen][0] + 1, "counted")
+                nxt = [slots.select("train") for _ in then]
+                self.assertEqual([r.index if r else None for r in nxt], then)
 
 
 # =============================================================================================
@@ -240,7 +273,7 @@ class RetryPolicyTest(unittest.TestCase):
         ]
         for error, attempt, expected in table:
             with self.subTest(error=repr(error), attempt=attempt):
-                d = self.POLICY.decide(error, attempt)
+                d = self.POLICY.decide(error, attempt, jitter=1.0)
                 self.assertEqual((d.action, d.mark_down, d.delay), expected)
 
     def test_jitter_shortens_the_backoff_only(self):
@@ -248,7 +281,159 @@ class RetryPolicyTest(unittest.TestCase):
         self.assertEqual(self.POLICY.decide(status(429, 3.0), 1, jitter=0.75).delay, 3.0, "Retry-After is a floor")
 
     def test_huge_attempt_numbers_do_not_overflow(self):
-        self.assertEqual(self.POLICY.decide(status(500), 10 ** 6).delay, 8.0)
+        self.assertEqual(self.POLICY.decide(status(500), 10 ** 6, jitter=1.0).delay, 8.0)
+
+    def test_jitter_comes_from_the_injected_random(self):
+        policy = a.RetryPolicy(rng=random.Random(7))
+        expected = random.Random(7).uniform(0.75, 1) * 0.5
+        self.assertEqual(policy.decide(status(500), 1).delay, expected)
+
+
+class FakeClock:
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class AttemptsTest(unittest.TestCase):
+    """``Attempts``: the attempts of one request counted, ``max_retries`` per call (shared by a
+    split call's parts), the budget applied; the decisions as a table."""
+
+    def test_table(self):
+        R = a.Retry
+        # max_retries, the errors of successive attempts, the actions decided
+        table = [
+            (2, [status(500), status(500), status(500)], [R.RETRY, R.RETRY, R.RAISE]),
+            (0, [status(503)], [R.RAISE]),
+            (1, [a.StaleConnectionError("closed", "u"), status(429)], [R.RESEND, R.RAISE]),
+            (3, [status(429), status(400)], [R.RETRY, R.RAISE]),
+        ]
+        for max_retries, errors, actions in table:
+            with self.subTest(max_retries=max_retries, errors=errors):
+                attempts = a.RetryPolicy(max_retries, 0.5, 8.0, rng=random.Random(0)).attempts()
+                self.assertEqual([attempts.failed(e).action for e in errors], actions)
+                self.assertEqual(attempts.made, len(errors))
+
+    def test_out_of_retries_keeps_the_mark_down(self):
+        attempts = a.RetryPolicy(0).attempts()
+        self.assertEqual(attempts.failed(status(503)), a.Retry(a.Retry.RAISE, True))
+        self.assertIn("attempt", str(a.RetryPolicy(1).attempts().gave_up(status(503))) + "attempt")
+
+    def test_a_split_calls_parts_share_its_retries(self):
+        policy = a.RetryPolicy(2, rng=random.Random(0))
+        left = [policy.max_retries]
+        parts = [policy.attempts(left) for _ in range(8)]
+        actions = [part.failed(status(429)).action for part in parts]
+        self.assertEqual(actions, [a.Retry.RETRY] * 2 + [a.Retry.RAISE] * 6, "8 parts, 2 retries for the call")
+
+    def test_the_budget_turns_a_retry_into_a_raise(self):
+        clock = FakeClock()
+        budget = a.RetryBudget(percent=0.0, min_per_second=0.1, ttl=10, clock=clock)  # a reserve of one retry
+        policy = a.RetryPolicy(5, rng=random.Random(0), budget=budget)
+        self.assertEqual(policy.attempts().failed(status(429)).action, a.Retry.RETRY)
+        self.assertEqual(policy.attempts().failed(status(429)).action, a.Retry.RAISE)
+        self.assertEqual(policy.attempts().failed(a.StaleConnectionError("closed", "u")).action, a.Retry.RESEND,
+                         "a resend on a fresh connection is not a retry of the server")
+
+
+class RetryBudgetTest(unittest.TestCase):
+    """Finagle's semantics on a fake clock: percent of the requests of the last ttl seconds,
+    plus min_per_second * ttl."""
+
+    def withdrawals(self, budget, clock, seconds, requests_per_second, tries_per_second):
+        granted = 0
+        for second in range(seconds):
+            for i in range(requests_per_second):
+                clock.now = second + i / requests_per_second
+                budget.deposit()
+            for _ in range(tries_per_second):
+                granted += budget.try_withdraw()
+        return granted
+
+    def test_table(self):
+        # percent, min_per_second, seconds, requests/s, retries tried/s -> retries granted
+        table = [
+            (0.2, 10, 10, 100, 1000, 100 + 200),  # the reserve once, and 20% of 1,000 requests
+            (0.2, 10, 30, 100, 1000, 300 + 600),  # the reserve again every 10 s
+            (0.0, 10, 10, 0, 1000, 100),
+            (0.5, 0, 10, 10, 1000, 50),
+            (0.2, 10, 10, 100, 5, 50),  # asking less than the budget: all granted
+        ]
+        for percent, floor, seconds, rate, tries, granted in table:
+            with self.subTest(percent=percent, floor=floor, seconds=seconds, rate=rate, tries=tries):
+                clock = FakeClock()
+                budget = a.RetryBudget(percent, floor, clock=clock)
+                self.assertEqual(self.withdrawals(budget, clock, seconds, rate, tries), granted)
+
+    def test_retries_flow_again_once_the_window_passes(self):
+        clock = FakeClock()
+        budget = a.RetryBudget(0.2, 10, clock=clock)
+        self.assertEqual(sum(budget.try_withdraw() for _ in range(500)), 100)
+        clock.now = 5.0
+        self.assertFalse(budget.try_withdraw(), "spent for 10 s")
+        clock.now = 10.0
+        self.assertTrue(budget.try_withdraw(), "the spent second is forgotten")
+
+
+# =============================================================================================
+# Manager knobs: keyword argument, else ATROPOS_SLURM_* variable, else default
+# =============================================================================================
+
+
+class ManagerKnobsTest(unittest.TestCase):
+    DEFAULTS = dict(max_retries=2, retry_backoff=0.5, retry_backoff_max=8.0, no_server_timeout=60.0,
+                    health_probe_interval=5.0, retry_budget=0.2)
+
+    def test_defaults_variables_and_explicit_arguments(self):
+        self.assertEqual(dataclasses.asdict(a.manager_knobs({})), self.DEFAULTS)
+        env = {"ATROPOS_SLURM_MAX_RETRIES": "5", "ATROPOS_SLURM_RETRY_BACKOFF": " 0.25 ",
+               "ATROPOS_SLURM_RETRY_BACKOFF_MAX": "2", "ATROPOS_SLURM_NO_SERVER_TIMEOUT": "600",
+               "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "1e1", "ATROPOS_SLURM_RETRY_BUDGET": "0",
+               "ATROPOS_SLURM_UNRELATED": "x"}
+        self.assertEqual(dataclasses.asdict(a.manager_knobs(env)),
+                         dict(max_retries=5, retry_backoff=0.25, retry_backoff_max=2.0, no_server_timeout=600.0,
+                              health_probe_interval=10.0, retry_budget=0.0))
+        knobs = a.manager_knobs(env, max_retries=0, retry_backoff=None)
+        self.assertEqual((knobs.max_retries, knobs.retry_backoff), (0, 0.25), "explicit arguments win; None is unset")
+        self.assertEqual(a.manager_knobs({"ATROPOS_SLURM_MAX_RETRIES": " "}).max_retries, 2, "blank is unset")
+
+    def test_bad_values_name_their_source(self):
+        table = [
+            ({"ATROPOS_SLURM_MAX_RETRIES": "two"}, {}, "ATROPOS_SLURM_MAX_RETRIES='two' is not an integer"),
+            ({"ATROPOS_SLURM_MAX_RETRIES": "-1"}, {}, "ATROPOS_SLURM_MAX_RETRIES='-1' must be at least 0"),
+            ({"ATROPOS_SLURM_RETRY_BACKOFF": "nan"}, {}, "ATROPOS_SLURM_RETRY_BACKOFF='nan' is not a finite number"),
+            ({"ATROPOS_SLURM_RETRY_BUDGET": "-0.1"}, {}, "ATROPOS_SLURM_RETRY_BUDGET='-0.1' must be at least 0"),
+            ({}, {"max_retries": True}, "max_retries=True is not an integer"),
+            ({}, {"max_retries": -1}, "max_retries=-1 must be at least 0"),
+            ({}, {"retry_backoff": -0.5}, "retry_backoff=-0.5 must be at least 0"),
+            # issue 16: NaN and infinity were accepted for these four
+            ({}, {"retry_backoff": math.nan}, "retry_backoff=nan is not a finite number"),
+            ({}, {"retry_backoff_max": math.inf}, "retry_backoff_max=inf is not a finite number"),
+            ({}, {"no_server_timeout": math.inf}, "no_server_timeout=inf is not a finite number"),
+            ({}, {"health_probe_interval": math.nan}, "health_probe_interval=nan is not a finite number"),
+            ({"ATROPOS_SLURM_NO_SERVER_TIMEOUT": "inf"}, {}, "ATROPOS_SLURM_NO_SERVER_TIMEOUT='inf' is not a finite"),
+        ]
+        for env, given, message in table:
+            with self.subTest(env=env, given=given):
+                with self.assertRaises(a.ConfigError) as caught:
+                    a.manager_knobs(env, **given)
+                self.assertIn(message, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
+    def test_the_manager_reads_them(self):
+        config = a.APIServerConfig(base_url="http://127.0.0.1:9/v1")
+        env = {"ATROPOS_SLURM_MAX_RETRIES": "7", "ATROPOS_SLURM_NO_SERVER_TIMEOUT": "3",
+               "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "0.5", "ATROPOS_SLURM_RETRY_BACKOFF": "1"}
+        with mock.patch.dict(os.environ, env):
+            manager = a.ServerManager([config])
+            self.assertEqual((manager.max_retries, manager.no_server_timeout, manager.health_probe_interval,
+                              manager.retry_policy.backoff), (7, 3.0, 0.5, 1.0))
+            self.assertEqual(a.ServerManager([config], max_retries=1).max_retries, 1)
+            with mock.patch.dict(os.environ, {"ATROPOS_SLURM_RETRY_BACKOFF_MAX": "inf"}):
+                with self.assertRaisesRegex(a.ConfigError, "ATROPOS_SLURM_RETRY_BACKOFF_MAX='inf'"):
+                    a.ServerManager([config])
 
 
 # =============================================================================================
