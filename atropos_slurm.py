@@ -31,6 +31,8 @@ Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``End
                    a server's alternative endpoints, learnt from 404s (a capability, no retry)
 Slots              ``Slots``: the dispatch state (a ``ServerSlot`` per server: health, in
                    flight and caps per split), the waiters, ``select`` (which server)
+Routing            ``PrefixRouter``: the server a request would like (where its prompt's prefix
+                   is cached), learnt from requests and answers, within a load bound
 Retry policy       ``RetryPolicy.decide`` (raise, resend or retry, mark down, delay),
                    ``Attempts`` (one request's count, obeyed), ``RetryBudget`` (across calls)
 Manager            ``ServerManager``: a ``Call`` value per request, slots from a ``SlotSource``;
@@ -2439,6 +2441,43 @@ async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: fl
         await asyncio.sleep(interval)
 
 
+# The queue a server reports: vLLM's Prometheus text at /metrics, SGLang's JSON at /get_load.
+_VLLM_QUEUE = re.compile(rb"^vllm:num_requests_(running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+)\s*$", re.M)
+MAX_LOAD_READS_PER_SECOND = 100  # over all servers: at 4,096 servers each is read every 41 s at most
+
+
+def parse_server_load(path: str, body: bytes) -> Optional[int]:
+    """Requests running plus waiting on a server, from its ``/metrics`` (vLLM:
+    ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, summed over engines) or its
+    ``/get_load`` (SGLang: ``num_reqs`` + ``num_waiting_reqs``, per data-parallel rank or not);
+    None when the body has neither."""
+    if path == "/metrics":
+        found = _VLLM_QUEUE.findall(body)
+        return int(sum(float(value) for _, value in found)) if found else None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    ranks = data if isinstance(data, list) else [data]
+    loads = [r.get("num_reqs", 0) + r.get("num_waiting_reqs", 0) for r in ranks
+             if isinstance(r, dict) and isinstance(r.get("num_reqs", 0), int) and "num_reqs" in r]
+    return sum(loads) if loads else None
+
+
+async def read_server_load(base_url: str, paths: List[str], timeout: float) -> Optional[int]:
+    """The load ``parse_server_load`` finds at ``paths[0]``; a path answering 404 or with no load
+    in it is dropped from ``paths`` (vLLM has no /get_load, SGLang no vLLM metrics)."""
+    while paths:
+        status, body = await http_get(base_url, paths[0], timeout)
+        load = parse_server_load(paths[0], body) if status == 200 else None
+        if load is not None:
+            return load
+        if status not in (200, 404):
+            return None  # failing now: the same path next time
+        paths.pop(0)
+    return None
+
+
 def probe_waits(interval: float, rng: Optional[random.Random] = None) -> Iterator[float]:
     """The waits before each health probe of a down server: 0.1 s doubling up to ``interval``,
     each times a jitter in [0.5, 1.5].
@@ -2675,6 +2714,218 @@ class Slots:
                 return
             del waiters[waiter]
             waiter.set_result(record)
+
+
+# =============================================================================================
+# Routing: the server a request would like (prefix affinity), learnt from requests and answers
+# =============================================================================================
+
+ROUTINGS = ("prefix", "round_robin")
+ENV_ROUTING = "ATROPOS_SLURM_ROUTING"
+ROUTE_BLOCK_CHARS = 128  # a text prompt is keyed at every 128th character (about 32 tokens)
+ROUTE_BLOCK_IDS = 32  # a token-id prompt at every 32nd id
+ROUTE_INDEX_ENTRIES = 65536  # keys remembered at least (8 MB), and 256 per server (32 KB each) at many servers
+ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
+
+
+def check_routing(routing: Any, name: str = "routing") -> str:
+    if routing not in ROUTINGS:
+        raise ConfigError(f"{name}={routing!r} must be one of {', '.join(map(repr, ROUTINGS))}")
+    return routing
+
+
+def _message_unit(message: Any) -> Tuple[Any, str]:
+    """What of a chat message decides the server's cache: role and content (stripped, as
+    environments often strip the answer they append)."""
+    if not isinstance(message, dict):
+        return (None, repr(message))
+    content = message.get("content")
+    if not isinstance(content, str):
+        content = "" if content is None else json.dumps(content, sort_keys=True, default=str)
+    return (message.get("role"), content.strip())
+
+
+def _chain(start: int, units: Sequence[Any], size: int, keys: List[int]) -> Tuple[int, Any]:
+    """Chain-hash ``units`` in blocks of ``size`` from ``start``, appending the hash at each
+    full block to ``keys``; the last full block's hash and the rest (a partial block)."""
+    key, full = start, len(units) - len(units) % size
+    for i in range(0, full, size):
+        key = hash((key, units[i:i + size]))
+        keys.append(key)
+    return key, units[full:]
+
+
+class RouteKeys:
+    """One request's keys: a hash at each boundary where an earlier request (or request plus
+    answer) may have ended, shallowest first, the whole prompt's last; and how to extend them
+    by an answer.  Chat: a boundary after every message.  Text or token ids: after every block
+    (``ROUTE_BLOCK_CHARS`` / ``ROUTE_BLOCK_IDS``), then the whole prompt."""
+
+    __slots__ = ("keys", "chat", "base", "rest", "size")
+
+    def __init__(self, keys: List[int], chat: bool, base: int, rest: Any, size: int):
+        self.keys, self.chat, self.base, self.rest, self.size = keys, chat, base, rest, size
+
+    @classmethod
+    def of(cls, kwargs: Dict[str, Any]) -> Optional["RouteKeys"]:
+        """The keys of a request's ``messages``, ``prompt`` (text or ids) or ``input_ids``;
+        None when it has none of them (nothing to route by)."""
+        messages = kwargs.get("messages")
+        keys: List[int] = []
+        if isinstance(messages, list):
+            key = 0
+            for message in messages:
+                content = message.get("content") if type(message) is dict else None
+                unit = ((message["role"] if "role" in message else None, content.strip())
+                        if type(content) is str else _message_unit(message))  # the usual case inline
+                key = hash((key, unit))
+                keys.append(key)
+            return cls(keys, True, key, None, 1) if keys else None
+        prompt = kwargs.get("input_ids", kwargs.get("prompt"))
+        if isinstance(prompt, str):
+            size = ROUTE_BLOCK_CHARS
+        elif isinstance(prompt, list) and prompt and all(type(i) is int for i in prompt):
+            prompt, size = tuple(prompt), ROUTE_BLOCK_IDS
+        else:
+            return None
+        base, rest = _chain(0, prompt, size, keys)
+        keys.append(hash((base, rest, "end")))
+        return cls(keys, False, base, rest, size)
+
+    def after(self, answer: Any) -> Optional[int]:
+        """The key at which a next request that repeats this one and ``answer`` continues (None
+        for token ids, whose answers are not learnt, and for an answer that fills no block)."""
+        if self.chat:
+            return hash((self.base, ("assistant", answer.strip() if isinstance(answer, str) else
+                                     _message_unit({"content": answer})[1])))
+        if self.size != ROUTE_BLOCK_CHARS or not isinstance(answer, str):
+            return None
+        if len(self.rest) + len(answer) < self.size:  # no new full block: the key would be one the prompt shares
+            return None
+        return _chain(self.base, self.rest + answer, self.size, [])[0]
+
+
+class PrefixRouter:
+    """Prefix affinity: the server a request would like, so that its prompt's start is still in
+    that server's prefix cache (vLLM's and SGLang's automatic prefix caching).
+
+    The manager tells it where each request went (``placed``: the whole prompt's key, so the
+    other parts of a split call and repeats of a prompt follow) and each answer (``answered``:
+    the key of prompt plus answer, where the conversation's next turn continues).  ``choose``
+    looks a request's keys up from the deepest: a hit names the server of the earlier request
+    this one continues.  Only ends of requests are keys, never a prefix many share (a system
+    prompt), so a new conversation finds nothing: of the next two servers round-robin within
+    the bound below, it goes to the one that has had fewer requests, which spreads
+    conversations and evens out their different lengths (placing by the fewest in flight
+    alone concentrates a burst of new ones).
+
+    Bounded load, as in consistent hashing with bounded loads: with ``mean`` the requests in
+    flight per healthy server (both splits, this request counted), a new conversation skips
+    servers that would go over ``ceil((1 + epsilon) x mean)``, and a continuation leaves its
+    server (``spill``) only over that plus ``ROUTE_LOAD_SLACK`` (the slack keeps a split call's
+    parts together while the servers are nearly idle).  With ``server_load_interval``, the
+    requests of other processes that the servers report (``report``) count too.  A server
+    down or at its cap is declined by ``Slots``, which then takes the next in its line; the
+    conversation follows the request (its next turn finds the new key).
+
+    Memory: at most ``entries`` keys (an ``OrderedDict`` of int -> server, 124 bytes a key
+    measured; by default ``ROUTE_INDEX_ENTRIES``, or 256 per server over 256 servers: 8 MB, 130
+    MB at 4,096 servers), least recently used dropped first; one request adds one key plus one
+    per answer.
+    """
+
+    def __init__(self, servers: Sequence[Any], epsilon: float = 0.25, entries: Optional[int] = None):
+        self.servers, self.epsilon = list(servers), epsilon
+        self.entries = entries or max(ROUTE_INDEX_ENTRIES, 256 * len(self.servers))
+        self._where: "OrderedDict[int, Any]" = OrderedDict()  # key -> server
+        self._next = 0  # where the placement of new conversations goes on (round-robin)
+        self._sent: Dict[Any, int] = dict.fromkeys(self.servers, 0)  # requests placed per server
+        self.reported: Dict[Any, int] = {}  # the load each server reports (``report``), when read
+        self.reported_total = 0
+        self.matched = self.spilled = 0  # requests sent to their prefix's server / declined by the bound
+
+    @property
+    def remembered(self) -> int:
+        """Keys in the index now (at most ``entries``)."""
+        return len(self._where)
+
+    def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Any, Any]:
+        """``(prefer, spill)`` for ``Slots.take``: the server of the deepest key found within the
+        bound and None; else a server for a new conversation (or None) and the found server
+        over its bound (or None)."""
+        where, found = self._where, None
+        for key in reversed(route.keys):
+            found = where.get(key)
+            if found is not None:
+                where.move_to_end(key)
+                break
+        # The bound: a server may hold ceil((1 + epsilon) x mean) with this request counted.
+        total = slots.in_flight_total("train") + slots.in_flight_total("eval") + self.reported_total
+        bound = math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1))
+        if found is not None and found.healthy:
+            if self._load(found) < bound + ROUTE_LOAD_SLACK:
+                self.matched += 1
+                return found, None
+            self.spilled += 1
+            return self._place(bound), found
+        return self._place(bound), None
+
+    def _load(self, server: Any) -> int:
+        """Requests in flight on ``server``: this manager's, and others' as last reported."""
+        load = server.in_flight["train"] + server.in_flight["eval"]
+        return load + self.reported.get(server, 0) if self.reported_total else load
+
+    def _place(self, bound: int) -> Any:
+        """Of the next two servers round-robin that are healthy and under ``bound``, the one
+        that has had fewer requests placed, or None (``Slots`` picks): conversations differ in
+        length, and two choices keep the servers' totals even (the power of two choices)."""
+        servers, count, sent = self.servers, len(self.servers), self._sent
+        i = self._next
+        self._next = i + 1 if i + 1 < count else 0  # the line moves by one a placement
+        best = None
+        for _ in range(min(count, 8)):  # at most 8 looks past servers down or over the bound
+            server = servers[i]
+            i = i + 1 if i + 1 < count else 0
+            if server.healthy and (self._load(server) if self.reported_total else
+                                   server.in_flight["train"] + server.in_flight["eval"]) < bound:
+                if best is not None:
+                    return server if sent[server] < sent[best] else best
+                best = server
+        return best
+
+    def placed(self, route: RouteKeys, server: Any) -> None:
+        where = self._where
+        where[route.keys[-1]] = server  # a key found again was moved to the end by choose
+        if len(where) > self.entries:
+            where.popitem(last=False)
+        self._sent[server] += 1
+
+    def report(self, server: Any, load: Optional[int]) -> None:
+        """Requests on ``server`` that are not this manager's (its reported load less this
+        manager's in flight there; None: unknown, as when it is down)."""
+        old = self.reported.pop(server, None)
+        if load is not None:
+            self.reported[server] = load
+        self.reported_total += (load or 0) - (old or 0)
+
+    def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
+        """Learn where each choice's conversation continues (chat and text completions)."""
+        choices = response.get("choices") if isinstance(response, dict) else None
+        if not choices:
+            return
+        where, chat = self._where, route.chat
+        for choice in choices:  # objects: decode_response checked them
+            if chat:
+                message = choice.get("message")
+                answer = message.get("content") if isinstance(message, dict) else None
+            else:
+                answer = choice.get("text")
+            key = route.after(answer if answer is not None else "")
+            if key is not None:
+                where[key] = server
+        while len(where) > self.entries:
+            where.popitem(last=False)
+
 
 
 # =============================================================================================
@@ -3005,6 +3256,10 @@ class ServerManager:
       ``no_server_timeout`` seconds, then raises ``NoHealthyServerError`` naming every server.
     * ``n > max_n_completions`` is split over several requests and merged.
     * The keyword-only knobs default to their ``ATROPOS_SLURM_*`` variables (``manager_knobs``).
+    * ``routing="prefix"`` (the default; ``ATROPOS_SLURM_ROUTING``) sends each request where its
+      prompt's prefix is cached (``PrefixRouter``: continuations, split parts), within a load
+      bound (``routing_epsilon``); ``server_load_interval`` > 0 also reads the servers' own
+      queues (``read_server_load``); ``routing="round_robin"``: the next server in line.
     """
 
     def __init__(self, configs: Any, server_class: Any = OpenAIServer, slurm: bool = False,
@@ -3012,7 +3267,8 @@ class ServerManager:
                  proxy_url: Optional[str] = None, use_proxy: bool = False, tool_parser: Optional[str] = None, *,
                  max_retries: Optional[int] = None, retry_backoff: Optional[float] = None,
                  retry_backoff_max: Optional[float] = None, no_server_timeout: Optional[float] = None,
-                 health_probe_interval: Optional[float] = None, retry_budget: Optional[float] = None):
+                 health_probe_interval: Optional[float] = None, retry_budget: Optional[float] = None,
+                 routing: Optional[str] = None, routing_epsilon: float = 0.25, server_load_interval: float = 0.0):
         configs, server_class = resolve_servers(configs, server_class, slurm, testing, reasoning_config,
                                                 proxy_url, use_proxy)
         knobs = manager_knobs(max_retries=max_retries, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
@@ -3031,6 +3287,16 @@ class ServerManager:
             server.slot = slot
         self.slot_source = SharedSlots(self.slots, max(c.timeout for c in configs), knobs.no_server_timeout,
                                        self._probe_all_down)
+        self.routing = check_routing(os.environ.get(ENV_ROUTING, "").strip() or "prefix", ENV_ROUTING) \
+            if routing is None else check_routing(routing)
+        for name, value in (("routing_epsilon", routing_epsilon), ("server_load_interval", server_load_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"{name}={value!r} must be a number >= 0")
+        self.router = PrefixRouter(self.slots.records, routing_epsilon) if self.routing == "prefix" else None
+        if server_load_interval and self.router is None:
+            raise ConfigError(f"server_load_interval={server_load_interval!r} needs routing='prefix' "
+                              f"(routing={self.routing!r} reads no load)")
+        self.server_load_interval = server_load_interval
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False
@@ -3215,6 +3481,8 @@ class ServerManager:
         if loop is not self._loop:
             self._loop = loop
             self._probe_all_down()
+            if self.server_load_interval and not self._closed:
+                self._probes[-1] = asyncio.ensure_future(self._read_loads())
         return loop
 
     @staticmethod
@@ -3234,9 +3502,15 @@ class ServerManager:
         split, attempts, policy = call.split, None, self.retry_policy
         slot: Optional[ServerSlot] = None  # kept for a resend on a fresh connection
         avoid, fresh = None, False
+        router = self.router if source is self.slot_source else None  # a dedicated server's episode: its own
+        route = RouteKeys.of(call.kwargs) if router is not None else None
         policy.budget.deposit()
         while True:
-            if slot is None:  # the manager's free slot is taken at once, without the coroutine of a wait
+            if slot is None and route:  # where the prompt's prefix is (see PrefixRouter)
+                prefer, spill = router.choose(route, self.slots)
+                slot = source.take(split, avoid or spill, prefer) or await source.acquire(split, avoid or spill)
+                router.placed(route, slot)
+            elif slot is None:  # the manager's free slot is taken at once, without the coroutine of a wait
                 slot = source.take(split, avoid) or await source.acquire(split, avoid)
             started = time.monotonic()
             try:
@@ -3260,6 +3534,8 @@ class ServerManager:
             else:
                 if not isinstance(result, EventStream):  # a stream gives its slot back when it ends
                     source.give_back(slot, split)
+                    if route:
+                        router.answered(route, slot, result)
                 slot.server.stats.succeeded(split, time.monotonic() - started)
                 return result
 
@@ -3271,6 +3547,41 @@ class ServerManager:
             self._mark_down(slot)
 
     # -- health -------------------------------------------------------------------------------
+
+    async def _read_loads(self) -> None:
+        """Read each healthy server's own queue (``read_server_load``) every
+        ``server_load_interval`` seconds, or slower: at most ``MAX_LOAD_READS_PER_SECOND`` reads
+        a second over all servers, one at a time per server; the router's bound uses them."""
+        slots, router = self.slots.records, self.router
+        gap = max(self.server_load_interval / len(slots), 1 / MAX_LOAD_READS_PER_SECOND)
+        paths = {slot.index: ["/metrics", "/get_load"] for slot in slots}
+        reading: set = set()
+
+        async def read(slot: ServerSlot) -> None:
+            try:
+                load = await read_server_load(slot.server.url, paths[slot.index], slot.server.config.health_timeout)
+            except ServerError:
+                load = None
+            finally:
+                reading.discard(slot)
+            mine = slot.in_flight["train"] + slot.in_flight["eval"]
+            router.report(slot, None if load is None else max(0, load - mine))
+
+        tasks: set = set()
+        for slot in itertools.cycle(slots):
+            if slot.healthy and paths[slot.index] and slot not in reading:
+                reading.add(slot)
+                task = asyncio.ensure_future(read(slot))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif not slot.healthy and slot in router.reported:
+                router.report(slot, None)
+            try:
+                await asyncio.sleep(gap)
+            except asyncio.CancelledError:
+                for task in list(tasks):
+                    task.cancel()
+                raise
 
     def _mark_down(self, slot: ServerSlot) -> None:
         if not slot.server.config.health_check or not slot.healthy:

@@ -53,12 +53,12 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-ALL_CLIENTS = ("ours", "atropos", "openai", "aiohttp", "bare")
+ALL_CLIENTS = ("ours", "atropos", "openai", "aiohttp", "bare")  # and "ours_rr" (ours, routing="round_robin") on request
 NOTES_MARKER = "<!-- notes: kept by --write -->"
 OTHER_LOAD_LIMIT = 0.3  # cores that the rest of the machine may use during a run before it is redone
 SLOW_CLIENTS = ("atropos", "openai")  # ~500-700 req/s: fewer requests keep the run short
 LABELS = {"ours": "ours (atropos_slurm)", "atropos": "Atropos ServerManager", "openai": "openai AsyncOpenAI",
-          "aiohttp": "aiohttp shared session", "bare": "bare asyncio loop"}
+          "aiohttp": "aiohttp shared session", "bare": "bare asyncio loop", "ours_rr": "ours, routing=round_robin"}
 MESSAGES = [{"role": "user", "content": "Say hello to the benchmark."}]
 MAX_TOKENS = 8
 MODEL = "stub"
@@ -96,13 +96,19 @@ def _check(choice_text: str) -> None:
 
 async def make_client(name: str, urls, concurrency: int):
     """(request coroutine function, close coroutine function) for client ``name``."""
-    if name == "ours":
+    if name in ("ours", "ours_rr"):
         import atropos_slurm as a
         template = a.ServerBaseline(timeout=60, model_name=MODEL, num_max_requests_at_once=max(512, concurrency))
-        manager = a.ServerManager(a.configs_for_urls(template, urls))
+        manager = a.ServerManager(a.configs_for_urls(template, urls),
+                                  routing="round_robin" if name == "ours_rr" else None)  # None: the default
+
+        # BENCH_DISTINCT_PROMPTS=1: a prompt of its own per request (as new conversations), for
+        # the routing's cost: one prompt again and again is one hot prefix, piled and spilled.
+        distinct = os.environ.get("BENCH_DISTINCT_PROMPTS") == "1"
 
         async def one(i):
-            resp = await manager.chat_completion(messages=MESSAGES, max_tokens=MAX_TOKENS)
+            messages = [{"role": "user", "content": f"Say hello to the benchmark {i}."}] if distinct else MESSAGES
+            resp = await manager.chat_completion(messages=messages, max_tokens=MAX_TOKENS)
             return resp.choices[0].message.content
 
         return one, manager.close
@@ -374,8 +380,8 @@ def available_clients(wanted):
     packages = {"atropos": "atroposlib", "openai": "openai", "aiohttp": "aiohttp"}
     ok, missing = [], {}
     for c in wanted:
-        if c not in ALL_CLIENTS:
-            raise SystemExit(f"bench: unknown client {c!r} (known: {', '.join(ALL_CLIENTS)})")
+        if c not in LABELS:
+            raise SystemExit(f"bench: unknown client {c!r} (known: {', '.join(LABELS)})")
         if c in packages and importlib.util.find_spec(packages[c]) is None:
             missing[c] = f"package {packages[c]!r} is not installed in {sys.executable} (run bench/setup.sh)"
             continue

@@ -213,7 +213,9 @@ def make_manager(urls, *, timeout=20.0, cap=64, eval_cap=16, api_key="", max_bod
     """
     template = APIServerConfig(timeout=timeout, num_max_requests_at_once=cap, num_requests_for_eval=eval_cap,
                                model_name="test-model", api_key=api_key, connect_timeout=20, health_timeout=5)
-    options = dict(retry_backoff=0.01, retry_backoff_max=0.05, no_server_timeout=20, health_probe_interval=0.05)
+    # Round-robin unless a test asks for prefix routing: most tests send one prompt again and again.
+    options = dict(retry_backoff=0.01, retry_backoff_max=0.05, no_server_timeout=20, health_probe_interval=0.05,
+                   routing="round_robin")
     options.update(kwargs)
     if max_body_bytes is not None:
         options["server_class"] = functools.partial(a.OpenAIServer, max_body_bytes=max_body_bytes)

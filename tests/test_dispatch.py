@@ -215,7 +215,8 @@ class ErrorMessage(unittest.TestCase):
 
 def slurm_env(base, count, nodelist="localhost"):
     return {"SLURM_JOB_NODELIST": nodelist, "NUM_TRAINING_NODES": "0", "ATROPOS_SLURM_GPUS_PER_NODE": str(count),
-            "ATROPOS_SLURM_BASE_PORT": str(base), "ATROPOS_SLURM_HOSTLIST": "python"}
+            "ATROPOS_SLURM_BASE_PORT": str(base), "ATROPOS_SLURM_HOSTLIST": "python",
+            "ATROPOS_SLURM_ROUTING": "round_robin"}  # the same prompt again and again: spread it
 
 
 class SeedStyle(unittest.TestCase):
