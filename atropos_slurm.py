@@ -979,21 +979,26 @@ def configs_for_urls(template: ServerBaseline, urls: Iterable[str]) -> List[APIS
 
 
 # The manager's knobs: keyword argument, else environment variable, else default.
-MANAGER_KNOBS = (  # (name, variable, default, integer)
-    ("max_retries", "ATROPOS_SLURM_MAX_RETRIES", 2, True),
-    ("retry_backoff", "ATROPOS_SLURM_RETRY_BACKOFF", 0.5, False),
-    ("retry_backoff_max", "ATROPOS_SLURM_RETRY_BACKOFF_MAX", 8.0, False),
-    ("no_server_timeout", "ATROPOS_SLURM_NO_SERVER_TIMEOUT", 60.0, False),
-    ("health_probe_interval", "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL", 5.0, False),
-    ("retry_budget", "ATROPOS_SLURM_RETRY_BUDGET", 0.2, False),
+ROUTINGS = ("prefix", "round_robin")  # see the Routing section
+MANAGER_KNOBS = (  # (name, variable, default, kind: "count" an integer >= 0, "number" finite >= 0, or the choices)
+    ("max_retries", "ATROPOS_SLURM_MAX_RETRIES", 2, "count"),
+    ("retry_backoff", "ATROPOS_SLURM_RETRY_BACKOFF", 0.5, "number"),
+    ("retry_backoff_max", "ATROPOS_SLURM_RETRY_BACKOFF_MAX", 8.0, "number"),
+    ("no_server_timeout", "ATROPOS_SLURM_NO_SERVER_TIMEOUT", 60.0, "number"),
+    ("health_probe_interval", "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL", 5.0, "number"),
+    ("retry_budget", "ATROPOS_SLURM_RETRY_BUDGET", 0.2, "number"),
+    ("routing", "ATROPOS_SLURM_ROUTING", "prefix", ROUTINGS),
+    ("routing_epsilon", "ATROPOS_SLURM_ROUTING_EPSILON", 0.25, "number"),
+    ("server_load_interval", "ATROPOS_SLURM_SERVER_LOAD_INTERVAL", 0.0, "number"),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class ManagerKnobs:
     """``ServerManager``'s tuning: retries per call, backoff (s), the wait with no server healthy
-    (s), the down servers' probe interval (s), and the retry budget (retries as a share of the
-    requests of the last 10 s, on top of 10 per second)."""
+    (s), the down servers' probe interval (s), the retry budget (retries as a share of the
+    requests of the last 10 s, on top of 10 per second), and the routing: which policy, its load
+    bound's epsilon, and how often the servers' own load is read (s; 0 = never)."""
 
     max_retries: int
     retry_backoff: float
@@ -1001,24 +1006,36 @@ class ManagerKnobs:
     no_server_timeout: float
     health_probe_interval: float
     retry_budget: float
+    routing: str
+    routing_epsilon: float
+    server_load_interval: float
 
 
 def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> ManagerKnobs:
     """Each knob from its keyword argument when not None (named so in errors), else from its
-    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0 and finite numbers
-    >= 0, checked as the discovery variables are (one-line ``ConfigError`` naming the source)."""
+    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0, finite numbers >= 0
+    and choices, checked as the discovery variables are (one-line ``ConfigError`` naming the source)."""
     env = os.environ if env is None else env
     values = {}
-    for name, variable, default, integer in MANAGER_KNOBS:
+    for name, variable, default, kind in MANAGER_KNOBS:
         source, raw = (name, given[name]) if given.get(name) is not None else (variable, env.get(variable))
-        if raw is None or (source == variable and not raw.strip()):
+        if source == variable and raw is not None:
+            raw = raw.strip()
+        if raw is None or raw == "":
             values[name] = default
-        elif integer:
+        elif kind == "count":
             values[name] = _int_setting(source, raw, minimum=0)
-        else:
+        elif kind == "number":
             values[name] = _float_setting(source, raw, minimum=0)
-    return ManagerKnobs(**values)
-
+        elif raw in kind:
+            values[name] = raw
+        else:
+            raise ConfigError(f"{source}={_shown(raw)} must be one of {', '.join(map(repr, kind))}")
+    knobs = ManagerKnobs(**values)
+    if knobs.server_load_interval and knobs.routing != "prefix":
+        raise ConfigError(f"server_load_interval={knobs.server_load_interval:g} needs routing='prefix' "
+                          f"(routing={knobs.routing!r} reads no load)")
+    return knobs
 
 
 # =============================================================================================
@@ -2720,18 +2737,10 @@ class Slots:
 # Routing: the server a request would like (prefix affinity), learnt from requests and answers
 # =============================================================================================
 
-ROUTINGS = ("prefix", "round_robin")
-ENV_ROUTING = "ATROPOS_SLURM_ROUTING"
 ROUTE_BLOCK_CHARS = 128  # a text prompt is keyed at every 128th character (about 32 tokens)
 ROUTE_BLOCK_IDS = 32  # a token-id prompt at every 32nd id
 ROUTE_INDEX_ENTRIES = 65536  # keys remembered at least (8 MB), and 256 per server (32 KB each) at many servers
 ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
-
-
-def check_routing(routing: Any, name: str = "routing") -> str:
-    if routing not in ROUTINGS:
-        raise ConfigError(f"{name}={routing!r} must be one of {', '.join(map(repr, ROUTINGS))}")
-    return routing
 
 
 def _message_unit(message: Any) -> Tuple[Any, str]:
@@ -3268,12 +3277,14 @@ class ServerManager:
                  max_retries: Optional[int] = None, retry_backoff: Optional[float] = None,
                  retry_backoff_max: Optional[float] = None, no_server_timeout: Optional[float] = None,
                  health_probe_interval: Optional[float] = None, retry_budget: Optional[float] = None,
-                 routing: Optional[str] = None, routing_epsilon: float = 0.25, server_load_interval: float = 0.0):
+                 routing: Optional[str] = None, routing_epsilon: Optional[float] = None,
+                 server_load_interval: Optional[float] = None):
         configs, server_class = resolve_servers(configs, server_class, slurm, testing, reasoning_config,
                                                 proxy_url, use_proxy)
         knobs = manager_knobs(max_retries=max_retries, retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
                               no_server_timeout=no_server_timeout, health_probe_interval=health_probe_interval,
-                              retry_budget=retry_budget)
+                              retry_budget=retry_budget, routing=routing, routing_epsilon=routing_epsilon,
+                              server_load_interval=server_load_interval)
         self.max_n_completions = _int_setting("max_n_completions", max_n_completions, minimum=1)
         self._per_request = 1 if configs[0].n_kwarg_is_ignored else self.max_n_completions  # n per request
         self.reasoning_config, self.tool_parser = reasoning_config, tool_parser
@@ -3287,16 +3298,8 @@ class ServerManager:
             server.slot = slot
         self.slot_source = SharedSlots(self.slots, max(c.timeout for c in configs), knobs.no_server_timeout,
                                        self._probe_all_down)
-        self.routing = check_routing(os.environ.get(ENV_ROUTING, "").strip() or "prefix", ENV_ROUTING) \
-            if routing is None else check_routing(routing)
-        for name, value in (("routing_epsilon", routing_epsilon), ("server_load_interval", server_load_interval)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ConfigError(f"{name}={value!r} must be a number >= 0")
-        self.router = PrefixRouter(self.slots.records, routing_epsilon) if self.routing == "prefix" else None
-        if server_load_interval and self.router is None:
-            raise ConfigError(f"server_load_interval={server_load_interval!r} needs routing='prefix' "
-                              f"(routing={self.routing!r} reads no load)")
-        self.server_load_interval = server_load_interval
+        self.routing, self.server_load_interval = knobs.routing, knobs.server_load_interval
+        self.router = PrefixRouter(self.slots.records, knobs.routing_epsilon) if knobs.routing == "prefix" else None
         self._probes: Dict[int, asyncio.Task] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False

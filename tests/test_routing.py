@@ -249,8 +249,8 @@ class Knob(unittest.TestCase):
             self.assertEqual(a.ServerManager([template], routing="prefix").routing, "prefix", "the argument wins")
         cases = [
             ({"routing": "sticky"}, "routing='sticky' must be one of 'prefix', 'round_robin'"),
-            ({"routing_epsilon": -1}, "routing_epsilon=-1 must be a number >= 0"),
-            ({"server_load_interval": "1"}, "server_load_interval='1' must be a number >= 0"),
+            ({"routing_epsilon": -1}, "routing_epsilon=-1 must be at least 0"),
+            ({"server_load_interval": "x"}, "server_load_interval='x' is not a finite number"),
             ({"server_load_interval": 1, "routing": "round_robin"},
              "server_load_interval=1 needs routing='prefix' (routing='round_robin' reads no load)"),
         ]

@@ -384,17 +384,20 @@ class RetryBudgetTest(unittest.TestCase):
 
 class ManagerKnobsTest(unittest.TestCase):
     DEFAULTS = dict(max_retries=2, retry_backoff=0.5, retry_backoff_max=8.0, no_server_timeout=60.0,
-                    health_probe_interval=5.0, retry_budget=0.2)
+                    health_probe_interval=5.0, retry_budget=0.2, routing="prefix", routing_epsilon=0.25,
+                    server_load_interval=0.0)
 
     def test_defaults_variables_and_explicit_arguments(self):
         self.assertEqual(dataclasses.asdict(a.manager_knobs({})), self.DEFAULTS)
         env = {"ATROPOS_SLURM_MAX_RETRIES": "5", "ATROPOS_SLURM_RETRY_BACKOFF": " 0.25 ",
                "ATROPOS_SLURM_RETRY_BACKOFF_MAX": "2", "ATROPOS_SLURM_NO_SERVER_TIMEOUT": "600",
                "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "1e1", "ATROPOS_SLURM_RETRY_BUDGET": "0",
-               "ATROPOS_SLURM_UNRELATED": "x"}
+               "ATROPOS_SLURM_ROUTING": " prefix ", "ATROPOS_SLURM_ROUTING_EPSILON": "0.5",
+               "ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "2", "ATROPOS_SLURM_UNRELATED": "x"}
         self.assertEqual(dataclasses.asdict(a.manager_knobs(env)),
                          dict(max_retries=5, retry_backoff=0.25, retry_backoff_max=2.0, no_server_timeout=600.0,
-                              health_probe_interval=10.0, retry_budget=0.0))
+                              health_probe_interval=10.0, retry_budget=0.0, routing="prefix", routing_epsilon=0.5,
+                              server_load_interval=2.0))
         knobs = a.manager_knobs(env, max_retries=0, retry_backoff=None)
         self.assertEqual((knobs.max_retries, knobs.retry_backoff), (0, 0.25), "explicit arguments win; None is unset")
         self.assertEqual(a.manager_knobs({"ATROPOS_SLURM_MAX_RETRIES": " "}).max_retries, 2, "blank is unset")
@@ -414,6 +417,12 @@ class ManagerKnobsTest(unittest.TestCase):
             ({}, {"no_server_timeout": math.inf}, "no_server_timeout=inf is not a finite number"),
             ({}, {"health_probe_interval": math.nan}, "health_probe_interval=nan is not a finite number"),
             ({"ATROPOS_SLURM_NO_SERVER_TIMEOUT": "inf"}, {}, "ATROPOS_SLURM_NO_SERVER_TIMEOUT='inf' is not a finite"),
+            ({"ATROPOS_SLURM_ROUTING": "sticky"}, {}, "ATROPOS_SLURM_ROUTING='sticky' must be one of 'prefix', "),
+            ({"ATROPOS_SLURM_ROUTING_EPSILON": "-1"}, {}, "ATROPOS_SLURM_ROUTING_EPSILON='-1' must be at least 0"),
+            ({"ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "nan"}, {},
+             "ATROPOS_SLURM_SERVER_LOAD_INTERVAL='nan' is not a finite number"),
+            ({"ATROPOS_SLURM_ROUTING": "round_robin", "ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "1"}, {},
+             "server_load_interval=1 needs routing='prefix' (routing='round_robin' reads no load)"),
         ]
         for env, given, message in table:
             with self.subTest(env=env, given=given):
