@@ -25,7 +25,8 @@ Config             ``ServerBaseline`` / ``APIServerConfig``, validated on constr
 HTTP protocol      pure functions over bytes: request heads, response heads, body framing
                    (``LengthBody``, ``ChunkedBody``, ``UntilCloseBody``), SSE
 HTTP I/O           deadlines, the keep-alive ``ConnectionPool`` per server, a bounded one-shot GET;
-                   ``_io_error``: the one translation of socket and stream errors
+                   ``_io_error``: the one translation of socket and stream errors;
+                   ``_unread_bytes``: the one read of ``StreamReader``'s private state
 Server             ``OpenAIServer``: one HTTP request per call, responses, ``EventStream``
 Health probes      ``probe_http``, ``HealthProber``, ``wait_for_servers``; ``EndpointFallback``:
                    a server's alternative endpoints, learnt from 404s (a capability, no retry)
@@ -1057,7 +1058,12 @@ _BYTES_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips; str.strip() 
 
 @dataclasses.dataclass
 class ResponseHead:
-    """A parsed status line and header block."""
+    """A parsed status line and header block, and how its body is framed: the one framing
+    decision, made here and read by ``body_framer`` and the pool's fast path alike.
+
+    ``content_length`` is the body's length as framed: Content-Length's, 0 for a status that
+    has no body (1xx, 204, 304), None when it is chunked or read until the connection closes.
+    """
 
     __slots__ = ("status", "reason", "headers", "keep_alive", "content_length", "chunked")  # one per response
     status: int
@@ -1139,7 +1145,9 @@ def parse_response_head(block: bytes) -> ResponseHead:
         keep_alive = ("close" not in tokens) if http11 else ("keep-alive" in tokens)
     encoding = headers.get("transfer-encoding")
     chunked = encoding is not None and encoding.lower().rsplit(",", 1)[-1].strip() == "chunked"
-    if chunked:
+    if status in (204, 304) or status < 200:
+        length = 0  # no body, whatever the headers say (RFC 9112 6.3)
+    elif chunked:
         length = None
     return ResponseHead(status, reason, headers, keep_alive and (chunked or length is not None), length, chunked)
 
@@ -1299,12 +1307,10 @@ class UntilCloseBody(BodyFramer):
 
 def body_framer(head: "ResponseHead", limit: int) -> BodyFramer:
     """The framing that ``head`` announces; a body over ``limit`` bytes raises ``ResponseTooLargeError``."""
-    if not head.has_body:
-        return LengthBody(0, limit)
+    if head.content_length is not None:  # 0 for a status without a body
+        return LengthBody(head.content_length, limit)
     if head.chunked:
         return ChunkedBody(limit)
-    if head.content_length is not None:
-        return LengthBody(head.content_length, limit)
     return UntilCloseBody(limit)
 
 
@@ -1578,26 +1584,32 @@ def _send_box(box: List[Tuple[asyncio.WriteTransport, bytes]]) -> None:
     box.clear()
 
 
+def _unread_bytes(reader: asyncio.StreamReader) -> bytearray:
+    """The bytes ``reader`` holds unread, as a live view that follows its reads and feeds.
+
+    ``StreamReader`` has no public way to say what it buffered, so this is the one read of its
+    private state: ``_buffer``, a ``bytearray`` made once in ``__init__`` and from then on only
+    extended and cut in place (CPython 3.4 to 3.13), so one reference per connection stays true.
+    """
+    return reader._buffer
+
+
 class _Connection:
     """One keep-alive connection: its streams, and since when it idles in the pool."""
 
-    __slots__ = ("reader", "writer", "transport", "idle_since")
+    __slots__ = ("reader", "writer", "transport", "unread", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer, self.transport = reader, writer, writer.transport
+        self.unread = _unread_bytes(reader)
         self.idle_since = 0.0
 
     def usable(self) -> bool:
         """Open, and holding no unread byte: bytes a server sent unasked (after a body, or while
-        the connection idled) would be taken for the answer to the next request.
-
-        StreamReader has no public way to ask what it buffered, so its ``_buffer``, ``_eof``
-        and ``_exception`` (the same from 3.4 to 3.13) are read directly; that also spares
-        the three method calls of ``at_eof()``, ``exception()`` and ``is_closing()`` twice
-        per request.
-        """
-        reader = self.reader
-        return not (reader._buffer or reader._eof or reader._exception is not None or self.transport.is_closing())
+        the connection idled) would be taken for the answer to the next request.  A reader's
+        error needs no look of its own: asyncio marks the transport closing before it tells the
+        reader (``_force_close``, then ``connection_lost``)."""
+        return not (self.unread or self.transport.is_closing() or self.reader.at_eof())
 
     def keep_what_arrived(self) -> bool:
         """After the connection broke: make the bytes received before it readable, then EOF.
@@ -1606,13 +1618,14 @@ class _Connection:
         body); the reset that follows would hide that answer behind the reader's exception.
         Returns False when nothing had arrived.
         """
-        data = bytes(self.reader._buffer)
+        data = bytes(self.unread)
         if not data:
             return False
         if self.reader.exception() is not None:
             self.reader = asyncio.StreamReader(limit=MAX_HEADER_BYTES)
             self.reader.feed_data(data)
             self.reader.feed_eof()
+            self.unread = _unread_bytes(self.reader)
         return True
 
     def close(self) -> None:
@@ -1727,11 +1740,11 @@ class ConnectionPool:
             raise error from None
         if stream and head.status < 300:
             return head, b"", conn
-        length, reader = head.content_length, conn.reader
-        if length is not None and len(reader._buffer) == length <= self.max_body_bytes and head.has_body:
-            # The common case, a Content-Length body already received whole (and nothing after
-            # it): what the framer would decide, without it.  ``_buffer``: see _Connection.usable.
-            data = await reader.read(length)
+        length = head.content_length
+        if length is not None and len(conn.unread) == length <= self.max_body_bytes:
+            # The common case, a body of known length (the head's framing: see ResponseHead)
+            # already received whole, and nothing after it: read at once, without a framer.
+            data = await conn.reader.read(length)
             self.release(conn, head.keep_alive)
             return head, data, None
         return head, await self._read_body(conn, head), None

@@ -559,7 +559,11 @@ class BodyFramingTest(unittest.TestCase):
         self.assertIsInstance(a.body_framer(head(chunked=True), 10), a.ChunkedBody)
         self.assertIsInstance(a.body_framer(head(length=3), 10), a.LengthBody)
         self.assertIsInstance(a.body_framer(head(), 10), a.UntilCloseBody)
-        self.assertTrue(a.body_framer(head(204, length=50), 10).done, "204 has no body whatever it says")
+        for raw in (b"HTTP/1.1 204 No Content\r\nContent-Length: 50", b"HTTP/1.1 304 Not Modified\r\n"
+                    b"Transfer-Encoding: chunked", b"HTTP/1.1 101 Switching Protocols"):
+            parsed = a.parse_response_head(raw)  # the framing is decided there, once
+            self.assertEqual((parsed.content_length, parsed.has_body), (0, False), raw)
+            self.assertTrue(a.body_framer(parsed, 10).done, f"{raw!r}: no body whatever it says")
         for encoding in ("Chunked", "gzip, chunked"):
             parsed = a.parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + encoding.encode())
             self.assertIsInstance(a.body_framer(parsed, 10), a.ChunkedBody, encoding)
