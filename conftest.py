@@ -16,7 +16,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SELF_CONTAINED = {"test_atropos_slurm.py", "tests/test_units.py", "tests/test_hardening.py", "tests/test_dispatch.py",
-                  "tests/test_atropos_compat.py", "tests/test_managed.py", "tests/test_watcher.py"}
+                  "tests/test_atropos_compat.py", "tests/test_managed.py", "tests/test_watcher.py",
+                  "tests/test_routing.py", "tests/test_token_protocols.py"}
 LEAKS_FAIL = ("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 
 
