@@ -3074,10 +3074,11 @@ class Attempts:
     requests made so far by this request.
     """
 
-    __slots__ = ("policy", "left", "made")
+    __slots__ = ("policy", "left", "made", "refused")
 
     def __init__(self, policy: RetryPolicy, left: List[int]):
         self.policy, self.left, self.made = policy, left, 0
+        self.refused = False  # the budget said no: the error says so
 
     def failed(self, error: ServerError) -> Retry:
         self.made += 1
@@ -3085,15 +3086,22 @@ class Attempts:
         if decision.action == Retry.RAISE:
             return decision
         budget = self.policy.budget
-        if self.left[0] <= 0 or (decision.action == Retry.RETRY and budget is not None
-                                 and not budget.try_withdraw()):
+        if self.left[0] <= 0:
+            return Retry(Retry.RAISE, decision.mark_down)
+        if decision.action == Retry.RETRY and budget is not None and not budget.try_withdraw():
+            self.refused = True
             return Retry(Retry.RAISE, decision.mark_down)
         self.left[0] -= 1
         return decision
 
     def gave_up(self, error: ServerError) -> ServerError:
-        """``error``, saying how many requests were made when more than one."""
-        return error.after_attempts(self.made, self.policy.max_retries + 1)
+        """``error``, saying how many requests were made when more than one, and when the
+        budget refused a retry (a storm: every server failing for many calls at once)."""
+        error = error.after_attempts(self.made, self.policy.max_retries + 1)
+        if self.refused:
+            error.args = (f"{error.args[0]} (not retried: this manager's retry budget is spent; "
+                          "ATROPOS_SLURM_RETRY_BUDGET)",)
+        return error
 
 
 # =============================================================================================

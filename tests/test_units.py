@@ -319,7 +319,11 @@ class AttemptsTest(unittest.TestCase):
     def test_out_of_retries_keeps_the_mark_down(self):
         attempts = a.RetryPolicy(0).attempts()
         self.assertEqual(attempts.failed(status(503)), a.Retry(a.Retry.RAISE, True))
-        self.assertIn("attempt", str(a.RetryPolicy(1).attempts().gave_up(status(503))) + "attempt")
+        attempts = a.RetryPolicy(1, 0, 0).attempts()
+        for _ in range(2):
+            attempts.failed(status(503))
+        self.assertIn("(attempt 2 of at most 2)", str(attempts.gave_up(status(503))))
+        self.assertNotIn("budget", str(attempts.gave_up(status(503))), "out of the call's retries, not the budget's")
 
     def test_a_split_calls_parts_share_its_retries(self):
         policy = a.RetryPolicy(2, rng=random.Random(0))
@@ -333,7 +337,11 @@ class AttemptsTest(unittest.TestCase):
         budget = a.RetryBudget(percent=0.0, min_per_second=0.1, ttl=10, clock=clock)  # a reserve of one retry
         policy = a.RetryPolicy(5, rng=random.Random(0), budget=budget)
         self.assertEqual(policy.attempts().failed(status(429)).action, a.Retry.RETRY)
-        self.assertEqual(policy.attempts().failed(status(429)).action, a.Retry.RAISE)
+        refused = policy.attempts()
+        self.assertEqual(refused.failed(status(429)).action, a.Retry.RAISE)
+        message = str(refused.gave_up(status(429)))
+        self.assertIn("not retried: this manager's retry budget is spent; ATROPOS_SLURM_RETRY_BUDGET", message)
+        self.assertNotIn("\n", message)
         self.assertEqual(policy.attempts().failed(a.StaleConnectionError("closed", "u")).action, a.Retry.RESEND,
                          "a resend on a fresh connection is not a retry of the server")
 
