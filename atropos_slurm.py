@@ -2800,7 +2800,10 @@ class RouteKeys:
                 content = message.get("content") if type(message) is dict else None
                 unit = ((message["role"] if "role" in message else None, content.strip())
                         if type(content) is str else _message_unit(message))  # the usual case inline
-                key = hash((key, unit))
+                try:
+                    key = hash((key, unit))
+                except TypeError:  # a role that is no string: the server will say what is wrong
+                    key = hash((key, repr(unit)))
                 keys.append(key)
             return cls(keys, True, key, None, 1) if keys else None
         prompt = kwargs.get("input_ids", kwargs.get("prompt"))

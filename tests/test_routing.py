@@ -110,6 +110,9 @@ class Selection(unittest.TestCase):
         self.assertIs(d.send({"prompt": ids})[1], home, "input_ids or prompt: the same ids")
         self.assertIsNone(a.RouteKeys.of({"prompt": [1, "x"]}), "nothing to key by: round-robin")
         self.assertIsNone(a.RouteKeys.of({}))
+        for role in (["user"], {"a": 1}):  # not a string: keyed all the same, the server says what is wrong
+            messages = [{"role": role, "content": "hi"}]
+            self.assertEqual(a.RouteKeys.of({"messages": messages}).keys, a.RouteKeys.of({"messages": messages}).keys)
 
     def test_a_short_answer_adds_no_key_a_shared_prefix_could_own(self):
         keys = a.RouteKeys.of({"prompt": "h" * a.ROUTE_BLOCK_CHARS * 3 + "q"})
