@@ -2474,24 +2474,29 @@ async def wait_for_servers(urls: Sequence[str], *, min_healthy: int, timeout: fl
 # The queue a server reports: vLLM's Prometheus text at /metrics, SGLang's JSON at /get_load.
 _VLLM_QUEUE = re.compile(rb"^vllm:num_requests_(running|waiting)(?:\{[^}\n]*\})? ([0-9.eE+-]+)\s*$", re.M)
 MAX_LOAD_READS_PER_SECOND = 100  # over all servers: at 4,096 servers each is read every 41 s at most
+MAX_REPORTED_LOAD = 1 << 20  # requests running and waiting on one server: more is no server's report
 
 
 def parse_server_load(path: str, body: bytes) -> Optional[int]:
     """Requests running plus waiting on a server, from its ``/metrics`` (vLLM:
     ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, summed over engines) or its
     ``/get_load`` (SGLang: ``num_reqs`` + ``num_waiting_reqs``, per data-parallel rank or not);
-    None when the body has neither."""
-    if path == "/metrics":
-        found = _VLLM_QUEUE.findall(body)
-        return int(sum(float(value) for _, value in found)) if found else None
+    None when the body has neither, or numbers no server would report (negative, NaN, infinite,
+    over ``MAX_REPORTED_LOAD``, not numbers): a hint is dropped, never trusted."""
     try:
-        data = json.loads(body)
-    except ValueError:
+        if path == "/metrics":
+            found = _VLLM_QUEUE.findall(body)
+            total: Any = sum(float(value) for _, value in found) if found else None
+        else:
+            data = json.loads(body)
+            ranks = data if isinstance(data, list) else [data]
+            counts = [(r["num_reqs"], r.get("num_waiting_reqs", 0)) for r in ranks if isinstance(r, dict)
+                      and "num_reqs" in r]
+            total = sum(running + waiting for running, waiting in counts) if counts and all(
+                type(n) is int for pair in counts for n in pair) else None
+    except (ValueError, RecursionError):  # not numbers; JSON nested past the recursion limit
         return None
-    ranks = data if isinstance(data, list) else [data]
-    loads = [r.get("num_reqs", 0) + r.get("num_waiting_reqs", 0) for r in ranks
-             if isinstance(r, dict) and isinstance(r.get("num_reqs", 0), int) and "num_reqs" in r]
-    return sum(loads) if loads else None
+    return int(total) if total is not None and 0 <= total <= MAX_REPORTED_LOAD else None
 
 
 async def read_server_load(base_url: str, paths: List[str], timeout: float) -> Optional[int]:

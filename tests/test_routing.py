@@ -288,6 +288,17 @@ class ServerLoad(unittest.TestCase):
             ("/get_load", b'{"load": 3}', None),
             ("/get_load", b"not json", None),
             ("/get_load", b'{"num_reqs": "5"}', None),
+            # hostile or broken: no number, never an exception
+            ("/metrics", b"vllm:num_requests_running 1e400\n", None),
+            ("/metrics", b"vllm:num_requests_running 1.2.3\n", None),
+            ("/metrics", b"vllm:num_requests_running -5\n", None),
+            ("/metrics", b"vllm:num_requests_running 5e9\n", None),
+            ("/get_load", b'{"num_reqs": 1, "num_waiting_reqs": "2"}', None),
+            ("/get_load", b'{"num_reqs": true}', None),
+            ("/get_load", b'{"num_reqs": -3}', None),
+            ("/get_load", b'{"num_reqs": NaN}', None),
+            ("/get_load", b"[" * 100000 + b"]" * 100000, None),
+            ("/get_load", b'\xff\xfe', None),
         ]
         for path, body, load in cases:
             with self.subTest(path=path, body=body):
