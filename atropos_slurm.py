@@ -2598,11 +2598,6 @@ class Slots:
         """The record of ``server``."""
         return self._by_server[server]
 
-    def has_room(self, record: ServerSlot, split: str) -> bool:
-        """Whether ``record`` may take a request of ``split`` now (``select``'s own test, inline
-        there; for a caller choosing whom to ``prefer``)."""
-        return record.healthy and record.in_flight[split] < record.caps[split]
-
     def waiting(self, split: str) -> int:
         return sum(not w.done() for w in self._waiters[split])
 

@@ -348,7 +348,7 @@ STAGE_OF = [  # (substring of the function name, stage); first match wins
     ("_loads_attr", "JSON decode"), ("decode", "JSON decode"), ("raw_decode", "JSON decode"),
     ("detect_encoding", "JSON decode"), ("AttrDict", "JSON decode"),
     ("decode_response", "response object"), ("check_not_aborted", "response object"),
-    ("acquire", "slots"), ("give_back", "slots"), ("select", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("has_room", "slots"), ("take", "slots"),
+    ("acquire", "slots"), ("give_back", "slots"), ("select", "slots"), ("_enqueue", "slots"), ("_hand_over", "slots"), ("take", "slots"),
     ("current_task", "deadline"),
     ("dispatch", "manager layers"), ("_request", "manager layers"), ("chat_completion", "manager layers"),
     ("'post'", "post/send coroutines"), ("post", "post/send coroutines"), ("send", "post/send coroutines"),
