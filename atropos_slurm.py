@@ -3547,8 +3547,8 @@ class ServerManager:
                 attempts = attempts or policy.attempts(call.left)
                 decision = attempts.failed(error)
                 self._record_failure(slot, split, error, decision)
-                if decision.action == Retry.RESEND:
-                    fresh = True  # in the same slot
+                if decision.action == Retry.RESEND and slot.healthy:
+                    fresh = True  # in the same slot; a server marked down meanwhile is left instead
                     continue
                 source.give_back(slot, split)
                 if decision.action == Retry.RAISE:

@@ -490,7 +490,7 @@ class StreamingTests(VLLMTestCase):
         self.assertEqual(finish, {0: "length", 1: "length"})
         self.assertIsNotNone(usage, "no usage chunk although stream_options.include_usage was set")
         self.assertEqual(usage.completion_tokens, 12)
-        self.assertGreater(chunks, 12)
+        self.assertGreater(chunks, 2, "streamed: vLLM merges the deltas of a reader that lags, so not one per token")
         self.assertEqual(sum(row["in_flight"] for row in mgr.stats()), 0)  # slot released at [DONE]
         # The connection went back to the pool and serves the next request.
         resp = await mgr.chat_completion(messages=MESSAGES, max_tokens=2)
