@@ -981,7 +981,8 @@ def configs_for_urls(template: ServerBaseline, urls: Iterable[str]) -> List[APIS
 
 # The manager's knobs: keyword argument, else environment variable, else default.
 ROUTINGS = ("prefix", "round_robin")  # see the Routing section
-MANAGER_KNOBS = (  # (name, variable, default, kind: "count" an integer >= 0, "number" finite >= 0, or the choices)
+MAX_KNOB_NUMBER = 1e9  # seconds (31 years), a retry share or an epsilon: beyond, the arithmetic overflows
+MANAGER_KNOBS = (  # (name, variable, default, kind: "count" an integer >= 0, "number" 0 to 1e9, or the choices)
     ("max_retries", "ATROPOS_SLURM_MAX_RETRIES", 2, "count"),
     ("retry_backoff", "ATROPOS_SLURM_RETRY_BACKOFF", 0.5, "number"),
     ("retry_backoff_max", "ATROPOS_SLURM_RETRY_BACKOFF_MAX", 8.0, "number"),
@@ -1014,8 +1015,9 @@ class ManagerKnobs:
 
 def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> ManagerKnobs:
     """Each knob from its keyword argument when not None (named so in errors), else from its
-    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0, finite numbers >= 0
-    and choices, checked as the discovery variables are (one-line ``ConfigError`` naming the source)."""
+    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0, numbers from 0 to
+    ``MAX_KNOB_NUMBER`` and choices, checked as the discovery variables are (one-line
+    ``ConfigError`` naming the source)."""
     env = os.environ if env is None else env
     values = {}
     for name, variable, default, kind in MANAGER_KNOBS:
@@ -1027,7 +1029,7 @@ def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> Manager
         elif kind == "count":
             values[name] = _int_setting(source, raw, minimum=0)
         elif kind == "number":
-            values[name] = _float_setting(source, raw, minimum=0)
+            values[name] = _float_setting(source, raw, minimum=0, maximum=MAX_KNOB_NUMBER)
         elif raw in kind:
             values[name] = raw
         else:

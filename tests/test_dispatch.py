@@ -1212,6 +1212,16 @@ class DemoCommand(unittest.TestCase):
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertIn("ATROPOS_SLURM_RETRY_BUDGET='lots' is not", result.stderr)
 
+    def test_a_finite_but_overflowing_knob_exits_2_with_one_line(self):
+        # 1e306 passed the check, then the budget's round(1e306 * 1000) raised OverflowError (a
+        # traceback); an epsilon of 1e308 failed every request in the routing bound's ceil().
+        for variable, value in (("ATROPOS_SLURM_RETRY_BUDGET", "1e306"), ("ATROPOS_SLURM_ROUTING_EPSILON", "1e308")):
+            with self.subTest(variable=variable):
+                result = run_module("demo", "--requests", "8", env={variable: value})
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                self.assertIn(f"{variable}='{value}' must be at most", result.stderr)
+
     def test_demo_prints_the_per_server_table(self):
         result = run_module("demo", "--requests", "400", timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)

@@ -427,6 +427,11 @@ class ManagerKnobsTest(unittest.TestCase):
             ({"ATROPOS_SLURM_NO_SERVER_TIMEOUT": "inf"}, {}, "ATROPOS_SLURM_NO_SERVER_TIMEOUT='inf' is not a finite"),
             ({"ATROPOS_SLURM_ROUTING": "sticky"}, {}, "ATROPOS_SLURM_ROUTING='sticky' must be one of 'prefix', "),
             ({"ATROPOS_SLURM_ROUTING_EPSILON": "-1"}, {}, "ATROPOS_SLURM_ROUTING_EPSILON='-1' must be at least 0"),
+            # finite but overflowing: the budget's integer units, the routing bound's ceil()
+            ({"ATROPOS_SLURM_RETRY_BUDGET": "1e306"}, {}, "ATROPOS_SLURM_RETRY_BUDGET='1e306' must be at most 1e+09"),
+            ({"ATROPOS_SLURM_ROUTING_EPSILON": "1e308"}, {},
+             "ATROPOS_SLURM_ROUTING_EPSILON='1e308' must be at most 1e+09"),
+            ({}, {"no_server_timeout": 1e300}, "no_server_timeout=1e+300 must be at most 1e+09"),
             ({"ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "nan"}, {},
              "ATROPOS_SLURM_SERVER_LOAD_INTERVAL='nan' is not a finite number"),
             ({"ATROPOS_SLURM_ROUTING": "round_robin", "ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "1"}, {},
