@@ -957,7 +957,10 @@ def _split_base_url(url: str) -> Tuple[str, str, int, str]:
         raise ConfigError(f"base_url={shown} must look like http://host:port/v1")
     if parts.query or parts.fragment:
         raise ConfigError(f"base_url={shown} must not carry a query or fragment")
-    port = port or (443 if parts.scheme == "https" else 80)
+    if port == 0:  # no server listens there; 'or 80' below would have made it port 80
+        raise ConfigError(f"base_url={shown} has port 0: give the server's port")
+    if port is None:  # 'http://h/v1' and 'http://h:/v1': the scheme's port
+        port = 443 if parts.scheme == "https" else 80
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
 
 

@@ -547,6 +547,7 @@ class ClusterShapes(unittest.TestCase):
             ("@" + missing, f"ATROPOS_SLURM_SERVERS='@{missing}': cannot read '{missing}': No such file"),
             ("@" + path, f"ATROPOS_SLURM_SERVERS ({path} line 3): base_url='ftp://b:21/v1' must look like"),
             (" , ", "ATROPOS_SLURM_SERVERS=',' lists no server URL"),
+            ("http://a:0/v1", "ATROPOS_SLURM_SERVERS (entry 1): base_url='http://a:0/v1' has port 0"),  # was a:80
         ]:
             with self.subTest(value=value):
                 with self.assertRaises(a.ConfigError) as ctx:
@@ -620,10 +621,12 @@ class Configs(unittest.TestCase):
                 with self.assertRaises(a.ConfigError) as ctx:
                     ServerBaseline(**kwargs)
                 self.assertIn(message, str(ctx.exception))
-        for url in ("ftp://h/v1", "h:9000", "http://:9000/v1", "http://h:99999/v1", "http://h:9000/v1?x=1"):
+        for url in ("ftp://h/v1", "h:9000", "http://:9000/v1", "http://h:99999/v1", "http://h:9000/v1?x=1",
+                    "http://h:0/v1", "https://h:00/v1"):  # port 0 was read as 80 (443)
             with self.subTest(url=url):
                 with self.assertRaises(a.ConfigError):
                     APIServerConfig(base_url=url)
+        self.assertEqual(a.parse_base_url("http://h:/v1"), ("http", "h", 80, "/v1"), "an empty port is the scheme's")
 
     def test_base_url_fast_path_agrees_with_urlsplit(self):
         urls = ["http://h:9000/v1", "https://h:443/v1/", "http://10.0.0.1:1/", "http://h:65535", "http://h:0/v1",
