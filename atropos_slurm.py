@@ -1022,9 +1022,10 @@ def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> Manager
     ``MAX_KNOB_NUMBER`` and choices, checked as the discovery variables are (one-line
     ``ConfigError`` naming the source)."""
     env = os.environ if env is None else env
-    values = {}
+    values, sources = {}, {}
     for name, variable, default, kind in MANAGER_KNOBS:
         source, raw = (name, given[name]) if given.get(name) is not None else (variable, env.get(variable))
+        sources[name] = source
         if source == variable and raw is not None:
             raw = raw.strip()
         if raw is None or raw == "":
@@ -1039,8 +1040,8 @@ def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> Manager
             raise ConfigError(f"{source}={_shown(raw)} must be one of {', '.join(map(repr, kind))}")
     knobs = ManagerKnobs(**values)
     if knobs.server_load_interval and knobs.routing != "prefix":
-        raise ConfigError(f"server_load_interval={knobs.server_load_interval:g} needs routing='prefix' "
-                          f"(routing={knobs.routing!r} reads no load)")
+        raise ConfigError(f"{sources['server_load_interval']}={knobs.server_load_interval:g} needs routing='prefix' "
+                          f"({sources['routing']}={knobs.routing!r} reads no load)")
     return knobs
 
 

@@ -434,8 +434,12 @@ class ManagerKnobsTest(unittest.TestCase):
             ({}, {"no_server_timeout": 1e300}, "no_server_timeout=1e+300 must be at most 1e+09"),
             ({"ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "nan"}, {},
              "ATROPOS_SLURM_SERVER_LOAD_INTERVAL='nan' is not a finite number"),
+            # the two variables a job set are named, not the keyword arguments it never wrote
             ({"ATROPOS_SLURM_ROUTING": "round_robin", "ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "1"}, {},
-             "server_load_interval=1 needs routing='prefix' (routing='round_robin' reads no load)"),
+             "ATROPOS_SLURM_SERVER_LOAD_INTERVAL=1 needs routing='prefix' (ATROPOS_SLURM_ROUTING='round_robin' reads "
+             "no load)"),
+            ({"ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "1"}, {"routing": "round_robin"},
+             "ATROPOS_SLURM_SERVER_LOAD_INTERVAL=1 needs routing='prefix' (routing='round_robin' reads no load)"),
         ]
         for env, given, message in table:
             with self.subTest(env=env, given=given):
