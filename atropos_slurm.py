@@ -689,13 +689,13 @@ def read_server_list(value: str, name: str = ENV_SERVERS) -> List[str]:
 
 def listed_servers(value: str, name: str = ENV_SERVERS) -> Discovery:
     """A ``Discovery`` of the servers a list names, numbered per host in order of appearance."""
-    hosts: Dict[str, List[ServerAddress]] = {}
+    hosts: Dict[str, List[int]] = {}  # host -> [its node index, servers on it so far]
     servers = []
     for url in read_server_list(value, name):
         scheme, host, port, path = parse_base_url(url)
-        mine = hosts.setdefault(host, [])
-        mine.append(ServerAddress(host, port, list(hosts).index(host), len(mine), scheme, path))
-        servers.append(mine[-1])
+        node = hosts.setdefault(host, [len(hosts), 0])
+        servers.append(ServerAddress(host, port, node[0], node[1], scheme, path))
+        node[1] += 1
     return Discovery(tuple(servers), name, nodes=tuple(hosts), inference_nodes=tuple(hosts))
 
 

@@ -555,6 +555,19 @@ class ClusterShapes(unittest.TestCase):
                 self.assertIn(message, str(ctx.exception))
                 self.assertNotIn("pw", str(ctx.exception))
 
+    def test_a_server_list_of_the_most_servers_on_as_many_hosts_is_read(self):
+        # Each server's node index was list(hosts).index(host): quadratic in the hosts, so a file
+        # of MAX_SERVERS URLs on distinct hosts kept `discover` busy for about 11 minutes (a hang).
+        path = os.path.join(self.tmp, "many.txt")
+        with open(path, "w") as f:
+            f.write("".join(f"http://h{i}:9000/v1\n" for i in range(a.MAX_SERVERS - 1)) + "http://h0:9001/v1\n")
+        result = run_module("discover", "--servers", "@" + path, env={}, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(result.stdout.splitlines()), a.MAX_SERVERS)
+        found = a.listed_servers("http://a:1/v1 http://b:1/v1 http://a:2/v1 http://c:5/v1 http://b:7/v1")
+        self.assertEqual([(s.node_index, s.local_index) for s in found.servers], [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1)])
+        self.assertEqual(found.inference_nodes, ("a", "b", "c"))
+
     def test_server_list_wins_over_slurm_for_every_consumer(self):
         urls = [f"http://127.0.0.1:{closed_port()}/v1", f"http://127.0.0.1:{closed_port()}/v1"]
         env = self.env(**{a.ENV_SERVERS: ",".join(urls)})  # in a heterogeneous job: the list wins
