@@ -3240,7 +3240,8 @@ class TokenCall(Call):
                  vocab: Optional[int] = None, left: Optional[List[int]] = None):
         super().__init__("", kwargs, None, left)
         self.prompt, self.params, self.prompt_logprobs = token_prompt(kwargs), sampling_params(kwargs), prompt_logprobs
-        self.endpoints, self.vocab = endpoints, vocab
+        self.endpoints = endpoints
+        self.vocab = None if vocab is None else _int_setting("vocab", vocab, minimum=1, maximum=TOKEN_ID_BOUND)
         self.top_k, self.n = 0, 1 if self.params.get("n") is None else self.params["n"]
         if prompt_logprobs:  # Atropos' names for the number of logprobs per prompt position
             self.top_k, self.n = self.params.pop("top_k", self.params.pop("top_logprobs", 1)), 1

@@ -633,6 +633,18 @@ class StrictAnswerTests(LoopbackTestCase):
                 await self.manager(server).tokens_and_logprobs_completion(input_ids=[1], n=n)
         self.assertEqual(server.posts, [])
 
+    async def test_vocab_is_a_positive_integer_checked_before_anything_is_sent(self):
+        # vocab="32000" raised a bare TypeError (int < str) from the reader after the generation
+        # was paid for; 0 silently checked nothing; -5 refused every id the server sent.
+        server = await fake(self, Canned("/generate", {}))
+        manager = self.manager(server)
+        for vocab in ("lots", 0, -5, True, 2.5):
+            for call in (manager.tokens_and_logprobs_completion, manager.get_logprobs):
+                with self.subTest(vocab=vocab, call=call.__name__):
+                    with self.assertRaisesRegex(ConfigError, "^vocab="):
+                        await call(input_ids=[1], max_tokens=1, vocab=vocab)
+        self.assertEqual(server.posts, [])
+
 
 class WhatUniformFakesMissTests(LoopbackTestCase):
     """Issue 16, item 5: assertions the uniform fakes (choices in order, one finish reason for
