@@ -1027,8 +1027,8 @@ def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> Manager
         source, raw = (name, given[name]) if given.get(name) is not None else (variable, env.get(variable))
         sources[name] = source
         if source == variable and raw is not None:
-            raw = raw.strip()
-        if raw is None or raw == "":
+            raw = raw.strip() or None  # a blank variable is unset; a blank argument is a mistake
+        if raw is None:
             values[name] = default
         elif kind == "count":
             values[name] = _int_setting(source, raw, minimum=0)

@@ -417,6 +417,10 @@ class ManagerKnobsTest(unittest.TestCase):
             ({"ATROPOS_SLURM_RETRY_BACKOFF": "nan"}, {}, "ATROPOS_SLURM_RETRY_BACKOFF='nan' is not a finite number"),
             ({"ATROPOS_SLURM_RETRY_BUDGET": "-0.1"}, {}, "ATROPOS_SLURM_RETRY_BUDGET='-0.1' must be at least 0"),
             ({}, {"max_retries": True}, "max_retries=True is not an integer"),
+            # a blank keyword argument was taken as "unset": the default, silently
+            ({}, {"max_retries": ""}, "max_retries='' is not an integer"),
+            ({}, {"routing": " "}, "routing=' ' must be one of 'prefix', 'round_robin'"),
+            ({"ATROPOS_SLURM_RETRY_BACKOFF": "1"}, {"retry_backoff": ""}, "retry_backoff='' is not a finite number"),
             ({}, {"max_retries": -1}, "max_retries=-1 must be at least 0"),
             ({}, {"retry_backoff": -0.5}, "retry_backoff=-0.5 must be at least 0"),
             # issue 16: NaN and infinity were accepted for these four
