@@ -2769,7 +2769,10 @@ def _message_unit(message: Any) -> Tuple[Any, str]:
         return (None, repr(message))
     content = message.get("content")
     if not isinstance(content, str):
-        content = "" if content is None else json.dumps(content, sort_keys=True, default=str)
+        try:
+            content = "" if content is None else json.dumps(content, sort_keys=True, default=str)
+        except (TypeError, ValueError):  # keys of mixed types ({1: .., "a": ..}) cannot be sorted
+            content = repr(content)
     return (message.get("role"), content.strip())
 
 

@@ -396,6 +396,30 @@ class ThroughTheManager(unittest.TestCase):
         self.assertEqual([len(h) for h in homes], [1] * 6, "every turn of an episode on one server")
         self.assertEqual([s.completed for s in stubs], [8, 8, 8], "two episodes per server")
 
+    def test_content_that_json_cannot_sort_is_sent_all_the_same(self):
+        # The routing key's json.dumps(sort_keys=True) raised TypeError on an object whose keys
+        # mix types, before the request was sent; round-robin (and the body's own JSON) sent it.
+        with LoopThread() as thread:
+            stub = a.StubServer()
+            thread.run(stub.start())
+            try:
+                manager = make_manager([f"http://127.0.0.1:{stub.port}/v1"], routing="prefix")
+
+                async def main():
+                    try:
+                        messages = [{"role": "user", "content": {1: "one", "a": "b"}}]
+                        first = await manager.chat_completion(messages=messages, max_tokens=4)
+                        again = messages + [dict(first.choices[0].message), {"role": "user", "content": [{2: 3, "x": 4}]}]
+                        return [first, await manager.chat_completion(messages=again, max_tokens=4)]
+                    finally:
+                        await manager.close()
+
+                answers = asyncio.run(asyncio.wait_for(main(), LIMIT))
+            finally:
+                thread.run(stub.stop())
+        self.assertEqual([len(r.choices) for r in answers], [1, 1])
+        self.assertEqual(stub.completed, 2)
+
 
 if __name__ == "__main__":
     unittest.main()
