@@ -4068,7 +4068,12 @@ class SGLangGenerateTokens(TokensProtocol):
             ids, lps = self._pairs(meta, "output_token_logprobs", name, read)
             outputs.append(ids)
             logprobs.append(lps)
-        return self._prompt_ids(metas[0][0], metas[0][1], read), outputs, logprobs, reasons
+        prompt = self._prompt_ids(metas[0][0], metas[0][1], read)
+        for meta, name in metas[1:]:  # every result's prompt, when it reports one, is result 0's
+            ids = self._prompt_ids(meta, name, read) if meta.get("input_token_logprobs") is not None else prompt
+            if ids != prompt:
+                raise read.error(f"{name}.input_token_logprobs", "the ids of result 0's prompt", ids)
+        return prompt, outputs, logprobs, reasons
 
     def logprobs_body(self, model, prompt, top_k, params):
         params = dict(_max_tokens_named(params, "max_new_tokens"), n=1, temperature=0.0, top_p=1.0)

@@ -526,6 +526,14 @@ class StrictAnswerTests(LoopbackTestCase):
         ("sglang", "/generate", COMPLETION, sglang_result([[-0.5, 5, None]], reason=None) | {"meta_info": {
             "output_token_logprobs": [[-0.5, 5, None]]}}, r"has no 'meta_info\.finish_reason'"),
         ("sglang", "/generate", dict(COMPLETION, n=2), [sglang_result([[-0.5, 5, None]])], r"results must be a list of 2"),
+        # result 1 reports another prompt (only result 0's was read): its tokens continue a prompt not sent
+        ("sglang", "/generate", dict(COMPLETION, n=2), [sglang_result([[-0.5, 5, None]]), sglang_result(
+            [[-0.5, 5, None]], input_token_logprobs=[[None, 1, None], [-1.0, 20, None], [-1.0, 22, None]])],
+         r"\[1\]\.meta_info\.input_token_logprobs must be the 3 prompt ids sent"),
+        ("sglang", "/generate", dict(prompt="abc", n=2, max_tokens=1), [sglang_result(
+            [[-0.5, 5, None]], input_token_logprobs=[[None, 97, None], [-1.0, 98, None], [-1.0, 99, None]]), sglang_result(
+            [[-0.5, 5, None]], input_token_logprobs=[[None, 97, None], [-1.0, 98, None]])],
+         r"\[1\]\.meta_info\.input_token_logprobs must be the ids of result 0's prompt, got \[97, 98\]"),
         ("sglang", "/generate", dict(input_ids=[1, 20, 21], top_k=1, logprobs=True), sglang_result(
             [[-0.5, 5, None]], input_token_logprobs=[[None, 1, None], [-1.0, 20, None], [-1.0, 21, None]]),
          r"has no 'meta_info\.input_top_logprobs'"),
