@@ -985,12 +985,13 @@ def configs_for_urls(template: ServerBaseline, urls: Iterable[str]) -> List[APIS
 # The manager's knobs: keyword argument, else environment variable, else default.
 ROUTINGS = ("prefix", "round_robin")  # see the Routing section
 MAX_KNOB_NUMBER = 1e9  # seconds (31 years), a retry share or an epsilon: beyond, the arithmetic overflows
-MANAGER_KNOBS = (  # (name, variable, default, kind: "count" an integer >= 0, "number" 0 to 1e9, or the choices)
+MANAGER_KNOBS = (  # (name, variable, default, kind: "count" an integer >= 0, "number" 0 to 1e9, "positive"
+    # above 0 to 1e9, or the choices)
     ("max_retries", "ATROPOS_SLURM_MAX_RETRIES", 2, "count"),
     ("retry_backoff", "ATROPOS_SLURM_RETRY_BACKOFF", 0.5, "number"),
     ("retry_backoff_max", "ATROPOS_SLURM_RETRY_BACKOFF_MAX", 8.0, "number"),
     ("no_server_timeout", "ATROPOS_SLURM_NO_SERVER_TIMEOUT", 60.0, "number"),
-    ("health_probe_interval", "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL", 5.0, "number"),
+    ("health_probe_interval", "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL", 5.0, "positive"),  # 0: a busy loop of probes
     ("retry_budget", "ATROPOS_SLURM_RETRY_BUDGET", 0.2, "number"),
     ("routing", "ATROPOS_SLURM_ROUTING", "prefix", ROUTINGS),
     ("routing_epsilon", "ATROPOS_SLURM_ROUTING_EPSILON", 0.25, "number"),
@@ -1018,8 +1019,8 @@ class ManagerKnobs:
 
 def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> ManagerKnobs:
     """Each knob from its keyword argument when not None (named so in errors), else from its
-    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0, numbers from 0 to
-    ``MAX_KNOB_NUMBER`` and choices, checked as the discovery variables are (one-line
+    ``ATROPOS_SLURM_*`` variable when set, else its default; integers >= 0, numbers from 0 (or
+    above 0) to ``MAX_KNOB_NUMBER`` and choices, checked as the discovery variables are (one-line
     ``ConfigError`` naming the source)."""
     env = os.environ if env is None else env
     values, sources = {}, {}
@@ -1032,8 +1033,9 @@ def manager_knobs(env: Optional[Dict[str, str]] = None, **given: Any) -> Manager
             values[name] = default
         elif kind == "count":
             values[name] = _int_setting(source, raw, minimum=0)
-        elif kind == "number":
-            values[name] = _float_setting(source, raw, minimum=0, maximum=MAX_KNOB_NUMBER)
+        elif kind in ("number", "positive"):
+            values[name] = _float_setting(source, raw, minimum=0, maximum=MAX_KNOB_NUMBER,
+                                          above=0 if kind == "positive" else None)
         elif raw in kind:
             values[name] = raw
         else:

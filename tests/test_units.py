@@ -436,6 +436,9 @@ class ManagerKnobsTest(unittest.TestCase):
             ({"ATROPOS_SLURM_ROUTING_EPSILON": "1e308"}, {},
              "ATROPOS_SLURM_ROUTING_EPSILON='1e308' must be at most 1e+09"),
             ({}, {"no_server_timeout": 1e300}, "no_server_timeout=1e+300 must be at most 1e+09"),
+            # 0 probed a down server in a busy loop: a whole core while it was down
+            ({"ATROPOS_SLURM_HEALTH_PROBE_INTERVAL": "0"}, {}, "ATROPOS_SLURM_HEALTH_PROBE_INTERVAL='0' must be more than 0"),
+            ({}, {"health_probe_interval": 0.0}, "health_probe_interval=0.0 must be more than 0"),
             ({"ATROPOS_SLURM_SERVER_LOAD_INTERVAL": "nan"}, {},
              "ATROPOS_SLURM_SERVER_LOAD_INTERVAL='nan' is not a finite number"),
             # the two variables a job set are named, not the keyword arguments it never wrote
