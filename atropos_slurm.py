@@ -4056,10 +4056,19 @@ class SGLangGenerateTokens(TokensProtocol):
             lps.append(None if null else read.logprob(entry[0], f"{name}.{key}[{j}][0]"))
         return ids, lps
 
-    def _prompt_ids(self, meta, name, read):
-        return read.prompt_ids(self._pairs(meta, "input_token_logprobs", name, read, True)[0]
-                               if meta.get("input_token_logprobs") is not None else None,
-                               f"{name}.input_token_logprobs", True)
+    def _prompt_ids(self, meta, name, read, from_start=True):
+        """The prompt's ids.  SGLang reports ``input_token_logprobs`` from the request's
+        ``logprob_start_len``: the whole prompt when asked from 0 (``from_start``: text prompts,
+        prompt scoring); else from its default, the last prompt id (none in newer releases),
+        which must then end the ids sent."""
+        field, sent = f"{name}.input_token_logprobs", read.prompt
+        ids = (self._pairs(meta, "input_token_logprobs", name, read, True)[0]
+               if meta.get("input_token_logprobs") is not None else None)
+        if from_start or ids is None or not isinstance(sent, list):
+            return read.prompt_ids(ids, field, True)
+        if len(ids) > len(sent) or ids != sent[len(sent) - len(ids):]:
+            raise read.error(field, f"the last of the {len(sent)} prompt ids sent", ids)
+        return sent
 
     def completion_result(self, data, read):
         metas = self._results(data, read)
@@ -4070,9 +4079,9 @@ class SGLangGenerateTokens(TokensProtocol):
             ids, lps = self._pairs(meta, "output_token_logprobs", name, read)
             outputs.append(ids)
             logprobs.append(lps)
-        prompt = self._prompt_ids(metas[0][0], metas[0][1], read)
+        prompt = self._prompt_ids(metas[0][0], metas[0][1], read, from_start=False)
         for meta, name in metas[1:]:  # every result's prompt, when it reports one, is result 0's
-            ids = self._prompt_ids(meta, name, read) if meta.get("input_token_logprobs") is not None else prompt
+            ids = self._prompt_ids(meta, name, read, False) if meta.get("input_token_logprobs") is not None else prompt
             if ids != prompt:
                 raise read.error(f"{name}.input_token_logprobs", "the ids of result 0's prompt", ids)
         return prompt, outputs, logprobs, reasons
@@ -4787,9 +4796,12 @@ class StubTokens:
                                     "finish_reason": {"type": "length", "length": count}}
             if request.get("return_logprob"):
                 meta["output_token_logprobs"] = [[lp, t, None] for t, lp in generated]
+                # from logprob_start_len, by default SGLang's: the last prompt id; the first logprob null
+                start = request.get("logprob_start_len", -1)
+                start = start if type(start) is int and 0 <= start < len(prompt) else len(prompt) - 1
+                meta["input_token_logprobs"] = [[None if i == start else cls.logprob(t, 0, i), t, None]
+                                                for i, t in enumerate(prompt) if i >= start]
                 if request.get("logprob_start_len") == 0:
-                    meta["input_token_logprobs"] = [[None if i == 0 else cls.logprob(t, 0, i), t, None]
-                                                    for i, t in enumerate(prompt)]
                     k = cls.top(request, "top_logprobs_num")
                     if k:
                         meta["input_top_logprobs"] = [None if p is None else [[lp, t, None] for t, lp in p]

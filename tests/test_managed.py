@@ -159,8 +159,11 @@ class TokenShapes:
                     {"type": reason, "length": count} if reason == "length" else {"type": reason, "matched": EOS},
                     "output_token_logprobs": [[lp, t, None] for t, lp in
                                               zip(output_ids(number, c, count), output_logprobs(number, c, count))]}
+            # As SGLang: from logprob_start_len (by default the last prompt id), the first logprob null.
+            start = body.get("logprob_start_len", -1) if body.get("logprob_start_len", -1) >= 0 else len(prompt) - 1
+            meta["input_token_logprobs"] = [[None if i == start else -0.25, t, None]
+                                            for i, t in enumerate(prompt) if i >= start]
             if body.get("logprob_start_len") == 0:
-                meta["input_token_logprobs"] = [[None if i == 0 else -0.25, t, None] for i, t in enumerate(prompt)]
                 if body.get("top_logprobs_num"):
                     meta["input_top_logprobs"] = [None] + [[[-0.25, t, None], [-2.0, t + 1, None]] for t in prompt[1:]]
             results.append({"text": "", "output_ids": output_ids(number, c, count), "meta_info": meta})
@@ -529,7 +532,7 @@ class StrictAnswerTests(LoopbackTestCase):
         # result 1 reports another prompt (only result 0's was read): its tokens continue a prompt not sent
         ("sglang", "/generate", dict(COMPLETION, n=2), [sglang_result([[-0.5, 5, None]]), sglang_result(
             [[-0.5, 5, None]], input_token_logprobs=[[None, 1, None], [-1.0, 20, None], [-1.0, 22, None]])],
-         r"\[1\]\.meta_info\.input_token_logprobs must be the 3 prompt ids sent"),
+         r"\[1\]\.meta_info\.input_token_logprobs must be the last of the 3 prompt ids sent"),
         ("sglang", "/generate", dict(prompt="abc", n=2, max_tokens=1), [sglang_result(
             [[-0.5, 5, None]], input_token_logprobs=[[None, 97, None], [-1.0, 98, None], [-1.0, 99, None]]), sglang_result(
             [[-0.5, 5, None]], input_token_logprobs=[[None, 97, None], [-1.0, 98, None]])],
@@ -640,6 +643,26 @@ class StrictAnswerTests(LoopbackTestCase):
             with self.assertRaisesRegex(ConfigError, "n="):
                 await self.manager(server).tokens_and_logprobs_completion(input_ids=[1], n=n)
         self.assertEqual(server.posts, [])
+
+    async def test_sglang_reports_the_prompt_from_its_default_logprob_start_len(self):
+        # A token-id prompt is sent without logprob_start_len, and SGLang then reports
+        # input_token_logprobs from its default: the last prompt id (scheduler: len(ids) - 1), or
+        # none (newer releases).  That report was compared with the whole prompt: every SGLang
+        # token call with input_ids raised TokenProtocolError.
+        output = [[-0.5, 5, None], [-0.25, 6, None]]
+        for reported in ([[None, 21, None]], [], [[None, 20, None], [-1.0, 21, None]]):
+            with self.subTest(reported=reported):
+                server = await fake(self, Canned("/generate", sglang_result(output, input_token_logprobs=reported)))
+                prompt, outputs, logprobs, _ = await self.manager(server, server_type="sglang") \
+                    .tokens_and_logprobs_completion(input_ids=[1, 20, 21], max_tokens=2)
+                self.assertEqual((prompt, outputs, logprobs), ([1, 20, 21], [[5, 6]], [[-0.5, -0.25]]))
+        for reported in ([[None, 20, None]], [[None, 7, None], [-1.0, 1, None], [-1.0, 20, None], [-1.0, 21, None]]):
+            with self.subTest(reported=reported):
+                server = await fake(self, Canned("/generate", sglang_result(output, input_token_logprobs=reported)))
+                with self.assertRaisesRegex(TokenProtocolError, r"meta_info\.input_token_logprobs must be the last of "
+                                                                r"the 3 prompt ids sent"):
+                    await self.manager(server, server_type="sglang").tokens_and_logprobs_completion(
+                        input_ids=[1, 20, 21], max_tokens=2)
 
     async def test_vocab_is_a_positive_integer_checked_before_anything_is_sent(self):
         # vocab="32000" raised a bare TypeError (int < str) from the reader after the generation

@@ -153,6 +153,8 @@ def make_shape(rng, protocol, scoring, text_prompt):
             if scoring or text_prompt:
                 meta["input_token_logprobs"] = [[None if i == 0 else logprob(rng), t, None]
                                                 for i, t in enumerate(prompt_ids)]
+            elif rng.random() < 0.8:  # from SGLang's default logprob_start_len: the last prompt id, or none
+                meta["input_token_logprobs"] = rng.choice([[[None, prompt_ids[-1], None]], []])
             if scoring:
                 meta["input_top_logprobs"] = [topk(i, "sglang") for i in range(len(prompt_ids))]
             results.append({"text": "", "output_ids": list(outputs[c]), "meta_info": meta})
