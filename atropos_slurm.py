@@ -2488,7 +2488,8 @@ MAX_REPORTED_LOAD = 1 << 20  # requests running and waiting on one server: more 
 def parse_server_load(path: str, body: bytes) -> Optional[int]:
     """Requests running plus waiting on a server, from its ``/metrics`` (vLLM:
     ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``, summed over engines) or its
-    ``/get_load`` (SGLang: ``num_reqs`` + ``num_waiting_reqs``, per data-parallel rank or not);
+    ``/get_load`` (SGLang: ``num_reqs``, which its scheduler counts as running + waiting, so
+    ``num_waiting_reqs`` is in it already; per data-parallel rank or not);
     None when the body has neither, or numbers no server would report (negative, NaN, infinite,
     over ``MAX_REPORTED_LOAD``, not numbers): a hint is dropped, never trusted."""
     try:
@@ -2500,7 +2501,7 @@ def parse_server_load(path: str, body: bytes) -> Optional[int]:
             ranks = data if isinstance(data, list) else [data]
             counts = [(r["num_reqs"], r.get("num_waiting_reqs", 0)) for r in ranks if isinstance(r, dict)
                       and "num_reqs" in r]
-            total = sum(running + waiting for running, waiting in counts) if counts and all(
+            total = sum(requests for requests, _ in counts) if counts and all(
                 type(n) is int for pair in counts for n in pair) else None
     except (ValueError, RecursionError):  # not numbers; JSON nested past the recursion limit
         return None

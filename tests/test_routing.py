@@ -283,7 +283,10 @@ class ServerLoad(unittest.TestCase):
             ("/metrics", VLLM_METRICS, 9),
             ("/metrics", b"# nothing of vLLM\nprocess_cpu_seconds_total 1.0\n", None),
             ("/metrics", b"vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n", 0),
-            ("/get_load", b'{"num_reqs": 5, "num_waiting_reqs": 2, "num_tokens": 900}', 7),
+            # SGLang's num_reqs is running + waiting already (num_waiting_reqs was added twice)
+            ("/get_load", b'{"num_reqs": 5, "num_waiting_reqs": 2, "num_tokens": 900}', 5),
+            ("/get_load", b'[{"dp_rank": 0, "num_reqs": 4, "num_waiting_reqs": 4, "num_tokens": 10, '
+                          b'"num_pending_tokens": 0, "ts_tic": 1.5}]', 4),
             ("/get_load", b'[{"dp_rank": 0, "num_reqs": 1, "num_waiting_reqs": 0}, {"dp_rank": 1, "num_reqs": 2}]', 3),
             ("/get_load", b'{"load": 3}', None),
             ("/get_load", b"not json", None),
@@ -313,7 +316,7 @@ class ServerLoad(unittest.TestCase):
                 path = head.split(b" ")[1].decode()
                 seen.append(path)
                 status, body = (b"404 Not Found", b"{}") if path == "/metrics" else \
-                    (b"200 OK", b'{"num_reqs": 6, "num_waiting_reqs": 1}')
+                    (b"200 OK", b'{"num_reqs": 7, "num_waiting_reqs": 1}')
                 writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode()
                              + b"\r\nConnection: close\r\n\r\n" + body)
                 await writer.drain()
