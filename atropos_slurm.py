@@ -2572,7 +2572,8 @@ class Slots:
     The one owner of that state: the manager changes it only through ``take``/``wait``/
     ``give_back``/``set_caps``/``set_healthy``, and reads it through ``records`` (one
     ``ServerSlot`` per server, in server order), ``of(server)``, ``healthy_count``,
-    ``in_flight_total(split)`` and ``healthy_records()``.
+    ``in_flight_totals`` (requests in flight per split over every server: a dict kept as slots
+    are taken and given back, for reading only) and ``healthy_records()``.
 
     Each split keeps a round-robin line of the servers that are healthy and have a free slot,
     so taking a slot, giving one back and marking a server down or up cost the same whatever
@@ -2593,7 +2594,7 @@ class Slots:
         self.records = [ServerSlot(server, i, train, eval) for i, (server, (train, eval)) in enumerate(zip(servers, caps))]
         self._by_server = {record.server: record for record in self.records}
         self.healthy_count = len(self.records)
-        self._in_flight_total = {split: 0 for split in SPLITS}
+        self.in_flight_totals = {split: 0 for split in SPLITS}
         self._ready: Dict[str, deque] = {split: deque(self.records) for split in SPLITS}
         for record in self.records:
             record.queued = {split: True for split in SPLITS}
@@ -2609,10 +2610,6 @@ class Slots:
 
     def waiting(self, split: str) -> int:
         return sum(not w.done() for w in self._waiters[split])
-
-    def in_flight_total(self, split: str) -> int:
-        """Requests in flight of ``split`` over every server (O(1): kept as slots are taken)."""
-        return self._in_flight_total[split]
 
     def healthy_records(self) -> List[ServerSlot]:
         """The healthy servers' records (a scan: for occasional reads, not per request)."""
@@ -2636,7 +2633,7 @@ class Slots:
         """
         if prefer is not None and prefer is not avoid and prefer.healthy and prefer.in_flight[split] < prefer.caps[split]:
             prefer.in_flight[split] += 1
-            self._in_flight_total[split] += 1
+            self.in_flight_totals[split] += 1
             return prefer  # a full one stays in the line until the line finds it full
         ready = self._ready[split]
         while ready:
@@ -2649,7 +2646,7 @@ class Slots:
                 avoid = None
                 continue
             record.in_flight[split] += 1
-            self._in_flight_total[split] += 1
+            self.in_flight_totals[split] += 1
             if record.in_flight[split] < record.caps[split]:
                 ready.append(record)  # round-robin: to the back of the line
             else:
@@ -2686,7 +2683,7 @@ class Slots:
 
     def give_back(self, record: ServerSlot, split: str) -> None:
         record.in_flight[split] -= 1
-        self._in_flight_total[split] -= 1
+        self.in_flight_totals[split] -= 1
         if not record.queued[split] and record.healthy and record.in_flight[split] < record.caps[split]:
             record.queued[split] = True  # _enqueue inline: this runs on every request
             self._ready[split].append(record)
@@ -2766,8 +2763,9 @@ ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split ca
 
 
 def _message_unit(message: Any) -> Tuple[Any, str]:
-    """What of a chat message decides the server's cache: role and content (stripped, as
-    environments often strip the answer they append)."""
+    """What of a chat message decides the server's cache: role and content.  An assistant's
+    content is stripped, as environments often strip the answer they append; the others come
+    back as they were sent (not copying them keeps Python's cached hash of the string)."""
     if not isinstance(message, dict):
         return (None, repr(message))
     content = message.get("content")
@@ -2776,7 +2774,8 @@ def _message_unit(message: Any) -> Tuple[Any, str]:
             content = "" if content is None else json.dumps(content, sort_keys=True, default=str)
         except (TypeError, ValueError):  # keys of mixed types ({1: .., "a": ..}) cannot be sorted
             content = repr(content)
-    return (message.get("role"), content.strip())
+    role = message.get("role")
+    return (role, content.strip() if role == "assistant" else content)
 
 
 def _chain(start: int, units: Sequence[Any], size: int, keys: List[int]) -> Tuple[int, Any]:
@@ -2810,8 +2809,11 @@ class RouteKeys:
             key = 0
             for message in messages:
                 content = message.get("content") if type(message) is dict else None
-                unit = ((message["role"] if "role" in message else None, content.strip())
-                        if type(content) is str else _message_unit(message))  # the usual case inline
+                if type(content) is str:  # the usual case inline
+                    role = message.get("role")
+                    unit = (role, content.strip() if role == "assistant" else content)
+                else:
+                    unit = _message_unit(message)
                 try:
                     key = hash((key, unit))
                 except TypeError:  # a role that is no string: the server will say what is wrong
@@ -2897,10 +2899,12 @@ class PrefixRouter:
                 where.move_to_end(key)
                 break
         # The bound: a server may hold ceil((1 + epsilon) x mean) with this request counted.
-        total = slots.in_flight_total("train") + slots.in_flight_total("eval") + self.reported_total
+        totals = slots.in_flight_totals
+        total = totals["train"] + totals["eval"] + self.reported_total
         bound = math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1))
         if found is not None and found.healthy:
-            if self._load(found) < bound + ROUTE_LOAD_SLACK:
+            load = found.in_flight["train"] + found.in_flight["eval"]
+            if (load + self.reported.get(found, 0) if self.reported_total else load) < bound + ROUTE_LOAD_SLACK:
                 self.matched += 1
                 return found, None
             self.spilled += 1

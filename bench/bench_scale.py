@@ -308,7 +308,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         return asyncio.ensure_future(manager.chat_completion(messages=bd.MESSAGES, max_tokens=bd.MAX_TOKENS))
     try:
         holders = [call() for _ in range(cap * len(urls))]
-        while manager.slots.in_flight_total("train") < len(holders):
+        while manager.slots.in_flight_totals["train"] < len(holders):
             await asyncio.sleep(0.01)
         waiters = [call() for _ in range(waiting)]
         while manager.slots.waiting("train") < waiting:
@@ -324,7 +324,7 @@ async def worker_cancel(urls, waiting: int, cap: int) -> dict:
         for task in holders:
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
-        free = manager.slots.in_flight_total("train")
+        free = manager.slots.in_flight_totals["train"]
     finally:
         await manager.close()
     return {"waiting": waiting, "cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3, "left_waiting": left,

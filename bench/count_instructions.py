@@ -86,17 +86,20 @@ def main(argv=None) -> int:
     os.environ.setdefault("ATROPOS_SLURM_RETRY_BUDGET", "1000")
     server = bd.ServerProcess("fast", args.servers, 0.0)
     try:
-        rows = [("bare loop", "bare", os.path.join(ROOT, "atropos_slurm.py")),
-                ("ours (this checkout)", "ours", os.path.join(ROOT, "atropos_slurm.py"))]
+        here = os.path.join(ROOT, "atropos_slurm.py")
+        rows = [("bare loop", "bare", here), ("ours, routing=round_robin", "ours_rr", here),
+                ("ours (this checkout, routing=prefix)", "ours", here)]
         rows += [(f"ours ({m})", "ours", m) for m in args.module]
         print(f"client instructions per request (callgrind, user space), {args.servers} server(s), "
               f"{args.concurrency} in flight, Python {sys.version.split()[0]}\n")
-        print("| client | instructions / request | vs bare loop |\n|---|---:|---:|")
-        bare = None
+        print("| client | instructions / request | vs bare loop | vs round-robin |\n|---|---:|---:|---:|")
+        bare = round_robin = None
         for label, client, module in rows:
             count = per_request(client, module, server.urls, args.concurrency)
             bare = bare or count
-            print(f"| {label} | {count / 1000:.1f}k | {count / bare:.2f}× |", flush=True)
+            round_robin = round_robin or (count if client == "ours_rr" else None)
+            versus = f"{count / round_robin:.2f}×" if round_robin else ""
+            print(f"| {label} | {count / 1000:.1f}k | {count / bare:.2f}× | {versus} |", flush=True)
     finally:
         server.stop()
     return 0

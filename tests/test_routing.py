@@ -161,7 +161,7 @@ class Bounds(unittest.TestCase):
                 d.router.placed(route, d.servers[0])
                 d.servers[0].in_flight["train"] = mine
                 d.servers[1].in_flight["train"] = others
-                d.slots._in_flight_total["train"] = mine + others
+                d.slots.in_flight_totals["train"] = mine + others
                 # bound = ceil(1.25 * (total + 1) / 3) + 4
                 self.assertEqual(d.router.choose(route, d.slots)[0] is d.servers[0], preferred)
 
@@ -236,9 +236,9 @@ class Slots(unittest.TestCase):
         d = Dispatch(count=2)
         for _ in range(3):
             d.send(chat("x"))
-        self.assertEqual(d.slots.in_flight_total("train"), 3)
+        self.assertEqual(d.slots.in_flight_totals["train"], 3)
         d.slots.give_back(d.servers[0], "train")
-        self.assertEqual(d.slots.in_flight_total("train"), 2)
+        self.assertEqual(d.slots.in_flight_totals["train"], 2)
 
 
 class Knob(unittest.TestCase):

@@ -63,7 +63,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(taken, [s0, s1, s2, s0, s1, s2])
         self.assertIsNone(slots.take("train"), "every server is at its cap")
         self.assertEqual([s.in_flight["train"] for s in (s0, s1, s2)], [2, 2, 2])
-        self.assertEqual(slots.in_flight_total("train"), 6)
+        self.assertEqual(slots.in_flight_totals["train"], 6)
 
     async def test_splits_have_their_own_caps(self):
         slots, (s0,) = make_slots(1, train=1, eval=2)
@@ -199,7 +199,7 @@ class SlotsTest(unittest.IsolatedAsyncioTestCase):
         slots.give_back(many[7], "train")
         self.assertEqual(list(slots._ready["train"]), [many[7]])
         self.assertIs(slots.take("train", prefer=many[7]), many[7])
-        self.assertEqual(slots.in_flight_total("train"), 4096)
+        self.assertEqual(slots.in_flight_totals["train"], 4096)
 
 
 class SelectTest(unittest.TestCase):
