@@ -1,4 +1,4 @@
-"""Client instructions per request under callgrind: ours against the bare loop, deterministic.
+"""Client instructions per request under callgrind: ours (both routings) vs the bare loop, deterministic.
 
 CPU time on a shared 2-core VM moves by up to 2x between back-to-back runs (bench/RESULTS.md);
 the number of instructions the client executes per request does not.  Each client runs twice
@@ -7,9 +7,9 @@ under ``valgrind --tool=callgrind`` (user-space instructions), once for 1,024 an
 that start-up and warm-up cancel.  The server is ``bench_dispatch.py``'s fast canned-answer
 server in its own process (not under valgrind).
 
-    python3 bench/count_instructions.py                      # ours and bare, 64 in flight, 1 server, ~1 min
+    python3 bench/count_instructions.py                      # bare, round-robin and prefix, 64 in flight, 1 server, ~2 min
     python3 bench/count_instructions.py --module old.py      # also another version of atropos_slurm.py
-    python3 bench/count_instructions.py --servers 4096 --concurrency 512   # the scale check
+    python3 bench/count_instructions.py --servers 4096 --concurrency 512   # the scale check (first connects time out under valgrind: see RESULTS.md)
 
 Needs ``valgrind`` (Debian: ``apt-get install valgrind``).
 """
