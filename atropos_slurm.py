@@ -2176,6 +2176,18 @@ class EventStream:
 _NOT_SENT = frozenset(("split", "timeout", "skip_reasoning", "extra_body"))
 
 
+def extra_body_of(kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The caller's ``extra_body`` (merged into a body last, as the openai SDK does), checked.
+    The SDK's other per-call options, ``extra_headers`` and ``extra_query``, are refused: passed
+    through they would reach the server as body keys (a 400, or a 500 that marks it down)."""
+    if "extra_headers" in kwargs or "extra_query" in kwargs:
+        raise ConfigError("extra_headers= and extra_query= are not supported (extra_body= is)")
+    extra = kwargs.get("extra_body")
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError(f"extra_body={_shown(extra)} must be a dict")
+    return extra
+
+
 class OpenAIServer:
     """The HTTP client of one OpenAI-compatible server: its calls, its health check, its statistics.
 
@@ -2228,11 +2240,7 @@ class OpenAIServer:
         else:
             body = {k: v for k, v in kwargs.items() if k not in _NOT_SENT}
         body["model"] = self.config.model_name
-        if "extra_headers" in body or "extra_query" in body:
-            raise ConfigError("extra_headers= and extra_query= are not supported (extra_body= is)")
-        extra = kwargs.get("extra_body")
-        if extra is not None and not isinstance(extra, dict):
-            raise ConfigError(f"extra_body={extra!r} must be a dict")
+        extra = extra_body_of(kwargs)
         if self.reasoning is not None and path == "/chat/completions" and not kwargs.get("skip_reasoning"):
             extra = {**(extra or {}), **self.reasoning}
             if "api.openai.com" in self.url:  # OpenAI's reasoning models, as Atropos calls them
@@ -4138,11 +4146,9 @@ def sampling_params(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The caller's sampling parameters of a token call: everything but the prompt and ours."""
     if kwargs.get("stream"):
         raise ConfigError("stream=True is not supported for token ids and logprobs")
-    extra = kwargs.get("extra_body") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"extra_body={extra!r} must be a dict")
+    extra = extra_body_of(kwargs)
     params = {k: v for k, v in kwargs.items() if k not in _NOT_SENT and k not in ("model", "prompt", "input_ids")}
-    params.update(extra)
+    params.update(extra or {})
     return params
 
 

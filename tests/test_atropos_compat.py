@@ -73,6 +73,27 @@ class RequestBodies(unittest.TestCase):
         with self.assertRaisesRegex(a.ConfigError, "extra_body"):
             self.server().request_body("/completions", {"prompt": "x", "extra_body": [1]})
 
+    def test_token_calls_refuse_the_same_client_options_before_sending(self):
+        """Token calls build their own bodies (/generate): an ``extra_headers`` passed through
+        reached Atropos' server as a body key, which answers 500, and the server was marked down."""
+        config = APIServerConfig(base_url=f"http://127.0.0.1:{support.closed_port()}/v1", model_name="m",
+                                 server_type="vllm")
+
+        async def calls():
+            manager = a.ServerManager([config], routing="round_robin")
+            try:
+                for option, value in (("extra_headers", {"X-A": "b"}), ("extra_query", {"a": "b"}),
+                                      ("extra_body", [1])):
+                    with self.subTest(option=option), self.assertRaisesRegex(a.ConfigError, option):
+                        await manager.tokens_and_logprobs_completion(input_ids=[1, 2], max_tokens=2, **{option: value})
+                return manager.stats()
+            finally:
+                await manager.close()
+
+        stats = asyncio.run(calls())
+        self.assertTrue(all(row["healthy"] for row in stats), "a caller's mistake marks nothing down")
+        self.assertEqual(sum(row["done"] + row["failed"] for row in stats), 0, "nothing was sent")
+
     def test_reasoning_goes_into_chat_bodies_only_unless_skipped(self):
         reasoning = AtroposLike(enabled=True, effort="high", max_tokens=None)
         server = self.server(reasoning=reasoning)
