@@ -2768,6 +2768,7 @@ ROUTE_BLOCK_CHARS = 128  # a text prompt is keyed at every 128th character (abou
 ROUTE_BLOCK_IDS = 32  # a token-id prompt at every 32nd id
 ROUTE_INDEX_ENTRIES = 65536  # keys remembered at least (8 MB), and 256 per server (32 KB each) at many servers
 ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
+ROUTE_PLACE_LOOKS = 8  # servers a new conversation's placement looks at, at most, for two within the bound
 
 
 def _message_unit(message: Any) -> Tuple[Any, str]:
@@ -2796,25 +2797,25 @@ def _chain(start: int, units: Sequence[Any], size: int, keys: List[int]) -> Tupl
     return key, units[full:]
 
 
-class RouteKeys:
-    """One request's keys: a hash at each boundary where an earlier request (or request plus
-    answer) may have ended, shallowest first, the whole prompt's last; and how to extend them
-    by an answer.  Chat: a boundary after every message.  Text or token ids: after every block
-    (``ROUTE_BLOCK_CHARS`` / ``ROUTE_BLOCK_IDS``), then the whole prompt."""
+class RouteKeys(list):
+    """One request's keys, deepest first: the whole prompt's, then a hash at each earlier
+    boundary where an earlier request (or request plus answer) may have ended.  Chat: a
+    boundary after every message, and ``after`` an answer the key where a next request
+    continues.  Text or token ids: ``BlockKeys``.
 
-    __slots__ = ("keys", "chat", "base", "rest", "size")
+    A list itself, not an object holding one: one is built for every request, and an instance
+    with its own ``__init__`` costs about as much as hashing a message (2-3k instructions).
+    """
 
-    def __init__(self, keys: List[int], chat: bool, base: int, rest: Any, size: int):
-        self.keys, self.chat, self.base, self.rest, self.size = keys, chat, base, rest, size
+    __slots__ = ()
 
     @classmethod
     def of(cls, kwargs: Dict[str, Any]) -> Optional["RouteKeys"]:
         """The keys of a request's ``messages``, ``prompt`` (text or ids) or ``input_ids``;
         None when it has none of them (nothing to route by)."""
         messages = kwargs.get("messages")
-        keys: List[int] = []
         if isinstance(messages, list):
-            key = 0
+            keys, key = cls(), 0
             for message in messages:
                 content = message.get("content") if type(message) is dict else None
                 if type(content) is str:  # the usual case inline
@@ -2827,7 +2828,8 @@ class RouteKeys:
                 except TypeError:  # a role that is no string: the server will say what is wrong
                     key = hash((key, repr(unit)))
                 keys.append(key)
-            return cls(keys, True, key, None, 1) if keys else None
+            keys.reverse()
+            return keys or None
         prompt = kwargs.get("input_ids", kwargs.get("prompt"))
         if isinstance(prompt, str):
             size = ROUTE_BLOCK_CHARS
@@ -2835,16 +2837,34 @@ class RouteKeys:
             prompt, size = tuple(prompt), ROUTE_BLOCK_IDS
         else:
             return None
-        base, rest = _chain(0, prompt, size, keys)
-        keys.append(hash((base, rest, "end")))
-        return cls(keys, False, base, rest, size)
+        keys = BlockKeys()
+        keys.base, keys.rest = _chain(0, prompt, size, keys)
+        keys.size = size
+        keys.append(hash((keys.base, keys.rest, "end")))
+        keys.reverse()
+        return keys
 
-    def after(self, answer: Any) -> Optional[int]:
-        """The key at which a next request that repeats this one and ``answer`` continues (None
-        for token ids, whose answers are not learnt, and for an answer that fills no block)."""
-        if self.chat:
-            return hash((self.base, ("assistant", answer.strip() if isinstance(answer, str) else
-                                     _message_unit({"content": answer})[1])))
+    def after(self, choice: Dict[str, Any]) -> Optional[int]:
+        """The key at which a next request continues that repeats this chat and the answer of
+        ``choice`` (a choice object of the response: its ``message``'s content)."""
+        message = choice.get("message")
+        answer = message.get("content") if isinstance(message, dict) else None
+        return hash((self[0], ("assistant", answer.strip() if isinstance(answer, str) else
+                                 _message_unit({"content": answer})[1])))
+
+
+class BlockKeys(RouteKeys):
+    """The keys of a text prompt (every ``ROUTE_BLOCK_CHARS`` characters) or of token ids (every
+    ``ROUTE_BLOCK_IDS``), deepest first; ``base`` and ``rest``: the last full block's
+    key and the partial block after it, where an answer's text goes on."""
+
+    __slots__ = ("base", "rest", "size")
+
+    def after(self, choice: Dict[str, Any]) -> Optional[int]:
+        """The key at which a next request continues that repeats this one and the ``text`` of
+        ``choice`` (None for token ids, whose answers are not learnt, and for an answer that
+        fills no block)."""
+        answer = choice.get("text")
         if self.size != ROUTE_BLOCK_CHARS or not isinstance(answer, str):
             return None
         if len(self.rest) + len(answer) < self.size:  # no new full block: the key would be one the prompt shares
@@ -2886,6 +2906,8 @@ class PrefixRouter:
         self.entries = entries or max(ROUTE_INDEX_ENTRIES, 256 * len(self.servers))
         self._where: "OrderedDict[int, Any]" = OrderedDict()  # key -> server
         self._next = 0  # where the placement of new conversations goes on (round-robin)
+        # The servers in a ring, as a list: the next ROUTE_PLACE_LOOKS from any start in one slice.
+        self._ring = self.servers + self.servers[:min(len(self.servers), ROUTE_PLACE_LOOKS) - 1]
         self._sent: Dict[Any, int] = dict.fromkeys(self.servers, 0)  # requests placed per server
         self.reported: Dict[Any, int] = {}  # the load each server reports (``report``), when read
         self.reported_total = 0
@@ -2901,18 +2923,18 @@ class PrefixRouter:
         bound and None; else a server for a new conversation (or None) and the found server
         over its bound (or None)."""
         where, found = self._where, None
-        for key in reversed(route.keys):
+        for key in route:
             found = where.get(key)
             if found is not None:
                 where.move_to_end(key)
                 break
-        # The bound: a server may hold ceil((1 + epsilon) x mean) with this request counted.
+        # The bound: a server may hold ceil((1 + epsilon) x mean) with this request counted.  A
+        # load (an integer) is under that exactly when it is under the product unrounded.
         totals = slots.in_flight_totals
-        total = totals["train"] + totals["eval"] + self.reported_total
-        bound = math.ceil((1 + self.epsilon) * (total + 1) / (slots.healthy_count or 1))
+        bound = (1 + self.epsilon) * (totals["train"] + totals["eval"] + self.reported_total + 1) / (slots.healthy_count or 1)
         if found is not None and found.healthy:
             load = found.in_flight["train"] + found.in_flight["eval"]
-            if (load + self.reported.get(found, 0) if self.reported_total else load) < bound + ROUTE_LOAD_SLACK:
+            if (load + self.reported.get(found, 0) if self.reported_total else load) - ROUTE_LOAD_SLACK < bound:
                 self.matched += 1
                 return found, None
             self.spilled += 1
@@ -2924,17 +2946,14 @@ class PrefixRouter:
         load = server.in_flight["train"] + server.in_flight["eval"]
         return load + self.reported.get(server, 0) if self.reported_total else load
 
-    def _place(self, bound: int) -> Any:
+    def _place(self, bound: float) -> Any:
         """Of the next two servers round-robin that are healthy and under ``bound``, the one
         that has had fewer requests placed, or None (``Slots`` picks): conversations differ in
         length, and two choices keep the servers' totals even (the power of two choices)."""
-        servers, count, sent = self.servers, len(self.servers), self._sent
-        i = self._next
-        self._next = i + 1 if i + 1 < count else 0  # the line moves by one a placement
+        i, sent = self._next, self._sent
+        self._next = i + 1 if i + 1 < len(self.servers) else 0  # the line moves by one a placement
         best = None
-        for _ in range(min(count, 8)):  # at most 8 looks past servers down or over the bound
-            server = servers[i]
-            i = i + 1 if i + 1 < count else 0
+        for server in self._ring[i:i + ROUTE_PLACE_LOOKS]:
             if server.healthy and (self._load(server) if self.reported_total else
                                    server.in_flight["train"] + server.in_flight["eval"]) < bound:
                 if best is not None:
@@ -2944,7 +2963,7 @@ class PrefixRouter:
 
     def placed(self, route: RouteKeys, server: Any) -> None:
         where = self._where
-        where[route.keys[-1]] = server  # a key found again was moved to the end by choose
+        where[route[0]] = server  # a key found again was moved to the end by choose
         if len(where) > self.entries:
             where.popitem(last=False)
         self._sent[server] += 1
@@ -2962,14 +2981,9 @@ class PrefixRouter:
         choices = response.get("choices") if isinstance(response, dict) else None
         if not choices:
             return
-        where, chat = self._where, route.chat
+        where = self._where
         for choice in choices:  # objects: decode_response checked them
-            if chat:
-                message = choice.get("message")
-                answer = message.get("content") if isinstance(message, dict) else None
-            else:
-                answer = choice.get("text")
-            key = route.after(answer if answer is not None else "")
+            key = route.after(choice)
             if key is not None:
                 where[key] = server
         while len(where) > self.entries:

@@ -112,12 +112,12 @@ class Selection(unittest.TestCase):
         self.assertIsNone(a.RouteKeys.of({}))
         for role in (["user"], {"a": 1}):  # not a string: keyed all the same, the server says what is wrong
             messages = [{"role": role, "content": "hi"}]
-            self.assertEqual(a.RouteKeys.of({"messages": messages}).keys, a.RouteKeys.of({"messages": messages}).keys)
+            self.assertEqual(a.RouteKeys.of({"messages": messages}), a.RouteKeys.of({"messages": messages}))
 
     def test_a_short_answer_adds_no_key_a_shared_prefix_could_own(self):
         keys = a.RouteKeys.of({"prompt": "h" * a.ROUTE_BLOCK_CHARS * 3 + "q"})
-        self.assertIsNone(keys.after("ok"), "no new full block: the key would be the prompt's own prefix")
-        self.assertIsNotNone(keys.after("x" * a.ROUTE_BLOCK_CHARS))
+        self.assertIsNone(keys.after({"text": "ok"}), "no new full block: the key would be the prompt's own prefix")
+        self.assertIsNotNone(keys.after({"text": "x" * a.ROUTE_BLOCK_CHARS}))
 
     def test_the_deepest_match_wins(self):
         d = Dispatch()
