@@ -174,7 +174,7 @@ def simulate(trace, servers_count, routing, block, capacity, concurrency_per_ser
         nonlocal seq
         while waiting:
             index, messages, n = waiting[0]
-            route = a.RouteKeys.of({"messages": messages}) if router else None
+            route = a.route_keys({"messages": messages}) if router else None
             prefer, spill = router.choose(route, slots) if router else (None, None)
             slot = slots.take("train", spill, prefer)
             if slot is None:

@@ -1,4 +1,4 @@
-"""Routing: prefix affinity (``PrefixRouter``, ``RouteKeys``) with ``Slots.take(prefer=...)``, as
+"""Routing: prefix affinity (``PrefixRouter``, ``RouteKeys``, ``route_keys``) with ``Slots.take(prefer=...)``, as
 table tests without sockets; then through ``ServerManager`` against stub servers.
 
 The real servers' prefix caches are measured in tests/test_vllm_interop.py (``PrefixAffinity``)
@@ -54,7 +54,7 @@ class Dispatch:
         self.router = a.PrefixRouter(self.servers, epsilon, entries)
 
     def send(self, kwargs, split="train", avoid=None):
-        route = a.RouteKeys.of(kwargs)
+        route = a.route_keys(kwargs)
         prefer, spill = self.router.choose(route, self.slots) if route else (None, None)
         server = self.slots.take(split, avoid or spill, prefer)
         if server is not None and route:
@@ -108,14 +108,14 @@ class Selection(unittest.TestCase):
         ids = list(range(100))
         home = d.send({"input_ids": ids})[1]
         self.assertIs(d.send({"prompt": ids})[1], home, "input_ids or prompt: the same ids")
-        self.assertIsNone(a.RouteKeys.of({"prompt": [1, "x"]}), "nothing to key by: round-robin")
-        self.assertIsNone(a.RouteKeys.of({}))
+        self.assertIsNone(a.route_keys({"prompt": [1, "x"]}), "nothing to key by: round-robin")
+        self.assertIsNone(a.route_keys({}))
         for role in (["user"], {"a": 1}):  # not a string: keyed all the same, the server says what is wrong
             messages = [{"role": role, "content": "hi"}]
-            self.assertEqual(a.RouteKeys.of({"messages": messages}), a.RouteKeys.of({"messages": messages}))
+            self.assertEqual(a.route_keys({"messages": messages}), a.route_keys({"messages": messages}))
 
     def test_a_short_answer_adds_no_key_a_shared_prefix_could_own(self):
-        keys = a.RouteKeys.of({"prompt": "h" * a.ROUTE_BLOCK_CHARS * 3 + "q"})
+        keys = a.route_keys({"prompt": "h" * a.ROUTE_BLOCK_CHARS * 3 + "q"})
         self.assertIsNone(keys.after({"text": "ok"}), "no new full block: the key would be the prompt's own prefix")
         self.assertIsNotNone(keys.after({"text": "x" * a.ROUTE_BLOCK_CHARS}))
 
@@ -157,7 +157,7 @@ class Bounds(unittest.TestCase):
         for others, mine, preferred in table:
             with self.subTest(others=others, mine=mine):
                 d = Dispatch(count=3, train=100)
-                route = a.RouteKeys.of(chat("hot"))
+                route = a.route_keys(chat("hot"))
                 d.router.placed(route, d.servers[0])
                 d.servers[0].in_flight["train"] = mine
                 d.servers[1].in_flight["train"] = others
@@ -167,7 +167,7 @@ class Bounds(unittest.TestCase):
 
     def test_reported_load_bounds_too(self):
         d = Dispatch(count=2, train=100)
-        route = a.RouteKeys.of(chat("hot"))
+        route = a.route_keys(chat("hot"))
         d.router.placed(route, d.servers[0])
         d.router.report(d.servers[0], 40)  # other processes' requests: ceil(1.25 * 41 / 2) + 4 = 30 < 41
         d.router.report(d.servers[1], 0)
