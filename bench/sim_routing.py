@@ -9,7 +9,7 @@ full blocks are cached too; ``capacity`` blocks per server, least recently used 
 ``prefix_cache_queries`` (prompt tokens, per sequence: ``n`` sequences query the prompt ``n``
 times) and ``prefix_cache_hits``.
 
-The selection is the module's own: ``Slots`` + ``PrefixRouter`` + ``RouteKeys`` on stand-in
+The selection is the module's own: ``Slots`` + ``PrefixRouter`` + ``route_keys`` on stand-in
 server objects, driven by a discrete-event clock (service time grows with uncached prompt
 tokens and generated tokens).  Arms: ``round_robin``, ``prefix``, and the bound (one server of
 the summed capacity, where every prefix can hit).

@@ -1,4 +1,4 @@
-"""Routing: prefix affinity (``PrefixRouter``, ``RouteKeys``, ``route_keys``) with ``Slots.take(prefer=...)``, as
+"""Routing: prefix affinity (``PrefixRouter``, ``route_keys``) with ``Slots.take(prefer=...)``, as
 table tests without sockets; then through ``ServerManager`` against stub servers.
 
 The real servers' prefix caches are measured in tests/test_vllm_interop.py (``PrefixAffinity``)
