@@ -2770,10 +2770,6 @@ ROUTE_INDEX_ENTRIES = 65536  # keys remembered at least (8 MB), and 256 per serv
 ROUTE_LOAD_SLACK = 4  # requests over the bound allowed: the parts of a split call stay together on idle servers
 ROUTE_PLACE_LOOKS = 8  # servers a new conversation's placement looks at, at most, for two within the bound
 
-# A field of a response's object, or None.  ``dict.get`` itself: on an ``AttrDict`` (whose
-# ``__getattr__`` keeps CPython from caching the method lookup) ``obj.get`` costs 3x as much.
-_field = dict.get
-
 
 def _message_unit(message: Any) -> Tuple[Any, str]:
     """What of a chat message decides the server's cache: role and content.  An assistant's
@@ -2816,8 +2812,10 @@ class RouteKeys(list):
     def after(self, choice: Dict[str, Any]) -> Optional[int]:
         """The key at which a next request continues that repeats this chat and the answer of
         ``choice`` (a choice object of the response: its ``message``'s content)."""
-        message = _field(choice, "message")
-        answer = _field(message, "content") if isinstance(message, dict) else None
+        try:
+            answer = choice["message"]["content"]
+        except (KeyError, TypeError):  # no message, or not an object
+            answer = None
         return hash((self[0], "assistant", answer.strip() if isinstance(answer, str) else
                      _message_unit({"content": answer})[1]))
 
@@ -2833,7 +2831,7 @@ class BlockKeys(RouteKeys):
         """The key at which a next request continues that repeats this one and the ``text`` of
         ``choice`` (None for token ids, whose answers are not learnt, and for an answer that
         fills no block)."""
-        answer = _field(choice, "text")
+        answer = choice.get("text")
         if self.size != ROUTE_BLOCK_CHARS or not isinstance(answer, str):
             return None
         if len(self.rest) + len(answer) < self.size:  # no new full block: the key would be one the prompt shares
@@ -2848,9 +2846,11 @@ def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
     if isinstance(messages, list):
         keys, key = RouteKeys(), 0
         for message in messages:
-            content = message.get("content") if type(message) is dict else None
+            try:
+                role, content = message["role"], message["content"]
+            except (KeyError, TypeError):  # not a message object: _message_unit says what is keyed
+                role = content = None
             if type(content) is str:  # the usual case inline
-                role = message.get("role")
                 if role == "assistant":
                     content = content.strip()
             else:
@@ -2983,11 +2983,12 @@ class PrefixRouter:
 
     def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
         """Learn where each choice's conversation continues (chat and text completions)."""
-        choices = _field(response, "choices") if isinstance(response, dict) else None
-        if not choices:
+        try:
+            choices = response["choices"]
+        except (KeyError, TypeError):  # no choices, or not a response object (a token call's result)
             return
         where = self._where
-        for choice in choices:  # objects: decode_response checked them
+        for choice in choices or ():  # objects, or "choices": null (decode_response checked them)
             key = route.after(choice)
             if key is not None:
                 where[key] = server

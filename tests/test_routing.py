@@ -119,6 +119,16 @@ class Selection(unittest.TestCase):
         self.assertIsNone(keys.after({"text": "ok"}), "no new full block: the key would be the prompt's own prefix")
         self.assertIsNotNone(keys.after({"text": "x" * a.ROUTE_BLOCK_CHARS}))
 
+    def test_answers_without_text_teach_nothing(self):
+        d = Dispatch(entries=10)
+        route, server = d.send(chat("a"))
+        for response in ({}, {"choices": None}, {"choices": []}, (1, 2), None, [{"x": 1}]):
+            d.router.answered(route, server, response)
+        self.assertEqual(d.router.remembered, 1, "only the prompt's key")
+        for choice in ({}, {"message": None}, {"message": "text"}, {"message": {"content": None}}):
+            d.router.answered(route, server, {"choices": [choice]})
+        self.assertEqual(d.router.remembered, 2, "an answer it cannot read is keyed as an empty one")
+
     def test_the_deepest_match_wins(self):
         d = Dispatch()
         d.call(chat("a"), answer_chat("b"))  # s0 holds [a, b]
