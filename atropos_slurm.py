@@ -2805,9 +2805,11 @@ class RouteKeys(list):
 
     A list itself, not an object holding one: one is built for every request, and an instance
     with its own ``__init__`` costs about as much as hashing a message (2-3k instructions).
+    ``whole``: the whole prompt's key (the first), as an attribute because indexing a subclass
+    of ``list`` costs a Python-level call of ``list.__getitem__``.
     """
 
-    __slots__ = ()
+    __slots__ = ("whole",)
 
     def after(self, choice: Dict[str, Any]) -> Optional[int]:
         """The key at which a next request continues that repeats this chat and the answer of
@@ -2816,7 +2818,7 @@ class RouteKeys(list):
             answer = choice["message"]["content"]
         except (KeyError, TypeError):  # no message, or not an object
             answer = None
-        return hash((self[0], "assistant", answer.strip() if isinstance(answer, str) else
+        return hash((self.whole, "assistant", answer.strip() if isinstance(answer, str) else
                      _message_unit({"content": answer})[1]))
 
 
@@ -2861,6 +2863,7 @@ def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
                 key = hash((key, repr(role), content))
             keys.append(key)
         keys.reverse()
+        keys.whole = key
         return keys or None
     prompt = kwargs.get("input_ids", kwargs.get("prompt"))
     if isinstance(prompt, str):
@@ -2872,7 +2875,8 @@ def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
     keys = BlockKeys()
     keys.base, keys.rest = _chain(0, prompt, size, keys)
     keys.size = size
-    keys.append(hash((keys.base, keys.rest, "end")))
+    keys.whole = hash((keys.base, keys.rest, "end"))
+    keys.append(keys.whole)
     keys.reverse()
     return keys
 
@@ -2968,7 +2972,7 @@ class PrefixRouter:
 
     def placed(self, route: RouteKeys, server: Any) -> None:
         where = self._where
-        where[route[0]] = server  # a key found again was moved to the end by choose
+        where[route.whole] = server  # a key found again was moved to the end by choose
         if len(where) > self.entries:
             where.popitem(last=False)
         self._sent[server] += 1
