@@ -2797,35 +2797,10 @@ def _chain(start: int, units: Sequence[Any], size: int, keys: List[int]) -> Tupl
     return key, units[full:]
 
 
-class RouteKeys(list):
-    """One request's keys, deepest first: the whole prompt's, then a hash at each earlier
-    boundary where an earlier request (or request plus answer) may have ended.  Chat: a
-    boundary after every message, and ``after`` an answer the key where a next request
-    continues.  Text or token ids: ``BlockKeys``.  Made by ``route_keys``.
-
-    A list itself, not an object holding one: one is built for every request, and an instance
-    with its own ``__init__`` costs about as much as hashing a message (2-3k instructions).
-    ``whole``: the whole prompt's key (the first), as an attribute because indexing a subclass
-    of ``list`` costs a Python-level call of ``list.__getitem__``.
-    """
-
-    __slots__ = ("whole",)
-
-    def after(self, choice: Dict[str, Any]) -> Optional[int]:
-        """The key at which a next request continues that repeats this chat and the answer of
-        ``choice`` (a choice object of the response: its ``message``'s content)."""
-        try:
-            answer = choice["message"]["content"]
-        except (KeyError, TypeError):  # no message, or not an object
-            answer = None
-        return hash((self.whole, "assistant", answer.strip() if isinstance(answer, str) else
-                     _message_unit({"content": answer})[1]))
-
-
-class BlockKeys(RouteKeys):
+class BlockKeys(list):
     """The keys of a text prompt (every ``ROUTE_BLOCK_CHARS`` characters) or of token ids (every
-    ``ROUTE_BLOCK_IDS``), deepest first; ``base`` and ``rest``: the last full block's
-    key and the partial block after it, where an answer's text goes on."""
+    ``ROUTE_BLOCK_IDS``), deepest first; ``base`` and ``rest``: the last full block's key and
+    the partial block after it, where an answer's text goes on."""
 
     __slots__ = ("base", "rest", "size")
 
@@ -2841,12 +2816,18 @@ class BlockKeys(RouteKeys):
         return _chain(self.base, self.rest + answer, self.size, [])[0]
 
 
-def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
-    """The keys of a request's ``messages``, ``prompt`` (text or ids) or ``input_ids``; None
-    when it has none of them (nothing to route by)."""
+def route_keys(kwargs: Dict[str, Any]) -> Optional[List[int]]:
+    """A request's keys, deepest first: the whole prompt's, then a hash at each earlier
+    boundary where an earlier request (or request plus answer) may have ended; None when it
+    has no ``messages``, ``prompt`` (text or ids) or ``input_ids`` (nothing to route by).
+
+    Chat: a boundary after every message, the keys a plain list (one is built for every
+    request, and building and indexing a subclass of ``list`` costs about 1k instructions
+    more); ``PrefixRouter.answered`` keys an answer as the message it becomes.  Text or token
+    ids: ``BlockKeys``."""
     messages = kwargs.get("messages")
     if isinstance(messages, list):
-        keys, key = RouteKeys(), 0
+        keys, key = [], 0
         for message in messages:
             try:
                 role, content = message["role"], message["content"]
@@ -2863,7 +2844,6 @@ def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
                 key = hash((key, repr(role), content))
             keys.append(key)
         keys.reverse()
-        keys.whole = key
         return keys or None
     prompt = kwargs.get("input_ids", kwargs.get("prompt"))
     if isinstance(prompt, str):
@@ -2875,8 +2855,7 @@ def route_keys(kwargs: Dict[str, Any]) -> Optional[RouteKeys]:
     keys = BlockKeys()
     keys.base, keys.rest = _chain(0, prompt, size, keys)
     keys.size = size
-    keys.whole = hash((keys.base, keys.rest, "end"))
-    keys.append(keys.whole)
+    keys.append(hash((keys.base, keys.rest, "end")))
     keys.reverse()
     return keys
 
@@ -2929,7 +2908,7 @@ class PrefixRouter:
         """Keys in the index now (at most ``entries``)."""
         return len(self._where)
 
-    def choose(self, route: RouteKeys, slots: "Slots") -> Tuple[Any, Any]:
+    def choose(self, route: List[int], slots: "Slots") -> Tuple[Any, Any]:
         """``(prefer, spill)`` for ``Slots.take``: the server of the deepest key found within the
         bound and None; else a server for a new conversation (or None: ``Slots`` picks) and the
         found server over its bound (or None).
@@ -2969,9 +2948,9 @@ class PrefixRouter:
         """Requests in flight on ``server``: this manager's, and others' as last reported."""
         return server.in_flight["train"] + server.in_flight["eval"] + self.reported.get(server, 0)
 
-    def placed(self, route: RouteKeys, server: Any) -> None:
+    def placed(self, route: List[int], server: Any) -> None:
         where = self._where
-        where[route.whole] = server  # a key found again was moved to the end by choose
+        where[route[0]] = server  # a key found again was moved to the end by choose
         if len(where) > self.entries:
             where.popitem(last=False)
         self._sent[server] += 1
@@ -2984,7 +2963,7 @@ class PrefixRouter:
             self.reported[server] = load
         self.reported_total += (load or 0) - (old or 0)
 
-    def answered(self, route: RouteKeys, server: Any, response: Any) -> None:
+    def answered(self, route: List[int], server: Any, response: Any) -> None:
         """Learn where each choice's conversation continues (chat and text completions)."""
         try:
             choices = response["choices"]
@@ -2992,7 +2971,15 @@ class PrefixRouter:
             return
         where = self._where
         for choice in choices or ():  # objects, or "choices": null (decode_response checked them)
-            key = route.after(choice)
+            if type(route) is list:  # a chat: its messages and the answer, as route_keys keys them
+                try:
+                    answer = choice["message"]["content"]
+                except (KeyError, TypeError):  # no message, or not an object
+                    answer = None
+                key = hash((route[0], "assistant", answer.strip() if isinstance(answer, str) else
+                            _message_unit({"content": answer})[1]))
+            else:
+                key = route.after(choice)
             if key is not None:
                 where[key] = server
         while len(where) > self.entries:
