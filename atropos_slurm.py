@@ -3428,7 +3428,12 @@ class ServerManager:
         token_prompt(kwargs)
         parts = await self._token_calls(kwargs, False, vocab)
         outputs, logprobs, reasons = [], [], []
-        for _, part_outputs, part_logprobs, part_reasons in parts:
+        for i, (prompt_ids, part_outputs, part_logprobs, part_reasons) in enumerate(parts):
+            if prompt_ids != parts[0][0]:  # a text prompt, split: each server tokenized it
+                raise TokenProtocolError(
+                    f"the parts of a split call (n={kwargs.get('n')}) got the prompt tokenized differently: "
+                    f"part 0 as {len(parts[0][0])} ids, part {i} as {_shown(prompt_ids)} ({len(prompt_ids)}); "
+                    f"servers with different tokenizers? Pass input_ids to fix the tokens")
             outputs += part_outputs
             logprobs += part_logprobs
             reasons += part_reasons
