@@ -507,10 +507,23 @@ class Layout:
     base_port: int
     servers_per_node: int
     nodes_per_server: int
+    size: str = ""  # how TP (x PP) was given, for messages: "INFER_TP=3", "--tp=3 x --pp=2"
 
     @property
     def ports(self) -> List[int]:
         return [self.base_port + i for i in range(self.servers_per_node)]
+
+    @property
+    def idle_gpus(self) -> int:
+        """GPUs of a node that no server uses: a TP x PP that does not divide them (the seed's rule)."""
+        return self.gpus_per_node - self.servers_per_node * self.tp * self.pp if self.nodes_per_server == 1 else 0
+
+    def warn_idle_gpus(self) -> None:
+        """Log the idle GPUs; the caller does so once its other settings are checked, so that a
+        mistake among them stays a one-line error."""
+        if self.idle_gpus:
+            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
+                        self.size, self.gpus_per_node, self.servers_per_node, self.idle_gpus)
 
 
 def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
@@ -519,7 +532,7 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
 
     Shared by discovery and the watcher so both agree on which ports a node serves.  Within a
     node, the seed's rule: ``gpus // (tp * pp)`` servers (a TP that does not divide the GPUs
-    leaves some idle, with a warning).  Above a node, ``tp * pp`` must be a multiple of it.
+    leaves some idle: ``Layout.warn_idle_gpus``).  Above a node, ``tp * pp`` must be a multiple of it.
     """
     env = os.environ if env is None else env
     gpus, gpus_from = gpus_per_node_setting(gpus_per_node, env, het_group)
@@ -528,9 +541,6 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
     pp = _int_setting(pp_name, env.get("INFER_PP", 1) if pp is None else pp, minimum=1)
     need, size = tp * pp, f"{tp_name}={tp}" + (f" x {pp_name}={pp}" if pp > 1 else "")
     if need <= gpus:
-        if gpus % need:
-            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
-                        size, gpus, gpus // need, gpus % need)
         per_node, span = gpus // need, 1
     elif need % gpus:
         raise ConfigError(f"{size} needs {need} GPUs per server, more than a node's {gpus} ({gpus_from}) "
@@ -540,7 +550,7 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
     port_name = ENV_BASE_PORT if base_port is None else "--base-port"
     port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
                         minimum=1, maximum=65536 - per_node)
-    return Layout(tp, pp, gpus, gpus_from, port, per_node, span)
+    return Layout(tp, pp, gpus, gpus_from, port, per_node, span, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,7 +604,9 @@ class Discovery:
             "hostlist_backend": self.backend or None,
         }
         if self.layout:
-            data.update(dataclasses.asdict(self.layout), ports=self.layout.ports)
+            layout = dataclasses.asdict(self.layout)
+            del layout["size"]  # the names of the settings, for messages
+            data.update(layout, ports=self.layout.ports)
         data.update(servers=[dict(dataclasses.asdict(s), url=s.url) for s in self.servers], urls=self.urls)
         return data
 
@@ -764,6 +776,7 @@ def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = N
                           f"than {MAX_SERVERS} servers ({where})")
     found = tuple(ServerAddress(host, layout.base_port + i, k * span, i)
                   for k, host in enumerate(heads) for i in range(layout.servers_per_node))
+    layout.warn_idle_gpus()
     return Discovery(found, "slurm", tuple(nodes), tuple(training), tuple(inference), layout, used, het)
 
 
@@ -5439,6 +5452,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
+    layout.warn_idle_gpus()
     log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
              args.api_addr)
     return run_watcher(options)

@@ -834,6 +834,25 @@ class HostlistBounds(unittest.TestCase):
         self.assertLess(peak_memory(lambda: a.resolve_hostnames(six_kb, "auto")), 1 << 20)  # before scontrol too
         self.assertEqual(len(a.expand_hostlist("a[1-4]b[1-65536]")), a.MAX_HOSTLIST_NAMES)  # the cap itself is fine
 
+    def test_an_error_after_a_tp_that_leaves_gpus_idle_is_still_one_line(self):
+        """The idle-GPU warning comes once every setting is checked: a mistake in another one is
+        one line, not the warning and then the error (discover and the watcher)."""
+        env = {"INFER_TP": "3", "SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "PATH": os.environ["PATH"]}
+        for args, fragment in [
+            (("discover", "--base-port", "70000"), "--base-port='70000' must be at most"),
+            (("discover", "--num-training-nodes", "3"), "--num-training-nodes=3 leaves no inference node"),
+            (("watch", "--api_addr", "http://t:8000", "--node_num", "x"), "--node_num='x' is not an integer"),
+        ]:
+            with self.subTest(args=args):
+                code, out, err = run_cli(*args, "--hostlist-backend", "python", env=env) if args[0] == "discover" \
+                    else run_cli(*args, env=env)
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(fragment, err)
+        code, out, err = run_cli("discover", "--hostlist-backend", "python", env=env)
+        self.assertEqual((code, len(out.split())), (0, 4), err)
+        self.assertIn("INFER_TP=3 does not divide 8 GPUs per node: 2 servers per node, 2 GPUs idle", err)
+
     def test_discovery_caps_the_number_of_urls_before_building_them(self):
         """Issue 10 item 14: nodes x servers per node past MAX_SERVERS is one line, exit 2."""
         self.assertLess(peak_memory(lambda: a.discover_servers(
