@@ -480,12 +480,25 @@ def parse_gpus_per_node(name: str, text: str) -> int:
 def gpus_per_node_setting(explicit: Any, env: Dict[str, str], het_group: Optional[int]) -> Tuple[int, str]:
     """GPUs per inference node and the variable that decided it: the flag, then
     ``ATROPOS_SLURM_GPUS_PER_NODE``, then Slurm's ``SLURM_GPUS_PER_NODE`` (the inference
-    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8."""
+    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8.
+
+    A nodelist given by hand inside a heterogeneous job (``het_group`` None) may name any
+    component: their common count, or an error when they differ."""
     if explicit is not None:
         return _int_setting("--gpus-per-node", explicit, minimum=1, maximum=MAX_GPUS_PER_NODE), "--gpus-per-node"
     if ENV_GPUS_PER_NODE in env:
         return _int_setting(ENV_GPUS_PER_NODE, env[ENV_GPUS_PER_NODE], minimum=1, maximum=MAX_GPUS_PER_NODE), \
             ENV_GPUS_PER_NODE
+    if het_group is None and "SLURM_HET_SIZE" in env:  # a nodelist given inside a heterogeneous job
+        size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+        names = [f"SLURM_GPUS_PER_NODE_HET_GROUP_{n}" for n in range(size)]
+        counts = [parse_gpus_per_node(name, env[name]) if env.get(name) else None for name in names]
+        if len(set(counts)) > 1:  # SLURM_GPUS_PER_NODE is component 0's: which does the nodelist name?
+            shown = ", ".join(f"{name}={_shown(env.get(name, '(unset)'))}" for name in names)
+            raise ConfigError(f"--nodelist inside a heterogeneous job whose components have different GPUs per "
+                              f"node ({shown}): give --gpus-per-node or {ENV_GPUS_PER_NODE}")
+        if counts[0] is not None:  # every component the same
+            return counts[0], names[0]
     slurm = "SLURM_GPUS_PER_NODE" if het_group is None else f"SLURM_GPUS_PER_NODE_HET_GROUP_{het_group}"
     if env.get(slurm):
         return parse_gpus_per_node(slurm, env[slurm]), slurm

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     # they are retried, and the manager's retry budget would refuse most of those retries: the
     # warm-up is not what is measured, so the budget is lifted for the counted clients.
     os.environ.setdefault("ATROPOS_SLURM_RETRY_BUDGET", "1000")
+    os.environ.setdefault("BENCH_CONNECT_TIMEOUT", "600")  # and the connect timeout raised (bench_dispatch)
     server = bd.ServerProcess("fast", args.servers, 0.0)
     try:
         here = os.path.join(ROOT, "atropos_slurm.py")
