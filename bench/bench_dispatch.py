@@ -98,10 +98,7 @@ async def make_client(name: str, urls, concurrency: int):
     """(request coroutine function, close coroutine function) for client ``name``."""
     if name in ("ours", "ours_rr"):
         import atropos_slurm as a
-        # BENCH_CONNECT_TIMEOUT: count_instructions.py's runs under valgrind (~50x slower) connect
-        # to thousands of servers; the default 10 s would time some first connects out.
-        template = a.ServerBaseline(timeout=60, model_name=MODEL, num_max_requests_at_once=max(512, concurrency),
-                                    connect_timeout=float(os.environ.get("BENCH_CONNECT_TIMEOUT", "10")))
+        template = a.ServerBaseline(timeout=60, model_name=MODEL, num_max_requests_at_once=max(512, concurrency))
         manager = a.ServerManager(a.configs_for_urls(template, urls),
                                   routing="round_robin" if name == "ours_rr" else None)  # None: the default
 
