@@ -480,12 +480,25 @@ def parse_gpus_per_node(name: str, text: str) -> int:
 def gpus_per_node_setting(explicit: Any, env: Dict[str, str], het_group: Optional[int]) -> Tuple[int, str]:
     """GPUs per inference node and the variable that decided it: the flag, then
     ``ATROPOS_SLURM_GPUS_PER_NODE``, then Slurm's ``SLURM_GPUS_PER_NODE`` (the inference
-    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8."""
+    component's ``SLURM_GPUS_PER_NODE_HET_GROUP_<n>`` in a heterogeneous job), then 8.
+
+    A nodelist given by hand inside a heterogeneous job (``het_group`` None) may name any
+    component: their common count, or an error when they differ."""
     if explicit is not None:
         return _int_setting("--gpus-per-node", explicit, minimum=1, maximum=MAX_GPUS_PER_NODE), "--gpus-per-node"
     if ENV_GPUS_PER_NODE in env:
         return _int_setting(ENV_GPUS_PER_NODE, env[ENV_GPUS_PER_NODE], minimum=1, maximum=MAX_GPUS_PER_NODE), \
             ENV_GPUS_PER_NODE
+    if het_group is None and "SLURM_HET_SIZE" in env:  # a nodelist given inside a heterogeneous job
+        size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+        names = [f"SLURM_GPUS_PER_NODE_HET_GROUP_{n}" for n in range(size)]
+        counts = [parse_gpus_per_node(name, env[name]) if env.get(name) else None for name in names]
+        if len(set(counts)) > 1:  # SLURM_GPUS_PER_NODE is component 0's: which does the nodelist name?
+            shown = ", ".join(f"{name}={_shown(env.get(name, '(unset)'))}" for name in names)
+            raise ConfigError(f"--nodelist inside a heterogeneous job whose components have different GPUs per "
+                              f"node ({shown}): give --gpus-per-node or {ENV_GPUS_PER_NODE}")
+        if counts[0] is not None:  # every component the same
+            return counts[0], names[0]
     slurm = "SLURM_GPUS_PER_NODE" if het_group is None else f"SLURM_GPUS_PER_NODE_HET_GROUP_{het_group}"
     if env.get(slurm):
         return parse_gpus_per_node(slurm, env[slurm]), slurm
@@ -507,10 +520,23 @@ class Layout:
     base_port: int
     servers_per_node: int
     nodes_per_server: int
+    size: str = ""  # how TP (x PP) was given, for messages: "INFER_TP=3", "--tp=3 x --pp=2"
 
     @property
     def ports(self) -> List[int]:
         return [self.base_port + i for i in range(self.servers_per_node)]
+
+    @property
+    def idle_gpus(self) -> int:
+        """GPUs of a node that no server uses: a TP x PP that does not divide them (the seed's rule)."""
+        return self.gpus_per_node - self.servers_per_node * self.tp * self.pp if self.nodes_per_server == 1 else 0
+
+    def warn_idle_gpus(self) -> None:
+        """Log the idle GPUs; the caller does so once its other settings are checked, so that a
+        mistake among them stays a one-line error."""
+        if self.idle_gpus:
+            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
+                        self.size, self.gpus_per_node, self.servers_per_node, self.idle_gpus)
 
 
 def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = None,
@@ -519,7 +545,7 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
 
     Shared by discovery and the watcher so both agree on which ports a node serves.  Within a
     node, the seed's rule: ``gpus // (tp * pp)`` servers (a TP that does not divide the GPUs
-    leaves some idle, with a warning).  Above a node, ``tp * pp`` must be a multiple of it.
+    leaves some idle: ``Layout.warn_idle_gpus``).  Above a node, ``tp * pp`` must be a multiple of it.
     """
     env = os.environ if env is None else env
     gpus, gpus_from = gpus_per_node_setting(gpus_per_node, env, het_group)
@@ -528,9 +554,6 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
     pp = _int_setting(pp_name, env.get("INFER_PP", 1) if pp is None else pp, minimum=1)
     need, size = tp * pp, f"{tp_name}={tp}" + (f" x {pp_name}={pp}" if pp > 1 else "")
     if need <= gpus:
-        if gpus % need:
-            log.warning("%s does not divide %d GPUs per node: %d servers per node, %d GPUs idle",
-                        size, gpus, gpus // need, gpus % need)
         per_node, span = gpus // need, 1
     elif need % gpus:
         raise ConfigError(f"{size} needs {need} GPUs per server, more than a node's {gpus} ({gpus_from}) "
@@ -540,7 +563,7 @@ def server_layout(tp: Any = None, gpus_per_node: Any = None, base_port: Any = No
     port_name = ENV_BASE_PORT if base_port is None else "--base-port"
     port = _int_setting(port_name, env.get(ENV_BASE_PORT, DEFAULT_BASE_PORT) if base_port is None else base_port,
                         minimum=1, maximum=65536 - per_node)
-    return Layout(tp, pp, gpus, gpus_from, port, per_node, span)
+    return Layout(tp, pp, gpus, gpus_from, port, per_node, span, size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,7 +617,9 @@ class Discovery:
             "hostlist_backend": self.backend or None,
         }
         if self.layout:
-            data.update(dataclasses.asdict(self.layout), ports=self.layout.ports)
+            layout = dataclasses.asdict(self.layout)
+            del layout["size"]  # the names of the settings, for messages
+            data.update(layout, ports=self.layout.ports)
         data.update(servers=[dict(dataclasses.asdict(s), url=s.url) for s in self.servers], urls=self.urls)
         return data
 
@@ -764,6 +789,7 @@ def discover_servers(nodelist: Optional[str] = None, num_training_nodes: Any = N
                           f"than {MAX_SERVERS} servers ({where})")
     found = tuple(ServerAddress(host, layout.base_port + i, k * span, i)
                   for k, host in enumerate(heads) for i in range(layout.servers_per_node))
+    layout.warn_idle_gpus()
     return Discovery(found, "slurm", tuple(nodes), tuple(training), tuple(inference), layout, used, het)
 
 
@@ -3438,7 +3464,12 @@ class ServerManager:
         token_prompt(kwargs)
         parts = await self._token_calls(kwargs, False, vocab)
         outputs, logprobs, reasons = [], [], []
-        for _, part_outputs, part_logprobs, part_reasons in parts:
+        for i, (prompt_ids, part_outputs, part_logprobs, part_reasons) in enumerate(parts):
+            if prompt_ids != parts[0][0]:  # a text prompt, split: each server tokenized it
+                raise TokenProtocolError(
+                    f"the parts of a split call (n={kwargs.get('n')}) got the prompt tokenized differently: "
+                    f"part 0 as {len(parts[0][0])} ids, part {i} as {_shown(prompt_ids)} ({len(prompt_ids)}); "
+                    f"servers with different tokenizers? Pass input_ids to fix the tokens")
             outputs += part_outputs
             logprobs += part_logprobs
             reasons += part_reasons
@@ -5444,6 +5475,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 "health_path": args.health_path, "api_addr": args.api_addr,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     )
+    layout.warn_idle_gpus()
     log.info("watching %d servers on %s ports %d-%d; trainer API %s", per_node, args.host, ports[0], ports[-1],
              args.api_addr)
     return run_watcher(options)

@@ -487,10 +487,27 @@ class ClusterShapes(unittest.TestCase):
         self.assertIn("is set but this is not a heterogeneous job (SLURM_HET_SIZE is not set)", str(ctx.exception))
 
     def test_explicit_nodelist_ignores_the_het_job(self):
-        env = self.env()
+        env = self.env(SLURM_GPUS_PER_NODE_HET_GROUP_0="gpu:4")  # both components 4 GPUs a node
         with mock.patch.dict(os.environ, env, clear=True):
             found = a.discover_servers("x[1-2]", 1, env=env)
-        self.assertEqual((found.het_group, found.inference_nodes, found.layout.gpus_from), (None, ("x2",), "default"))
+        self.assertEqual((found.het_group, found.inference_nodes, found.layout.gpus_per_node), (None, ("x2",), 4))
+        self.assertEqual(found.layout.gpus_from, "SLURM_GPUS_PER_NODE_HET_GROUP_0")
+
+    def test_explicit_nodelist_in_a_het_job_of_different_gpus_needs_the_gpu_count(self):
+        """SLURM_GPUS_PER_NODE is component 0's: with components of 1 and 4 GPUs a node, a
+        nodelist given by hand may name either, so the count must be given too (it was 8, silently)."""
+        env = self.env(SLURM_GPUS_PER_NODE="h100:1")
+        with mock.patch.dict(os.environ, env, clear=True):
+            with self.assertRaisesRegex(a.ConfigError, r"^--nodelist inside a heterogeneous job whose components have "
+                                        r"different GPUs per node \(SLURM_GPUS_PER_NODE_HET_GROUP_0='h100:1', "
+                                        r"SLURM_GPUS_PER_NODE_HET_GROUP_1='h100:2,a100:2'\): give --gpus-per-node"):
+                a.discover_servers("node[2-3]", 0, env=env)
+            found = a.discover_servers("node[2-3]", 0, gpus_per_node=4, env=env)
+            self.assertEqual(len(found.urls), 8)
+            found = a.discover_servers("node[2-3]", 0, env=dict(env, **{a.ENV_GPUS_PER_NODE: "4"}))
+            self.assertEqual((len(found.urls), found.layout.gpus_from), (8, a.ENV_GPUS_PER_NODE))
+        code, out, err = run_cli("discover", "--nodelist", "node[2-3]", "--num-training-nodes", "0", env=env)
+        self.assertEqual((code, out, len(err.strip().splitlines())), (2, "", 1), err)
 
     # -- servers that span nodes ---------------------------------------------------------------
 
@@ -833,6 +850,25 @@ class HostlistBounds(unittest.TestCase):
         self.assertLess(peak_memory(lambda: a.expand_hostlist(six_kb)), 1 << 20)
         self.assertLess(peak_memory(lambda: a.resolve_hostnames(six_kb, "auto")), 1 << 20)  # before scontrol too
         self.assertEqual(len(a.expand_hostlist("a[1-4]b[1-65536]")), a.MAX_HOSTLIST_NAMES)  # the cap itself is fine
+
+    def test_an_error_after_a_tp_that_leaves_gpus_idle_is_still_one_line(self):
+        """The idle-GPU warning comes once every setting is checked: a mistake in another one is
+        one line, not the warning and then the error (discover and the watcher)."""
+        env = {"INFER_TP": "3", "SLURM_JOB_NODELIST": "n[1-3]", "NUM_TRAINING_NODES": "1", "PATH": os.environ["PATH"]}
+        for args, fragment in [
+            (("discover", "--base-port", "70000"), "--base-port='70000' must be at most"),
+            (("discover", "--num-training-nodes", "3"), "--num-training-nodes=3 leaves no inference node"),
+            (("watch", "--api_addr", "http://t:8000", "--node_num", "x"), "--node_num='x' is not an integer"),
+        ]:
+            with self.subTest(args=args):
+                code, out, err = run_cli(*args, "--hostlist-backend", "python", env=env) if args[0] == "discover" \
+                    else run_cli(*args, env=env)
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(fragment, err)
+        code, out, err = run_cli("discover", "--hostlist-backend", "python", env=env)
+        self.assertEqual((code, len(out.split())), (0, 4), err)
+        self.assertIn("INFER_TP=3 does not divide 8 GPUs per node: 2 servers per node, 2 GPUs idle", err)
 
     def test_discovery_caps_the_number_of_urls_before_building_them(self):
         """Issue 10 item 14: nodes x servers per node past MAX_SERVERS is one line, exit 2."""

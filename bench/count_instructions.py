@@ -9,7 +9,7 @@ server in its own process (not under valgrind).
 
     python3 bench/count_instructions.py                      # bare, round-robin and prefix, 64 in flight, 1 server, ~2 min
     python3 bench/count_instructions.py --module old.py      # also another version of atropos_slurm.py
-    python3 bench/count_instructions.py --servers 4096 --concurrency 512   # the scale check (first connects time out under valgrind: see RESULTS.md)
+    python3 bench/count_instructions.py --servers 4096 --concurrency 512   # the scale check (~20 min)
 
 Needs ``valgrind`` (Debian: ``apt-get install valgrind``).
 """
@@ -40,6 +40,10 @@ spec = importlib.util.spec_from_file_location("atropos_slurm", {module!r})
 module = importlib.util.module_from_spec(spec)
 sys.modules["atropos_slurm"] = module
 spec.loader.exec_module(module)
+# Valgrind runs the client ~50x slower: at thousands of servers each connection would sit idle
+# past the pool's POOL_IDLE_SECONDS between two requests and be dropped, so every request would
+# connect anew, which no real run at that size does.  The time dilation is undone here.
+module.POOL_IDLE_SECONDS = 3600.0
 import bench_dispatch as bd
 
 async def main(requests, client, urls, concurrency):

@@ -24,7 +24,6 @@ prompt and output token ids as vLLM reported them, and the servers' counter delt
 import argparse
 import heapq
 import json
-import math
 import os
 import random
 import sys

@@ -724,6 +724,22 @@ class WhatUniformFakesMissTests(LoopbackTestCase):
         self.assertEqual([n.tokens[-1] for n in nodes],
                          [output_ids(number, c, 1)[0] for number in numbers for c in range(fake.posts[number].json()["n"])])
 
+    async def test_split_text_prompt_tokenized_differently_by_the_servers_is_an_error(self):
+        """A text prompt's split parts are tokenized by the servers that answer them: a
+        version-skewed server (another tokenizer or template: here no first id) gives outputs
+        that continue other prompt ids, which must never be merged into one group."""
+        same, skewed = await self.fake("atropos"), await self.fake("atropos")
+        answer = skewed.shapes._atropos
+        skewed.shapes._atropos = lambda body, number: dict(answer(body, number),
+                                                          prompt_token_ids=answer(body, number)["prompt_token_ids"][1:])
+        agreeing = self.manager(same, same, max_n_completions=2, routing="round_robin")
+        prompt, outputs, _, _ = await agreeing.tokens_and_logprobs_completion(prompt="Hello", n=4, max_tokens=2)
+        self.assertEqual((prompt, len(outputs)), (TOKENIZER.encode("Hello"), 4))
+        manager = self.manager(same, skewed, max_n_completions=2, routing="round_robin")
+        with self.assertRaisesRegex(TokenProtocolError, "tokenized differently: part 0 as 6 ids, part 1 as"):
+            await manager.tokens_and_logprobs_completion(prompt="Hello", n=4, max_tokens=2)
+        self.assertTrue(all(row["healthy"] for row in manager.stats()))
+
     async def test_vllm_choices_out_of_index_order_come_back_in_index_order(self):
         fake = await self.fake("vllm")
         fake.shapes.shuffle = True
