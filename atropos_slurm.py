@@ -2975,6 +2975,8 @@ class PrefixRouter:
         return server.in_flight["train"] + server.in_flight["eval"] + self.reported.get(server, 0)
 
     def placed(self, route: List[int], server: Any) -> None:
+        """The request went to ``server``: its whole prompt's key names it, and it has had one
+        more request placed."""
         where = self._where
         where[route[0]] = server  # a key found again was moved to the end by choose
         if len(where) > self.entries:
@@ -3004,7 +3006,7 @@ class PrefixRouter:
                     answer = None
                 key = hash((route[0], "assistant", answer.strip() if isinstance(answer, str) else
                             _message_unit({"content": answer})[1]))
-            else:
+            else:  # BlockKeys: a text prompt's or token ids'
                 key = route.after(choice)
             if key is not None:
                 where[key] = server
