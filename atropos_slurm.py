@@ -2955,7 +2955,8 @@ class PrefixRouter:
         totals, reported = slots.in_flight_totals, self.reported_total
         bound = (1 + self.epsilon) * (totals["train"] + totals["eval"] + reported + 1) / (slots.healthy_count or 1)
         if found is not None and found.healthy:
-            if (self._load(found) if reported else found.in_flight["train"] + found.in_flight["eval"]) - ROUTE_LOAD_SLACK < bound:
+            load = self._load(found) if reported else found.in_flight["train"] + found.in_flight["eval"]
+            if load - ROUTE_LOAD_SLACK < bound:
                 self.matched += 1
                 return found, None
             self.spilled += 1  # over the bound: placed as new, and avoided unless it alone has room
