@@ -462,6 +462,11 @@ def resolve_hostnames(text: str, backend: str = "auto") -> Tuple[List[str], str]
 _GPU_COUNT = re.compile(r"(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?([0-9]{1,9})\Z")  # '4', 'h100:4', 'gpu:h100:4'
 
 
+def het_size(env: Dict[str, str]) -> int:
+    """The number of components of a heterogeneous job (``SLURM_HET_SIZE``, which must be set), checked."""
+    return _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+
+
 def parse_gpus_per_node(name: str, text: str) -> int:
     """Slurm's GPUs per node in the forms it writes: ``4``, ``h100:4``, ``gpu:h100:4``; several
     types (``h100:4,a100:2``, from ``--gpus-per-node=h100:4,a100:2``) add up."""
@@ -490,7 +495,7 @@ def gpus_per_node_setting(explicit: Any, env: Dict[str, str], het_group: Optiona
         return _int_setting(ENV_GPUS_PER_NODE, env[ENV_GPUS_PER_NODE], minimum=1, maximum=MAX_GPUS_PER_NODE), \
             ENV_GPUS_PER_NODE
     if het_group is None and "SLURM_HET_SIZE" in env:  # a nodelist given inside a heterogeneous job
-        size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+        size = het_size(env)
         names = [f"SLURM_GPUS_PER_NODE_HET_GROUP_{n}" for n in range(size)]
         counts = [parse_gpus_per_node(name, env[name]) if env.get(name) else None for name in names]
         if len(set(counts)) > 1:  # SLURM_GPUS_PER_NODE is component 0's: which does the nodelist name?
@@ -656,7 +661,7 @@ def inference_het_group(env: Dict[str, str]) -> Optional[int]:
             raise ConfigError(f"{ENV_INFERENCE_HET_GROUP}={_shown(env[ENV_INFERENCE_HET_GROUP])} is set but this is "
                               "not a heterogeneous job (SLURM_HET_SIZE is not set)")
         return None
-    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    size = het_size(env)
     if ENV_INFERENCE_HET_GROUP not in env:
         return size - 1
     return _int_setting(ENV_INFERENCE_HET_GROUP, env[ENV_INFERENCE_HET_GROUP], minimum=0, maximum=size - 1)
@@ -665,7 +670,7 @@ def inference_het_group(env: Dict[str, str]) -> Optional[int]:
 def het_component_nodes(env: Dict[str, str], backend: str) -> Tuple[List[List[str]], str]:
     """Each component's nodes (``SLURM_JOB_NODELIST_HET_GROUP_<n>``: in a heterogeneous job's
     batch script ``SLURM_JOB_NODELIST`` holds component 0's alone) and the backend used."""
-    size = _int_setting("SLURM_HET_SIZE", env["SLURM_HET_SIZE"], minimum=1, maximum=MAX_HET_GROUPS)
+    size = het_size(env)
     components, used = [], backend
     for group in range(size):
         name = f"SLURM_JOB_NODELIST_HET_GROUP_{group}"
